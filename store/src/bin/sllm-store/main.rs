@@ -1,0 +1,69 @@
+//! `sllm-store`: the command line. Glue only: parse the flags, hand them to
+//! the library, turn the outcome into output and an exit status.
+
+mod demo;
+mod progress;
+mod save;
+mod verify;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// A fast, ServerlessLLM-compatible model store for LLM serving.
+#[derive(Parser, Debug)]
+#[command(name = "sllm-store", version, about, long_about = None)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Convert a safetensors checkpoint (local or from the Hugging Face cache) into the store, atomically.
+    Save(save::SaveArgs),
+    /// Check a stored model: index, partitions and checksums.
+    Verify(verify::VerifyArgs),
+    /// Generate a small checkpoint, convert it, verify it and print the figures.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let outcome = match cli.command {
+        Command::Save(args) => save::run(args),
+        Command::Verify(args) => verify::run(args),
+        Command::Demo(args) => demo::run(args),
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stderr, `info` and up unless `RUST_LOG` says otherwise.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,107 @@
+//! `sllm-store save`: flags -> [`sllm_store::save::SaveRequest`] -> summary.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::bail;
+use clap::Args;
+use sllm_store::config::resolve_storage_path;
+use sllm_store::format::writer::{DEFAULT_ALIGNMENT_BYTES, DEFAULT_PARTITION_LIMIT_BYTES};
+use sllm_store::format::{ModelId, WriterOptions};
+use sllm_store::import::hf_cache::HfCache;
+use sllm_store::save::{SaveReport, SaveRequest, Source, save};
+use sllm_store::units::{ByteSize, gib_per_s, human_bytes};
+
+use crate::progress::TermProgress;
+
+/// Flags of `save`, as ServerlessLLM's CLI spells them.
+#[derive(Args, Debug)]
+pub struct SaveArgs {
+    /// Model id, e.g. `meta-llama/Llama-3.1-8B-Instruct`: where the model is stored under the
+    /// storage path, and the repo looked up in the Hugging Face cache.
+    #[arg(long)]
+    model: String,
+    /// Hugging Face revision: a full commit hash or a ref such as `main` (cache only).
+    #[arg(long, default_value = "main")]
+    revision: String,
+    /// Convert this directory of *.safetensors instead of looking in the Hugging Face cache.
+    #[arg(long)]
+    local_model_path: Option<PathBuf>,
+    /// Where models are stored [default: $STORAGE_PATH, else ~/models].
+    #[arg(long)]
+    storage_path: Option<PathBuf>,
+    /// Tensor naming: `transformers` keeps the checkpoint's names (the only one supported).
+    #[arg(long, default_value = "transformers")]
+    backend: String,
+    /// Replace a model already stored under this id (atomically).
+    #[arg(long)]
+    force: bool,
+    /// Largest partition file; a new `tensor.data_<i>` starts past it.
+    #[arg(long, default_value_t = ByteSize(DEFAULT_PARTITION_LIMIT_BYTES))]
+    partition_size: ByteSize,
+    /// Alignment of each tensor's record (a power of two, at least 256 bytes).
+    #[arg(long, default_value_t = ByteSize(DEFAULT_ALIGNMENT_BYTES), hide = true)]
+    alignment: ByteSize,
+}
+
+pub fn run(args: SaveArgs) -> anyhow::Result<ExitCode> {
+    if args.backend != "transformers" {
+        bail!(
+            "--backend {:?} is not supported; this version converts with --backend transformers \
+             (tensor names as in the checkpoint), which vLLM's serverless_llm loader also reads",
+            args.backend
+        );
+    }
+    let model = ModelId::parse(&args.model)?;
+    let source = match args.local_model_path {
+        Some(dir) => {
+            if args.revision != "main" {
+                tracing::warn!(
+                    "--revision applies to the Hugging Face cache only; ignored with --local-model-path"
+                );
+            }
+            Source::Local(dir)
+        }
+        None => Source::HfCache {
+            cache: HfCache::from_env(),
+            revision: args.revision,
+        },
+    };
+    let request = SaveRequest {
+        model: model.clone(),
+        source,
+        storage_root: resolve_storage_path(args.storage_path.as_deref()),
+        force: args.force,
+        writer: WriterOptions {
+            partition_limit_bytes: args.partition_size.bytes(),
+            alignment_bytes: args.alignment.bytes(),
+            ..WriterOptions::default()
+        },
+    };
+    let report = save(&request, &TermProgress::new())?;
+    println!("{}", summary(&model, &report));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn summary(model: &ModelId, r: &SaveReport) -> String {
+    let w = &r.written;
+    format!(
+        "saved {model}: {} tensors, {} in {} partition(s), {} other file(s), {:.2} s, {:.2} GiB/s -> {}{}{}",
+        w.tensors,
+        human_bytes(w.tensor_bytes),
+        w.partitions,
+        r.extra_files,
+        r.seconds,
+        gib_per_s(w.tensor_bytes, r.seconds),
+        r.target.display(),
+        r.commit
+            .as_ref()
+            .map(|c| format!(" (snapshot {c})"))
+            .unwrap_or_default(),
+        if r.replaced {
+            " (replaced the previous copy)"
+        } else {
+            ""
+        },
+    )
+}

@@ -1,0 +1,440 @@
+//! Checks a stored model: the index parses; every entry's dtype, shape,
+//! stride and size agree and lie inside the partitions; no two distinct
+//! records overlap; partitions and checksums match the manifest when there is
+//! one. Every problem is collected, none stops the check early, so one run
+//! names everything that is wrong.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::index::{INDEX_FILE, TensorIndex};
+use super::manifest::{MANIFEST_FILE, Manifest, checksum, checksum_hex};
+use super::partitions::Partitions;
+use crate::progress::Progress;
+use crate::units::human_bytes;
+
+/// Read size while checksumming.
+const READ_BYTES: usize = 8 << 20;
+
+/// The model could not be checked at all.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(
+        "no model at {path}: the directory does not exist; check --storage-path \
+         (or $STORAGE_PATH) and the model id, or create it with `sllm-store save`"
+    )]
+    NotFound { path: PathBuf },
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// One thing wrong with a stored model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem(pub String);
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The outcome of a check.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyReport {
+    pub tensors: usize,
+    pub partitions: usize,
+    pub total_bytes: u64,
+    /// Checksum blocks compared against the manifest (0 without a manifest).
+    pub blocks_checked: usize,
+    pub has_manifest: bool,
+    pub problems: Vec<Problem>,
+}
+
+impl VerifyReport {
+    /// True when nothing is wrong.
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+
+    fn problem(&mut self, text: impl Into<String>) {
+        self.problems.push(Problem(text.into()));
+    }
+}
+
+/// Checks the model in `model_dir`.
+pub fn verify_model(
+    model_dir: &Path,
+    progress: &dyn Progress,
+) -> Result<VerifyReport, VerifyError> {
+    if !model_dir.is_dir() {
+        return Err(VerifyError::NotFound {
+            path: model_dir.to_owned(),
+        });
+    }
+    let mut report = VerifyReport::default();
+    let parts = Partitions::discover(model_dir).map_err(|source| VerifyError::Io {
+        path: model_dir.to_owned(),
+        source,
+    })?;
+    report.partitions = parts.len();
+    report.total_bytes = parts.total_size();
+    if parts.is_empty() {
+        report.problem(format!(
+            "{} is missing: a model needs at least partition tensor.data_0",
+            model_dir.join("tensor.data_0").display()
+        ));
+    }
+    for stray in parts.unreachable() {
+        report.problem(format!(
+            "{} exists but an earlier partition number is missing; readers stop at the \
+             first gap and never see it",
+            stray.display()
+        ));
+    }
+
+    let index = match TensorIndex::read(model_dir) {
+        Ok(index) => Some(index),
+        Err(e) => {
+            report.problem(e.to_string());
+            None
+        }
+    };
+    if let Some(index) = &index {
+        report.tensors = index.len();
+        check_entries(index, parts.total_size(), &mut report);
+    }
+
+    match Manifest::read(model_dir) {
+        Ok(Some(manifest)) => {
+            report.has_manifest = true;
+            check_manifest(
+                model_dir,
+                &manifest,
+                &parts,
+                index.as_ref(),
+                progress,
+                &mut report,
+            );
+        }
+        Ok(None) => {}
+        Err(e) => report.problem(e.to_string()),
+    }
+    Ok(report)
+}
+
+fn check_entries(index: &TensorIndex, total: u64, report: &mut VerifyReport) {
+    // offset -> (name, end) of the records there, to tell shared storage
+    // from overlap.
+    let mut at_offset: BTreeMap<u64, Vec<(&str, u64)>> = BTreeMap::new();
+    for (name, e) in index.iter() {
+        if e.size > 0 {
+            at_offset
+                .entry(e.offset)
+                .or_default()
+                .push((name, e.end().unwrap_or(u64::MAX)));
+        }
+    }
+    for (name, e) in index.iter() {
+        let Some(dtype) = e.dtype() else {
+            report.problem(format!(
+                "tensor {name:?}: unknown dtype {:?}; expected a torch name such as \"torch.float16\"",
+                e.dtype
+            ));
+            continue;
+        };
+        if e.shape.len() != e.stride.len() {
+            report.problem(format!(
+                "tensor {name:?}: shape {:?} has {} dimensions but stride {:?} has {}",
+                e.shape,
+                e.shape.len(),
+                e.stride,
+                e.stride.len()
+            ));
+            continue;
+        }
+        let (Some(numel), Some(span), Some(end)) =
+            (e.numel(), e.span_bytes(dtype.size_bytes()), e.end())
+        else {
+            report.problem(format!(
+                "tensor {name:?}: shape, stride or offset overflow 64 bits"
+            ));
+            continue;
+        };
+        let expected = numel.saturating_mul(dtype.size_bytes());
+        let shares_storage = at_offset
+            .get(&e.offset)
+            .is_some_and(|names| names.len() > 1);
+        if e.size != expected && !(shares_storage && e.size >= span) {
+            report.problem(format!(
+                "tensor {name:?}: size is {} bytes but shape {:?} of {dtype} needs {expected}",
+                e.size, e.shape
+            ));
+        } else if span > e.size {
+            report.problem(format!(
+                "tensor {name:?}: stride {:?} reaches {span} bytes past its offset, beyond its size {}",
+                e.stride, e.size
+            ));
+        }
+        if end > total {
+            report.problem(format!(
+                "tensor {name:?}: bytes [{}, {end}) lie past the end of the partitions ({total} bytes); \
+                 a partition is missing or truncated",
+                e.offset
+            ));
+        }
+    }
+    // Distinct records (distinct offsets) must not overlap. Records at one
+    // offset are shared storage: the widest one counts.
+    let mut previous: Option<(u64, &str)> = None; // (end, name)
+    for (&offset, records) in &at_offset {
+        let (name, _) = records[0];
+        let end = records.iter().map(|&(_, end)| end).max().unwrap_or(offset);
+        if let Some((prev_end, prev_name)) = previous {
+            if offset < prev_end {
+                report.problem(format!(
+                    "tensors {prev_name:?} and {name:?} overlap: {prev_name:?} ends at byte \
+                     {prev_end}, {name:?} starts at {offset}"
+                ));
+            }
+        }
+        if previous.is_none_or(|(prev_end, _)| end > prev_end) {
+            previous = Some((end, name));
+        }
+    }
+}
+
+fn check_manifest(
+    model_dir: &Path,
+    manifest: &Manifest,
+    parts: &Partitions,
+    index: Option<&TensorIndex>,
+    progress: &dyn Progress,
+    report: &mut VerifyReport,
+) {
+    let index_path = model_dir.join(INDEX_FILE);
+    if let Ok(bytes) = std::fs::read(&index_path) {
+        let sum = checksum_hex(checksum(&bytes));
+        if bytes.len() as u64 != manifest.index.size_bytes || sum != manifest.index.xxh3 {
+            report.problem(format!(
+                "{} changed since it was written: {} bytes with checksum {sum}, the manifest \
+                 says {} bytes with {}",
+                index_path.display(),
+                bytes.len(),
+                manifest.index.size_bytes,
+                manifest.index.xxh3
+            ));
+        }
+    }
+    if manifest.partitions.len() != parts.len() {
+        report.problem(format!(
+            "{} lists {} partitions but {} are on disk",
+            MANIFEST_FILE,
+            manifest.partitions.len(),
+            parts.len()
+        ));
+    }
+    let total: u64 = manifest.partitions.iter().map(|p| p.size_bytes).sum();
+    progress.begin("verifying", total);
+    let mut buf = vec![0u8; READ_BYTES];
+    for (expected, part) in manifest.partitions.iter().zip(parts.iter()) {
+        if part.size != expected.size_bytes {
+            report.problem(format!(
+                "{} is {} bytes but the manifest says {}: the file was truncated or replaced",
+                part.path.display(),
+                part.size,
+                expected.size_bytes
+            ));
+            continue;
+        }
+        let bad = match check_blocks(
+            &part.path,
+            manifest.block_bytes,
+            &expected.blocks,
+            &mut buf,
+            progress,
+        ) {
+            Ok((checked, bad)) => {
+                report.blocks_checked += checked;
+                bad
+            }
+            Err(e) => {
+                report.problem(format!("cannot read {}: {e}", part.path.display()));
+                continue;
+            }
+        };
+        for (first, last) in runs(&bad) {
+            let start = first as u64 * manifest.block_bytes;
+            let end = ((last + 1) as u64 * manifest.block_bytes).min(part.size);
+            let hit = index.map(|i| tensors_in(i, part.start + start, part.start + end));
+            report.problem(format!(
+                "{}: bytes [{start}, {end}) (checksum blocks {first}..={last}) differ from the \
+                 manifest{}; re-create the model with `sllm-store save --force`",
+                part.path.display(),
+                hit.map(|h| format!(", affecting {h}")).unwrap_or_default()
+            ));
+        }
+    }
+    progress.finish();
+}
+
+/// Checksums `path` block by block; returns (blocks checked, bad block numbers).
+fn check_blocks(
+    path: &Path,
+    block_bytes: u64,
+    expected: &[String],
+    buf: &mut [u8],
+    progress: &dyn Progress,
+) -> std::io::Result<(usize, Vec<usize>)> {
+    let file = File::open(path)?;
+    let size = file.metadata()?.len();
+    let blocks = size.div_ceil(block_bytes) as usize;
+    let mut bad = Vec::new();
+    for block in 0..blocks {
+        let start = block as u64 * block_bytes;
+        let len = block_bytes.min(size - start);
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..n], start + done)?;
+            hasher.update(&buf[..n]);
+            done += n as u64;
+            progress.advance(n as u64);
+        }
+        if expected.get(block) != Some(&checksum_hex(hasher.digest())) {
+            bad.push(block);
+        }
+    }
+    if expected.len() > blocks {
+        bad.extend(blocks..expected.len());
+    }
+    Ok((blocks, bad))
+}
+
+/// Consecutive numbers folded into inclusive ranges.
+fn runs(numbers: &[usize]) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for &n in numbers {
+        match out.last_mut() {
+            Some((_, last)) if *last + 1 == n => *last = n,
+            _ => out.push((n, n)),
+        }
+    }
+    out
+}
+
+/// Names the tensors whose records intersect global bytes [start, end).
+fn tensors_in(index: &TensorIndex, start: u64, end: u64) -> String {
+    const SHOWN: usize = 5;
+    let names: Vec<&str> = index
+        .iter()
+        .filter(|(_, e)| e.size > 0 && e.offset < end && e.end().is_some_and(|x| x > start))
+        .map(|(n, _)| n)
+        .collect();
+    match names.len() {
+        0 => "padding only".into(),
+        n if n <= SHOWN => format!("tensors {}", names.join(", ")),
+        n => format!(
+            "tensors {} and {} more",
+            names[..SHOWN].join(", "),
+            n - SHOWN
+        ),
+    }
+}
+
+/// One line for people: what was checked.
+pub fn summary_line(model: &str, report: &VerifyReport, seconds: f64) -> String {
+    let checksums = if report.has_manifest {
+        format!("{} checksum blocks", report.blocks_checked)
+    } else {
+        "no manifest, checksums not checked".into()
+    };
+    format!(
+        "{model}: {} tensors, {} in {} partition(s), {checksums}, {seconds:.2} s",
+        report.tensors,
+        human_bytes(report.total_bytes),
+        report.partitions,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folds_runs() {
+        assert_eq!(runs(&[]), []);
+        assert_eq!(runs(&[1, 2, 3, 7, 9, 10]), [(1, 3), (7, 7), (9, 10)]);
+    }
+}
+
+/// Compares every tensor of `source` with the stored model in `model_dir`:
+/// present in the index with the same dtype and shape, and the same bytes.
+/// Returns the problems found (empty when the store matches).
+pub fn compare_with_source(
+    model_dir: &Path,
+    source: &crate::import::SourceCheckpoint,
+    progress: &dyn Progress,
+) -> Result<Vec<Problem>, VerifyError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| VerifyError::Io { path, source }
+    };
+    let index = TensorIndex::read(model_dir).map_err(|e| VerifyError::Io {
+        path: model_dir.join(INDEX_FILE),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let parts = Partitions::discover(model_dir).map_err(io(model_dir))?;
+    let mut problems = Vec::new();
+    let mut stored = vec![0u8; READ_BYTES];
+    let mut original = vec![0u8; READ_BYTES];
+    let mut open_parts = Vec::new();
+    progress.begin("comparing", source.tensor_bytes());
+    for f in &source.files {
+        let file = File::open(&f.path).map_err(io(&f.path))?;
+        for t in &f.tensors {
+            let Some(e) = index.get(&t.name) else {
+                problems.push(Problem(format!(
+                    "tensor {:?} is missing from the index",
+                    t.name
+                )));
+                continue;
+            };
+            if e.dtype != t.dtype.name() || e.shape != t.shape || e.size != t.len {
+                problems.push(Problem(format!(
+                    "tensor {:?}: stored as {} {:?} ({} bytes), source has {} {:?} ({} bytes)",
+                    t.name, e.dtype, e.shape, e.size, t.dtype, t.shape, t.len
+                )));
+                continue;
+            }
+            let mut done = 0u64;
+            while done < t.len {
+                let n = (t.len - done).min(READ_BYTES as u64) as usize;
+                file.read_exact_at(&mut original[..n], t.file_offset + done)
+                    .map_err(io(&f.path))?;
+                parts
+                    .read_exact_at(&mut open_parts, e.offset + done, &mut stored[..n])
+                    .map_err(io(model_dir))?;
+                if original[..n] != stored[..n] {
+                    problems.push(Problem(format!(
+                        "tensor {:?}: bytes differ from {} within [{done}, {})",
+                        t.name,
+                        f.path.display(),
+                        done + n as u64
+                    )));
+                    break;
+                }
+                done += n as u64;
+                progress.advance(n as u64);
+            }
+        }
+    }
+    progress.finish();
+    Ok(problems)
+}

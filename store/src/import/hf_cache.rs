@@ -1,0 +1,266 @@
+//! Finding a model in the Hugging Face cache without touching the network.
+//!
+//! The cache lives in `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+//! `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub` (the
+//! order `huggingface_hub` uses). A repo `org/name` is the folder
+//! `models--org--name`, with `refs/<ref>` files holding commit hashes and
+//! `snapshots/<hash>/` holding the files (usually symlinks into `blobs/`).
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+/// Where the cache is and which setting chose it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HfCache {
+    pub root: PathBuf,
+    /// The setting that chose `root`, e.g. `$HF_HUB_CACHE`, for messages.
+    pub chosen_by: String,
+}
+
+/// A snapshot found in the cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    pub dir: PathBuf,
+    pub commit: String,
+    /// The revision asked for.
+    pub revision: String,
+}
+
+/// The snapshot is not in the cache.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error(
+        "model {model} is not in the Hugging Face cache: {repo_dir} does not exist (cache chosen \
+         by {chosen_by}). Download it while online with `hf download {model} --revision \
+         {revision}` (or `huggingface-cli download ...`), set HF_HUB_CACHE/HF_HOME to the cache \
+         that has it, or pass --local-model-path <dir>"
+    )]
+    RepoMissing {
+        model: String,
+        revision: String,
+        repo_dir: PathBuf,
+        chosen_by: String,
+    },
+    #[error(
+        "revision {revision:?} of {model} is not in the cache: {ref_file} does not exist{known}. \
+         Pass a commit hash with --revision, or download it while online with `hf download \
+         {model} --revision {revision}`"
+    )]
+    RefMissing {
+        model: String,
+        revision: String,
+        ref_file: PathBuf,
+        known: String,
+    },
+    #[error(
+        "{ref_file} should hold a 40-character commit hash but holds {content:?}; delete it and download again"
+    )]
+    BadRef { ref_file: PathBuf, content: String },
+    #[error(
+        "snapshot {commit} of {model} (revision {revision:?}) is not in the cache: {dir} does \
+         not exist. Download it while online with `hf download {model} --revision {commit}`"
+    )]
+    SnapshotMissing {
+        model: String,
+        revision: String,
+        commit: String,
+        dir: PathBuf,
+    },
+}
+
+impl HfCache {
+    /// The cache chosen by the process environment.
+    pub fn from_env() -> Self {
+        Self::from_vars(|name| std::env::var_os(name))
+    }
+
+    /// The cache chosen by the variables `var` returns (for tests).
+    pub fn from_vars(var: impl Fn(&str) -> Option<OsString>) -> Self {
+        let set = |name: &str| var(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+        if let Some(root) = set("HF_HUB_CACHE") {
+            return Self {
+                root,
+                chosen_by: "$HF_HUB_CACHE".into(),
+            };
+        }
+        if let Some(home) = set("HF_HOME") {
+            return Self {
+                root: home.join("hub"),
+                chosen_by: "$HF_HOME".into(),
+            };
+        }
+        if let Some(xdg) = set("XDG_CACHE_HOME") {
+            return Self {
+                root: xdg.join("huggingface").join("hub"),
+                chosen_by: "$XDG_CACHE_HOME".into(),
+            };
+        }
+        let home = set("HOME").unwrap_or_else(|| PathBuf::from("/root"));
+        Self {
+            root: home.join(".cache").join("huggingface").join("hub"),
+            chosen_by: "the default (~/.cache/huggingface/hub)".into(),
+        }
+    }
+
+    /// The repo folder of `model` (`org/name` -> `models--org--name`).
+    pub fn repo_dir(&self, model: &str) -> PathBuf {
+        self.root
+            .join(format!("models--{}", model.replace('/', "--")))
+    }
+
+    /// Resolves `revision` (a commit hash, or a ref such as `main`) of `model`.
+    pub fn resolve(&self, model: &str, revision: &str) -> Result<Snapshot, ResolveError> {
+        let repo = self.repo_dir(model);
+        if !repo.is_dir() {
+            return Err(ResolveError::RepoMissing {
+                model: model.into(),
+                revision: revision.into(),
+                repo_dir: repo,
+                chosen_by: self.chosen_by.clone(),
+            });
+        }
+        let commit = if is_commit_hash(revision) {
+            revision.to_owned()
+        } else {
+            read_ref(&repo, model, revision)?
+        };
+        let dir = repo.join("snapshots").join(&commit);
+        if !dir.is_dir() {
+            return Err(ResolveError::SnapshotMissing {
+                model: model.into(),
+                revision: revision.into(),
+                commit,
+                dir,
+            });
+        }
+        Ok(Snapshot {
+            dir,
+            commit,
+            revision: revision.into(),
+        })
+    }
+}
+
+/// True for a full 40-hex-digit commit hash.
+pub fn is_commit_hash(s: &str) -> bool {
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn read_ref(repo: &Path, model: &str, revision: &str) -> Result<String, ResolveError> {
+    let ref_file = repo.join("refs").join(revision);
+    // A ref is a relative name; refuse anything that would leave refs/.
+    let escapes = revision
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..");
+    let content = match (escapes, std::fs::read_to_string(&ref_file)) {
+        (false, Ok(content)) => content,
+        _ => {
+            return Err(ResolveError::RefMissing {
+                model: model.into(),
+                revision: revision.into(),
+                known: known_refs(&repo.join("refs")),
+                ref_file,
+            });
+        }
+    };
+    let commit = content.trim();
+    if !is_commit_hash(commit) {
+        return Err(ResolveError::BadRef {
+            ref_file,
+            content: content.clone(),
+        });
+    }
+    Ok(commit.to_owned())
+}
+
+fn known_refs(refs: &Path) -> String {
+    let mut names: Vec<String> = std::fs::read_dir(refs)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().is_file())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        String::new()
+    } else {
+        format!(" (refs present: {})", names.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chooses_the_cache_like_huggingface_hub() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| OsString::from(v))
+            }
+        };
+        let c = HfCache::from_vars(vars(&[("HF_HUB_CACHE", "/a"), ("HF_HOME", "/b")]));
+        assert_eq!(c.root, Path::new("/a"));
+        let c = HfCache::from_vars(vars(&[("HF_HUB_CACHE", ""), ("HF_HOME", "/b")]));
+        assert_eq!(c.root, Path::new("/b/hub"));
+        let c = HfCache::from_vars(vars(&[("XDG_CACHE_HOME", "/x"), ("HOME", "/h")]));
+        assert_eq!(c.root, Path::new("/x/huggingface/hub"));
+        let c = HfCache::from_vars(vars(&[("HOME", "/h")]));
+        assert_eq!(c.root, Path::new("/h/.cache/huggingface/hub"));
+        assert_eq!(
+            c.repo_dir("org/name"),
+            Path::new("/h/.cache/huggingface/hub/models--org--name")
+        );
+    }
+
+    #[test]
+    fn resolves_refs_and_hashes() {
+        let root = tempfile::tempdir().unwrap();
+        let cache = HfCache {
+            root: root.path().into(),
+            chosen_by: "test".into(),
+        };
+        let hash = "0123456789abcdef0123456789abcdef01234567";
+        let repo = cache.repo_dir("org/m");
+        std::fs::create_dir_all(repo.join("snapshots").join(hash)).unwrap();
+        std::fs::create_dir_all(repo.join("refs/pr")).unwrap();
+        std::fs::write(repo.join("refs/main"), format!("{hash}\n")).unwrap();
+        std::fs::write(repo.join("refs/pr/1"), hash).unwrap();
+        std::fs::write(repo.join("refs/broken"), "not a hash").unwrap();
+
+        assert_eq!(cache.resolve("org/m", "main").unwrap().commit, hash);
+        assert_eq!(cache.resolve("org/m", "pr/1").unwrap().commit, hash);
+        assert_eq!(
+            cache.resolve("org/m", hash).unwrap().dir,
+            repo.join("snapshots").join(hash)
+        );
+
+        let e = cache.resolve("org/m", "v2").unwrap_err().to_string();
+        assert!(
+            e.contains("refs present: broken, main")
+                && e.contains("hf download org/m --revision v2"),
+            "{e}"
+        );
+        let e = cache.resolve("org/m", "../../etc").unwrap_err();
+        assert!(matches!(e, ResolveError::RefMissing { .. }));
+        assert!(matches!(
+            cache.resolve("org/m", "broken"),
+            Err(ResolveError::BadRef { .. })
+        ));
+        let other = "1111111111111111111111111111111111111111";
+        let e = cache.resolve("org/m", other).unwrap_err().to_string();
+        assert!(e.contains(&format!("snapshots/{other}")), "{e}");
+        let e = cache
+            .resolve("org/missing", "main")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("models--org--missing") && e.contains("--local-model-path"),
+            "{e}"
+        );
+    }
+}

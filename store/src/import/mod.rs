@@ -1,0 +1,307 @@
+//! Finding and checking a checkpoint to convert: a directory of safetensors
+//! files (one file, several, or shards listed by
+//! `model.safetensors.index.json`), found directly or in the Hugging Face
+//! cache, plus the model's other files (config, tokenizer) to copy along.
+//!
+//! Everything is checked before anything is written: every shard present and
+//! whole, every dtype supported, no tensor name twice.
+
+pub mod hf_cache;
+pub mod safetensors;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use self::safetensors::{SafetensorsFile, SourceTensor};
+use crate::format::is_store_file_name;
+
+/// Name of the shard index Transformers writes beside sharded checkpoints.
+pub const SHARD_INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// File name endings of weights in any format: never copied along.
+const WEIGHT_SUFFIXES: [&str; 15] = [
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+    ".onnx",
+    ".onnx_data",
+    ".ot",
+    ".tflite",
+    ".npz",
+    ".safetensors.index.json",
+    ".bin.index.json",
+];
+
+/// A checkpoint cannot be converted.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("source directory {path} does not exist; check --local-model-path")]
+    SourceMissing { path: PathBuf },
+    #[error(
+        "no *.safetensors files in {dir}{others}; only safetensors checkpoints can be \
+         converted: save the model with safe_serialization=True or convert it first"
+    )]
+    NoWeights { dir: PathBuf, others: String },
+    #[error(
+        "{path} is missing: it is a link to {target}, which does not exist (an interrupted \
+         download?); download the model again"
+    )]
+    BrokenLink { path: PathBuf, target: PathBuf },
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid safetensors file: {reason}")]
+    InvalidSafetensors { path: PathBuf, reason: String },
+    #[error(
+        "tensor {tensor:?} in {path} has dtype {dtype}, which the store cannot hold; supported: {}",
+        crate::format::TorchDtype::supported_safetensors_names()
+    )]
+    UnsupportedDtype {
+        path: PathBuf,
+        tensor: String,
+        dtype: String,
+    },
+    #[error("{path} is not a valid shard index: {reason}")]
+    BadShardIndex { path: PathBuf, reason: String },
+    #[error(
+        "{index} lists shards that are missing: {}; download the model again or fix the index",
+        missing.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    MissingShards {
+        index: PathBuf,
+        missing: Vec<PathBuf>,
+    },
+    #[error(
+        "tensor {name:?} appears in both {} and {}; a checkpoint must hold each tensor once: \
+         remove the stray file or point --local-model-path at a directory with one copy",
+        first.display(), second.display()
+    )]
+    DuplicateTensor {
+        name: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
+    #[error("{index} says tensor {name:?} is in {}, but that file does not hold it", shard.display())]
+    NotInShard {
+        index: PathBuf,
+        name: String,
+        shard: PathBuf,
+    },
+}
+
+/// A checked checkpoint, ready to convert.
+#[derive(Clone, Debug)]
+pub struct SourceCheckpoint {
+    pub dir: PathBuf,
+    /// Weight files in conversion order (shard order, then data order).
+    pub files: Vec<SafetensorsFile>,
+    /// Other files to copy, relative to `dir`.
+    pub extra_files: Vec<PathBuf>,
+}
+
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: HashMap<String, String>,
+}
+
+impl SourceCheckpoint {
+    /// Finds and checks the checkpoint in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, ImportError> {
+        if !dir.is_dir() {
+            return Err(ImportError::SourceMissing {
+                path: dir.to_owned(),
+            });
+        }
+        let index_path = dir.join(SHARD_INDEX_FILE);
+        let files = if index_path.exists() {
+            open_sharded(dir, &index_path)?
+        } else {
+            open_unsharded(dir)?
+        };
+        check_unique_names(&files)?;
+        let mut extra_files = Vec::new();
+        collect_extra_files(dir, Path::new(""), &mut extra_files)?;
+        extra_files.sort();
+        Ok(Self {
+            dir: dir.to_owned(),
+            files,
+            extra_files,
+        })
+    }
+
+    /// Number of tensors over all files.
+    pub fn tensor_count(&self) -> usize {
+        self.files.iter().map(|f| f.tensors.len()).sum()
+    }
+
+    /// Bytes of tensor data over all files.
+    pub fn tensor_bytes(&self) -> u64 {
+        self.files
+            .iter()
+            .flat_map(|f| &f.tensors)
+            .map(|t| t.len)
+            .sum()
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImportError + '_ {
+    move |source| ImportError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn open_weight_file(path: &Path) -> Result<SafetensorsFile, ImportError> {
+    if path.is_symlink() && !path.exists() {
+        let target = std::fs::read_link(path).map_err(io_err(path))?;
+        return Err(ImportError::BrokenLink {
+            path: path.to_owned(),
+            target,
+        });
+    }
+    SafetensorsFile::open(path)
+}
+
+fn open_sharded(dir: &Path, index_path: &Path) -> Result<Vec<SafetensorsFile>, ImportError> {
+    let bad = |reason: String| ImportError::BadShardIndex {
+        path: index_path.to_owned(),
+        reason,
+    };
+    let bytes = std::fs::read(index_path).map_err(io_err(index_path))?;
+    let index: ShardIndex = serde_json::from_slice(&bytes)
+        .map_err(|e| bad(format!("{e}; expected {{\"weight_map\": {{name: file}}}}")))?;
+    let mut shard_names: Vec<&str> = index.weight_map.values().map(String::as_str).collect();
+    shard_names.sort_unstable();
+    shard_names.dedup();
+    if let Some(name) = shard_names
+        .iter()
+        .find(|n| n.is_empty() || n.contains('/') || **n == "." || **n == "..")
+    {
+        return Err(bad(format!(
+            "shard name {name:?} is not a file name in {}",
+            dir.display()
+        )));
+    }
+    let missing: Vec<PathBuf> = shard_names
+        .iter()
+        .map(|n| dir.join(n))
+        .filter(|p| !p.exists())
+        .collect();
+    if !missing.is_empty() {
+        return Err(ImportError::MissingShards {
+            index: index_path.to_owned(),
+            missing,
+        });
+    }
+    let files = shard_names
+        .iter()
+        .map(|n| open_weight_file(&dir.join(n)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut by_file: HashMap<&Path, std::collections::HashSet<&str>> = HashMap::new();
+    for f in &files {
+        by_file.insert(&f.path, f.tensors.iter().map(|t| t.name.as_str()).collect());
+    }
+    for (name, shard) in &index.weight_map {
+        let shard = dir.join(shard);
+        if !by_file
+            .get(shard.as_path())
+            .is_some_and(|names| names.contains(name.as_str()))
+        {
+            return Err(ImportError::NotInShard {
+                index: index_path.to_owned(),
+                name: name.clone(),
+                shard,
+            });
+        }
+    }
+    Ok(files)
+}
+
+fn open_unsharded(dir: &Path) -> Result<Vec<SafetensorsFile>, ImportError> {
+    let mut weights = Vec::new();
+    let mut others = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".safetensors") {
+            weights.push(entry.path());
+        } else if is_weight_file(&name) {
+            others.push(name);
+        }
+    }
+    if weights.is_empty() {
+        others.sort();
+        let others = if others.is_empty() {
+            String::new()
+        } else {
+            format!(" (found {})", others.join(", "))
+        };
+        return Err(ImportError::NoWeights {
+            dir: dir.to_owned(),
+            others,
+        });
+    }
+    weights.sort();
+    weights.iter().map(|p| open_weight_file(p)).collect()
+}
+
+fn check_unique_names(files: &[SafetensorsFile]) -> Result<(), ImportError> {
+    let mut seen: HashMap<&str, &Path> = HashMap::new();
+    for f in files {
+        for t in &f.tensors {
+            if let Some(first) = seen.insert(&t.name, &f.path) {
+                return Err(ImportError::DuplicateTensor {
+                    name: t.name.clone(),
+                    first: first.to_owned(),
+                    second: f.path.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// True for weights in any format (and their shard indexes).
+pub fn is_weight_file(name: &str) -> bool {
+    WEIGHT_SUFFIXES.iter().any(|s| name.ends_with(s))
+}
+
+/// Collects files to copy along: everything but weights, hidden entries, and
+/// names the store writes itself. Symlinked directories are not followed
+/// (they could loop); symlinked files are (the HF cache links to blobs), and
+/// a broken one is an error, since the model would not start without it.
+fn collect_extra_files(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<(), ImportError> {
+    let dir = root.join(rel);
+    for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
+        let entry = entry.map_err(io_err(&dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let rel_path = rel.join(&name);
+        let path = entry.path();
+        if name.starts_with('.') || is_weight_file(&name) {
+            continue;
+        }
+        if rel.as_os_str().is_empty() && is_store_file_name(&name) {
+            tracing::warn!(file = %path.display(), "not copying a file whose name the store uses itself");
+            continue;
+        }
+        let file_type = entry.file_type().map_err(io_err(&path))?;
+        if file_type.is_dir() {
+            collect_extra_files(root, &rel_path, out)?;
+        } else if path.is_file() {
+            out.push(rel_path);
+        } else if file_type.is_symlink() && !path.exists() {
+            let target = std::fs::read_link(&path).map_err(io_err(&path))?;
+            return Err(ImportError::BrokenLink { path, target });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,327 @@
+//! `save`: converts a safetensors checkpoint (a local directory or a Hugging
+//! Face cache snapshot) into the store format, atomically.
+//!
+//! Order of work: resolve and check the whole source (no byte is written for
+//! a bad checkpoint), refuse an existing model unless replacing, write into a
+//! staging directory, fsync, publish with one rename (see [`crate::staging`]).
+//! A save killed at any point leaves nothing at the final path.
+//!
+//! Tensor bytes flow through a two-thread pipeline: a reader thread fills
+//! 8 MiB buffers from the source files in file order while this thread
+//! checksums and writes the previous ones, so reading and writing overlap.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+
+use crate::durable::{sync_dir, sync_file};
+use crate::format::index::contiguous_stride;
+use crate::format::manifest::{SourceFile, SourceInfo};
+use crate::format::writer::{WriteError, WrittenModel};
+use crate::format::{ModelId, StoreWriter, TensorEntry, WriterOptions};
+use crate::import::hf_cache::{HfCache, ResolveError};
+use crate::import::{ImportError, SafetensorsFile, SourceCheckpoint};
+use crate::progress::Progress;
+use crate::staging::{PublishError, Published, Staging};
+
+/// Size of one read buffer in the copy pipeline.
+const PIECE_BYTES: usize = 8 << 20;
+/// Buffers in flight between the reader and the writer.
+const PIECES_IN_FLIGHT: usize = 4;
+
+/// Where the checkpoint comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A directory holding `*.safetensors` (`--local-model-path`).
+    Local(PathBuf),
+    /// The Hugging Face cache, at a revision (a ref or a commit hash).
+    HfCache { cache: HfCache, revision: String },
+}
+
+/// One conversion to run.
+#[derive(Clone, Debug)]
+pub struct SaveRequest {
+    pub model: ModelId,
+    pub source: Source,
+    pub storage_root: PathBuf,
+    /// Replace an existing model (atomically).
+    pub force: bool,
+    pub writer: WriterOptions,
+}
+
+/// What a finished save did.
+#[derive(Clone, Debug)]
+pub struct SaveReport {
+    pub target: PathBuf,
+    pub source_dir: PathBuf,
+    /// The snapshot's commit, when from the HF cache.
+    pub commit: Option<String>,
+    pub written: WrittenModel,
+    pub extra_files: usize,
+    pub replaced: bool,
+    pub seconds: f64,
+}
+
+/// A save failed; nothing was published.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error(transparent)]
+    Import(#[from] ImportError),
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error(
+        "cannot write to the storage path {path}: {source}; pass a writable --storage-path \
+         (or set $STORAGE_PATH), or fix its permissions"
+    )]
+    StorageUnusable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot copy {from} to {to}: {source}")]
+    Copy {
+        from: PathBuf,
+        to: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Runs a conversion.
+pub fn save(req: &SaveRequest, progress: &dyn Progress) -> Result<SaveReport, SaveError> {
+    let started = Instant::now();
+    let (source_dir, mut info) = resolve_source(req)?;
+    let checkpoint = SourceCheckpoint::open(&source_dir)?;
+    info.weight_files = checkpoint
+        .files
+        .iter()
+        .map(|f| SourceFile {
+            name: f
+                .path
+                .strip_prefix(&source_dir)
+                .unwrap_or(&f.path)
+                .display()
+                .to_string(),
+            size_bytes: f.file_len,
+        })
+        .collect();
+    tracing::info!(
+        model = %req.model,
+        source = %source_dir.display(),
+        tensors = checkpoint.tensor_count(),
+        bytes = checkpoint.tensor_bytes(),
+        files = checkpoint.files.len(),
+        "converting"
+    );
+
+    let target = req.model.dir_in(&req.storage_root);
+    if !req.force && holds_something(&target) {
+        return Err(PublishError::TargetExists { path: target }.into());
+    }
+    let unusable = |source| SaveError::StorageUnusable {
+        path: req.storage_root.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&req.storage_root).map_err(unusable)?;
+    let staging = Staging::create(&req.storage_root, &req.model).map_err(unusable)?;
+
+    let mut writer = StoreWriter::new(staging.path(), req.writer)?;
+    progress.begin("saving", checkpoint.tensor_bytes());
+    let copied = copy_tensors(&checkpoint.files, &mut writer, progress);
+    progress.finish();
+    copied?;
+    copy_extra_files(&checkpoint, staging.path())?;
+    let written = writer.finish(Some(info.clone()))?;
+    let published = staging.publish(&target, req.force)?;
+
+    let report = SaveReport {
+        target,
+        source_dir,
+        commit: info.commit,
+        written,
+        extra_files: checkpoint.extra_files.len(),
+        replaced: published == Published::Replaced,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    tracing::info!(
+        model = %req.model,
+        target = %report.target.display(),
+        bytes = report.written.total_bytes,
+        seconds = report.seconds,
+        "saved"
+    );
+    Ok(report)
+}
+
+fn resolve_source(req: &SaveRequest) -> Result<(PathBuf, SourceInfo), SaveError> {
+    let (dir, model, revision, commit) = match &req.source {
+        Source::Local(dir) => (dir.clone(), dir.display().to_string(), None, None),
+        Source::HfCache { cache, revision } => {
+            let snap = cache.resolve(req.model.as_str(), revision)?;
+            tracing::info!(revision = %revision, commit = %snap.commit, dir = %snap.dir.display(), "found in the Hugging Face cache");
+            (
+                snap.dir,
+                req.model.to_string(),
+                Some(snap.revision),
+                Some(snap.commit),
+            )
+        }
+    };
+    let info = SourceInfo {
+        model,
+        revision,
+        commit,
+        directory: dir.clone(),
+        weight_files: Vec::new(),
+    };
+    Ok((dir, info))
+}
+
+/// True when `path` exists and is anything but an empty directory.
+fn holds_something(path: &Path) -> bool {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_some()),
+        Ok(_) => true,
+        Err(_) => false,
+    }
+}
+
+type Piece = Result<(Vec<u8>, usize), ImportError>;
+
+/// Copies every tensor, in file order, into the writer and indexes it.
+fn copy_tensors(
+    files: &[SafetensorsFile],
+    writer: &mut StoreWriter,
+    progress: &dyn Progress,
+) -> Result<(), SaveError> {
+    let (free_tx, free_rx) = bounded::<Vec<u8>>(PIECES_IN_FLIGHT);
+    let (full_tx, full_rx) = bounded::<Piece>(PIECES_IN_FLIGHT);
+    for _ in 0..PIECES_IN_FLIGHT {
+        free_tx
+            .send(vec![0u8; PIECE_BYTES])
+            .expect("the channel has room");
+    }
+    std::thread::scope(|scope| {
+        scope.spawn(move || read_pieces(files, free_rx, full_tx));
+        // The writer's channel ends drop when it returns, which stops the
+        // reader if the writer failed first.
+        write_pieces(files, writer, progress, free_tx, full_rx)
+    })
+}
+
+/// Reader thread: fills free buffers with tensor bytes in file order.
+fn read_pieces(files: &[SafetensorsFile], free: Receiver<Vec<u8>>, full: Sender<Piece>) {
+    for f in files {
+        let file = match File::open(&f.path) {
+            Ok(file) => file,
+            Err(source) => {
+                let _ = full.send(Err(ImportError::Io {
+                    path: f.path.clone(),
+                    source,
+                }));
+                return;
+            }
+        };
+        // Advice only: the copy is correct without it.
+        let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::Sequential);
+        for t in &f.tensors {
+            let mut pos = t.file_offset;
+            let end = t.file_offset + t.len;
+            while pos < end {
+                let Ok(mut buf) = free.recv() else { return };
+                let n = (end - pos).min(buf.len() as u64) as usize;
+                let piece = match file.read_exact_at(&mut buf[..n], pos) {
+                    Ok(()) => Ok((buf, n)),
+                    Err(source) => Err(ImportError::Io {
+                        path: f.path.clone(),
+                        source,
+                    }),
+                };
+                let failed = piece.is_err();
+                if full.send(piece).is_err() || failed {
+                    return;
+                }
+                pos += n as u64;
+            }
+        }
+    }
+}
+
+/// Writer side: appends the pieces as records and builds the index.
+fn write_pieces(
+    files: &[SafetensorsFile],
+    writer: &mut StoreWriter,
+    progress: &dyn Progress,
+    free: Sender<Vec<u8>>,
+    full: Receiver<Piece>,
+) -> Result<(), SaveError> {
+    for f in files {
+        for t in &f.tensors {
+            let offset = writer.begin_record(t.len)?;
+            let mut left = t.len;
+            while left > 0 {
+                let (buf, n) = full.recv().map_err(|_| ImportError::Io {
+                    path: f.path.clone(),
+                    source: std::io::Error::other("the reader thread stopped"),
+                })??;
+                writer.write(&buf[..n])?;
+                progress.advance(n as u64);
+                left -= n as u64;
+                let _ = free.send(buf);
+            }
+            writer.end_record()?;
+            writer.add_entry(
+                t.name.clone(),
+                TensorEntry {
+                    offset,
+                    size: t.len,
+                    stride: contiguous_stride(&t.shape),
+                    shape: t.shape.clone(),
+                    dtype: t.dtype.name().into(),
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Copies config, tokenizer and other non-weight files beside the index,
+/// then fsyncs every directory they live in.
+fn copy_extra_files(checkpoint: &SourceCheckpoint, staging: &Path) -> Result<(), SaveError> {
+    let mut dirs = std::collections::BTreeSet::from([staging.to_owned()]);
+    for rel in &checkpoint.extra_files {
+        let from = checkpoint.dir.join(rel);
+        let to = staging.join(rel);
+        let copy_err = |source| SaveError::Copy {
+            from: from.clone(),
+            to: to.clone(),
+            source,
+        };
+        for ancestor in rel
+            .ancestors()
+            .skip(1)
+            .filter(|a| !a.as_os_str().is_empty())
+        {
+            dirs.insert(staging.join(ancestor));
+        }
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent).map_err(copy_err)?;
+        }
+        std::fs::copy(&from, &to).map_err(copy_err)?;
+        sync_file(&to).map_err(copy_err)?;
+    }
+    // Deepest first: a directory's entry in its parent is synced after it.
+    for dir in dirs.iter().rev() {
+        sync_dir(dir).map_err(|source| SaveError::Copy {
+            from: checkpoint.dir.clone(),
+            to: dir.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}

@@ -1,0 +1,333 @@
+//! Staging directories and atomic publication: how a model appears at its
+//! final path whole or not at all.
+//!
+//! A save writes into `<storage>/.sllm-staging/<name>` (same filesystem as the
+//! final path, so a rename can publish it), fsyncs everything, then renames
+//! the directory into place with `renameat2(RENAME_NOREPLACE)`, or, when
+//! replacing (`--force`), swaps it with the old model in one step with
+//! `RENAME_EXCHANGE`. Readers see the old model or the new one, never a mix.
+//!
+//! Each staging directory `<name>` has a lock file `<name>.lock` holding an
+//! `flock` for as long as its save runs. The kernel drops the lock when the
+//! process dies however it dies, so the next save removes every staging
+//! directory whose lock it can take: leftovers of killed saves, never the
+//! work of a save still running.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rustix::fs::{CWD, RenameFlags, renameat_with};
+use rustix::io::Errno;
+
+use crate::durable::sync_dir;
+use crate::format::ModelId;
+
+/// Folder under the storage path holding saves in progress.
+pub const STAGING_DIR: &str = ".sllm-staging";
+const LOCK_SUFFIX: &str = ".lock";
+const OLD_SUFFIX: &str = ".old";
+
+/// Publishing a staged model failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(
+        "{path} already exists; pass --force to replace it atomically, or check it with \
+         `sllm-store verify`"
+    )]
+    TargetExists { path: PathBuf },
+    #[error("cannot move the finished model into {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// A staging directory owned by this process until it is published or dropped.
+#[derive(Debug)]
+pub struct Staging {
+    dir: PathBuf,
+    lock_path: PathBuf,
+    _lock: File,
+    published: bool,
+}
+
+/// How the model reached its final path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Published {
+    /// Nothing was there.
+    New,
+    /// An older model was replaced.
+    Replaced,
+}
+
+impl Staging {
+    /// Creates a staging directory for `model` under `storage_root`, after
+    /// removing what killed saves left behind.
+    pub fn create(storage_root: &Path, model: &ModelId) -> io::Result<Self> {
+        let base = storage_root.join(STAGING_DIR);
+        fs::create_dir_all(&base)?;
+        let cleaned = clean_stale(&base)?;
+        if cleaned > 0 {
+            tracing::info!(cleaned, dir = %base.display(), "removed leftovers of interrupted saves");
+        }
+        let stem: String = model.flat_name().chars().take(96).collect();
+        for attempt in 0u32.. {
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let name = format!("{stem}.{}.{nanos}.{attempt}", std::process::id());
+            let lock_path = base.join(format!("{name}{LOCK_SUFFIX}"));
+            let lock = match File::create_new(&lock_path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            };
+            // A concurrent cleaner may take and delete a lock file in the
+            // instant between its creation and our flock; then the inode we
+            // locked is no longer at `lock_path`, and we try a new name.
+            if lock.try_lock().is_err() || !same_file(&lock, &lock_path) {
+                continue;
+            }
+            let dir = base.join(&name);
+            fs::create_dir(&dir)?;
+            return Ok(Self {
+                dir,
+                lock_path,
+                _lock: lock,
+                published: false,
+            });
+        }
+        unreachable!("the attempt counter does not run out")
+    }
+
+    /// The directory to write into.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Makes the staged model visible at `target`: fsyncs the staging
+    /// directory, renames it into place (swapping with an existing model when
+    /// `replace`), and fsyncs the parent.
+    pub fn publish(mut self, target: &Path, replace: bool) -> Result<Published, PublishError> {
+        let io_err = |source| PublishError::Io {
+            path: target.to_owned(),
+            source,
+        };
+        sync_dir(&self.dir).map_err(io_err)?;
+        let parent = target.parent().expect("a model path has a parent");
+        fs::create_dir_all(parent).map_err(io_err)?;
+
+        let exists = target.symlink_metadata().is_ok();
+        if exists && is_empty_dir(target) {
+            // An empty directory holds no model; take its place.
+            let _ = fs::remove_dir(target);
+        }
+        let published = if target.symlink_metadata().is_ok() {
+            if !replace {
+                return Err(PublishError::TargetExists {
+                    path: target.to_owned(),
+                });
+            }
+            self.exchange(target).map_err(io_err)?;
+            Published::Replaced
+        } else {
+            match rename(&self.dir, target, RenameFlags::NOREPLACE) {
+                Ok(()) => {}
+                Err(e) if e == Errno::EXIST || e == Errno::NOTEMPTY => {
+                    return Err(PublishError::TargetExists {
+                        path: target.to_owned(),
+                    });
+                }
+                Err(e) if e == Errno::INVAL || e == Errno::NOSYS => {
+                    // The filesystem lacks RENAME_NOREPLACE; a plain rename
+                    // still cannot replace a non-empty directory.
+                    fs::rename(&self.dir, target).map_err(io_err)?;
+                }
+                Err(e) => return Err(io_err(e.into())),
+            }
+            Published::New
+        };
+        self.published = true;
+        sync_dir(parent).map_err(io_err)?;
+        // After an exchange the old model sits where the staging dir was.
+        remove_if_present(&self.dir);
+        remove_if_present(&self.old_path());
+        Ok(published)
+    }
+
+    /// Swaps the staged model with the one at `target`.
+    fn exchange(&self, target: &Path) -> io::Result<()> {
+        match rename(&self.dir, target, RenameFlags::EXCHANGE) {
+            Ok(()) => Ok(()),
+            Err(e) if e == Errno::INVAL || e == Errno::NOSYS => {
+                // No RENAME_EXCHANGE here (some network and overlay
+                // filesystems): move the old model aside, then the new one
+                // in. Readers may briefly find no model, never a mixed one.
+                tracing::warn!(
+                    path = %target.display(),
+                    "filesystem cannot swap directories atomically; replacing in two renames"
+                );
+                let old = self.old_path();
+                fs::rename(target, &old)?;
+                fs::rename(&self.dir, target)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn old_path(&self) -> PathBuf {
+        let mut name = self
+            .dir
+            .file_name()
+            .expect("staging dir has a name")
+            .to_owned();
+        name.push(OLD_SUFFIX);
+        self.dir.with_file_name(name)
+    }
+}
+
+impl Drop for Staging {
+    /// Removes the staging directory of a save that did not publish. The lock
+    /// file goes last, while we still hold its lock.
+    fn drop(&mut self) {
+        if !self.published {
+            remove_if_present(&self.dir);
+        }
+        remove_if_present(&self.old_path());
+        let _ = fs::remove_file(&self.lock_path);
+    }
+}
+
+fn rename(from: &Path, to: &Path, flags: RenameFlags) -> Result<(), Errno> {
+    renameat_with(CWD, from, CWD, to, flags)
+}
+
+fn same_file(file: &File, path: &Path) -> bool {
+    match (file.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+fn is_empty_dir(path: &Path) -> bool {
+    fs::read_dir(path).is_ok_and(|mut entries| entries.next().is_none())
+}
+
+fn remove_if_present(path: &Path) {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => {
+            if let Err(e) = fs::remove_dir_all(path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove; the next save retries");
+            }
+        }
+        Ok(_) => {
+            let _ = fs::remove_file(path);
+        }
+        Err(_) => {}
+    }
+}
+
+/// Removes staging entries whose save is no longer running; returns how many.
+pub fn clean_stale(base: &Path) -> io::Result<usize> {
+    let mut cleaned = 0;
+    let mut names: Vec<String> = Vec::new();
+    for entry in fs::read_dir(base)? {
+        names.push(entry?.file_name().to_string_lossy().into_owned());
+    }
+    for name in &names {
+        if let Some(stem) = name.strip_suffix(LOCK_SUFFIX) {
+            let lock_path = base.join(name);
+            let Ok(lock) = File::open(&lock_path) else {
+                continue;
+            };
+            if lock.try_lock().is_ok() {
+                // Its owner is gone: remove its work, then its lock.
+                remove_if_present(&base.join(stem));
+                remove_if_present(&base.join(format!("{stem}{OLD_SUFFIX}")));
+                let _ = fs::remove_file(&lock_path);
+                cleaned += 1;
+            }
+        }
+    }
+    for name in &names {
+        if name.ends_with(LOCK_SUFFIX) {
+            continue;
+        }
+        let stem = name.strip_suffix(OLD_SUFFIX).unwrap_or(name);
+        // Lock files are created before their directory and deleted only by
+        // a holder of their lock, so a directory whose lock file is gone
+        // belongs to no running save.
+        let path = base.join(name);
+        if path.symlink_metadata().is_ok() && !base.join(format!("{stem}{LOCK_SUFFIX}")).exists() {
+            remove_if_present(&path);
+            cleaned += 1;
+        }
+    }
+    Ok(cleaned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> ModelId {
+        ModelId::parse("org/m").unwrap()
+    }
+
+    #[test]
+    fn publishes_new_refuses_existing_and_replaces_with_force() {
+        let root = tempfile::tempdir().unwrap();
+        let target = model().dir_in(root.path());
+
+        let s = Staging::create(root.path(), &model()).unwrap();
+        fs::write(s.path().join("f"), "one").unwrap();
+        assert_eq!(s.publish(&target, false).unwrap(), Published::New);
+        assert_eq!(fs::read_to_string(target.join("f")).unwrap(), "one");
+
+        let s = Staging::create(root.path(), &model()).unwrap();
+        fs::write(s.path().join("f"), "two").unwrap();
+        let staged = s.path().to_owned();
+        assert!(matches!(
+            s.publish(&target, false),
+            Err(PublishError::TargetExists { .. })
+        ));
+        assert!(!staged.exists(), "a failed publish cleans its staging dir");
+        assert_eq!(fs::read_to_string(target.join("f")).unwrap(), "one");
+
+        let s = Staging::create(root.path(), &model()).unwrap();
+        fs::write(s.path().join("f"), "three").unwrap();
+        assert_eq!(s.publish(&target, true).unwrap(), Published::Replaced);
+        assert_eq!(fs::read_to_string(target.join("f")).unwrap(), "three");
+        let left: Vec<_> = fs::read_dir(root.path().join(STAGING_DIR))
+            .unwrap()
+            .collect();
+        assert!(left.is_empty(), "nothing left in staging: {left:?}");
+    }
+
+    #[test]
+    fn an_empty_directory_is_not_a_model() {
+        let root = tempfile::tempdir().unwrap();
+        let target = model().dir_in(root.path());
+        fs::create_dir_all(&target).unwrap();
+        let s = Staging::create(root.path(), &model()).unwrap();
+        assert_eq!(s.publish(&target, false).unwrap(), Published::New);
+    }
+
+    #[test]
+    fn cleans_only_what_no_one_holds() {
+        let root = tempfile::tempdir().unwrap();
+        let live = Staging::create(root.path(), &model()).unwrap();
+        let base = root.path().join(STAGING_DIR);
+        // Leftovers of a killed save: an unlocked lock file with its dir,
+        // and a dir whose lock file is gone.
+        fs::write(base.join("dead.1.2.0.lock"), "").unwrap();
+        fs::create_dir(base.join("dead.1.2.0")).unwrap();
+        fs::create_dir(base.join("orphan.3.4.0")).unwrap();
+        fs::write(base.join("orphan.3.4.0/x"), "x").unwrap();
+        assert_eq!(clean_stale(&base).unwrap(), 2);
+        assert!(live.path().exists(), "a running save's directory survives");
+        assert!(!base.join("dead.1.2.0").exists() && !base.join("orphan.3.4.0").exists());
+        drop(live);
+        assert_eq!(fs::read_dir(&base).unwrap().count(), 0);
+    }
+}

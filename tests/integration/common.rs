@@ -1,0 +1,225 @@
+//! Helpers shared by the integration tests: running the binary with a clean
+//! environment, writing safetensors checkpoints with the `safetensors` crate,
+//! and reading a stored model back independently of the store's own code.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use rand::{Rng, SeedableRng};
+use safetensors::Dtype;
+use safetensors::tensor::TensorView;
+
+/// The `sllm-store` binary with an environment that points nowhere real:
+/// HOME is `home`, no HF or storage variables, quiet logs.
+pub fn sllm_store(home: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sllm-store"));
+    for var in [
+        "HF_HUB_CACHE",
+        "HF_HOME",
+        "XDG_CACHE_HOME",
+        "STORAGE_PATH",
+        "HF_HUB_OFFLINE",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("HOME", home)
+        .env("RUST_LOG", "warn")
+        .env("NO_COLOR", "1");
+    cmd
+}
+
+/// Runs `cmd` and returns its output, with stdout and stderr as text.
+pub fn run(cmd: &mut Command) -> (Output, String, String) {
+    let out = cmd.output().expect("the binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, stdout, stderr)
+}
+
+/// Runs `cmd`, asserts success, returns stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let (out, stdout, stderr) = run(cmd);
+    assert!(
+        out.status.success(),
+        "failed: {cmd:?}\nstdout: {stdout}\nstderr: {stderr}"
+    );
+    stdout
+}
+
+/// Runs `cmd`, asserts failure, returns stdout + stderr.
+pub fn run_err(cmd: &mut Command) -> String {
+    let (out, stdout, stderr) = run(cmd);
+    assert!(
+        !out.status.success(),
+        "unexpectedly succeeded: {cmd:?}\nstdout: {stdout}"
+    );
+    format!("{stdout}{stderr}")
+}
+
+/// A tensor to put in a checkpoint.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl Tensor {
+    /// A tensor with random bytes.
+    pub fn random(name: &str, dtype: Dtype, shape: &[usize], seed: u64) -> Self {
+        let len = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut data = vec![0u8; len];
+        rng.fill(&mut data[..]);
+        Self {
+            name: name.into(),
+            dtype,
+            shape: shape.to_vec(),
+            data,
+        }
+    }
+}
+
+/// Writes `tensors` as one safetensors file with the `safetensors` crate.
+pub fn write_safetensors(path: &Path, tensors: &[Tensor]) {
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::tensor::serialize_to_file(views, None, path).unwrap();
+}
+
+/// Writes a sharded checkpoint: one file per group and the index.
+pub fn write_sharded(dir: &Path, shards: &[Vec<Tensor>]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut weight_map = serde_json::Map::new();
+    for (i, group) in shards.iter().enumerate() {
+        let name = format!("model-{:05}-of-{:05}.safetensors", i + 1, shards.len());
+        write_safetensors(&dir.join(&name), group);
+        for t in group {
+            weight_map.insert(t.name.clone(), name.clone().into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+}
+
+/// Writes a raw safetensors file from a header given as JSON text and data.
+pub fn write_raw_safetensors(path: &Path, header: &str, data: &[u8]) {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// A stored model read back without the store's code: the index as plain
+/// JSON and the partitions concatenated.
+pub struct Stored {
+    pub index: serde_json::Map<String, serde_json::Value>,
+    pub bytes: Vec<u8>,
+    pub partition_sizes: Vec<u64>,
+}
+
+impl Stored {
+    pub fn read(model_dir: &Path) -> Self {
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(model_dir.join("tensor_index.json")).unwrap())
+                .unwrap();
+        let mut bytes = Vec::new();
+        let mut partition_sizes = Vec::new();
+        for i in 0.. {
+            let Ok(part) = std::fs::read(model_dir.join(format!("tensor.data_{i}"))) else {
+                break;
+            };
+            partition_sizes.push(part.len() as u64);
+            bytes.extend_from_slice(&part);
+        }
+        Self {
+            index: index.as_object().unwrap().clone(),
+            bytes,
+            partition_sizes,
+        }
+    }
+
+    /// `(offset, size, shape, stride, dtype)` of `name`.
+    pub fn entry(&self, name: &str) -> (u64, u64, Vec<u64>, Vec<u64>, String) {
+        let e = self
+            .index
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} not in the index"));
+        serde_json::from_value(e.clone()).unwrap()
+    }
+
+    /// Asserts every tensor is stored with its dtype, shape, contiguous
+    /// stride and exact bytes.
+    pub fn assert_holds(&self, tensors: &[Tensor]) {
+        assert_eq!(self.index.len(), tensors.len(), "tensor count");
+        for t in tensors {
+            let (offset, size, shape, stride, dtype) = self.entry(&t.name);
+            assert_eq!(dtype, torch_name(t.dtype), "{}", t.name);
+            assert_eq!(
+                shape,
+                t.shape.iter().map(|&d| d as u64).collect::<Vec<_>>(),
+                "{}",
+                t.name
+            );
+            assert_eq!(stride, contiguous(&shape), "{}", t.name);
+            assert_eq!(size, t.data.len() as u64, "{}", t.name);
+            let range = offset as usize..(offset + size) as usize;
+            assert!(
+                self.bytes[range.clone()] == t.data[..],
+                "bytes of {} differ",
+                t.name
+            );
+            if size > 0 {
+                assert_eq!(offset % 4096, 0, "{} is aligned", t.name);
+            }
+        }
+    }
+}
+
+fn contiguous(shape: &[u64]) -> Vec<u64> {
+    let mut stride = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        stride[i] = stride[i + 1] * shape[i + 1].max(1);
+    }
+    stride
+}
+
+/// The torch name the store must write for a safetensors dtype.
+pub fn torch_name(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F16 => "torch.float16",
+        Dtype::BF16 => "torch.bfloat16",
+        Dtype::F32 => "torch.float32",
+        Dtype::F64 => "torch.float64",
+        Dtype::I8 => "torch.int8",
+        Dtype::I16 => "torch.int16",
+        Dtype::I32 => "torch.int32",
+        Dtype::I64 => "torch.int64",
+        Dtype::U8 => "torch.uint8",
+        Dtype::BOOL => "torch.bool",
+        Dtype::F8_E4M3 => "torch.float8_e4m3fn",
+        Dtype::F8_E5M2 => "torch.float8_e5m2",
+        other => panic!("no torch name expected for {other:?}"),
+    }
+}
+
+/// Asserts nothing is at `path` and no save left work behind in `storage`.
+pub fn assert_nothing_published(storage: &Path, path: &Path) {
+    assert!(!path.exists(), "{} must not exist", path.display());
+    let staging = storage.join(".sllm-staging");
+    if staging.exists() {
+        let left: Vec<PathBuf> = std::fs::read_dir(&staging)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert!(left.is_empty(), "staging leftovers: {left:?}");
+    }
+}

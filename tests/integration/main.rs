@@ -1,0 +1,10 @@
+//! Integration tests: the real `sllm-store` binary on real files made here.
+//! One test binary (ripgrep's layout); each test works in its own temporary
+//! directory, which is removed when it ends.
+
+mod common;
+mod hf_cache;
+mod kill;
+mod save_bad_input;
+mod save_roundtrip;
+mod verify;
