@@ -1,1 +1,86 @@
+//! A save killed part-way leaves no model at the final path, and the next
+//! save cleans up what it left and succeeds.
 
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use sllm_store::synth::{SynthSpec, write_synthetic};
+
+use crate::common::*;
+
+/// Bytes written so far into any staging partition under `storage`.
+fn staged_bytes(storage: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(storage.join(".sllm-staging")) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| std::fs::metadata(e.path().join("tensor.data_0")).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+#[test]
+fn a_killed_save_leaves_nothing_and_the_next_one_cleans_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_synthetic(
+        &src,
+        &SynthSpec {
+            target_bytes: 96 << 20,
+            shards: 2,
+            seed: 3,
+        },
+    )
+    .unwrap();
+    let storage = tmp.path().join("models");
+    let target = storage.join("org/killed");
+    let save = || {
+        let mut cmd = sllm_store(tmp.path());
+        cmd.args(["save", "--model", "org/killed", "--local-model-path"])
+            .arg(&src)
+            .arg("--storage-path")
+            .arg(&storage)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        cmd
+    };
+
+    let mut child = save().spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while staged_bytes(&storage) == 0 {
+        assert!(Instant::now() < deadline, "the save never started writing");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the save ended before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "killed part-way, not finished: {status:?}"
+    );
+    assert!(!target.exists(), "a killed save must not publish");
+    assert!(
+        staged_bytes(&storage) > 0,
+        "the killed save left its staging directory"
+    );
+
+    run_ok(&mut save());
+    assert!(target.join("tensor_index.json").exists());
+    let left = std::fs::read_dir(storage.join(".sllm-staging"))
+        .unwrap()
+        .count();
+    assert_eq!(left, 0, "the second save removed the leftovers");
+    run_ok(
+        sllm_store(tmp.path())
+            .args(["verify", "org/killed", "--storage-path"])
+            .arg(&storage),
+    );
+}

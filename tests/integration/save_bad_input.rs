@@ -1,1 +1,304 @@
+//! `save` on bad input: a clear error naming the problem, a non-zero exit,
+//! and nothing at the final path or in staging.
 
+use std::path::{Path, PathBuf};
+
+use safetensors::Dtype;
+
+use crate::common::*;
+
+struct Case {
+    _tmp: tempfile::TempDir,
+    home: PathBuf,
+    src: PathBuf,
+    storage: PathBuf,
+}
+
+impl Case {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        Self {
+            home: tmp.path().to_owned(),
+            storage: tmp.path().join("models"),
+            src,
+            _tmp: tmp,
+        }
+    }
+
+    /// Saves `src` as `org/bad`, expects failure, checks nothing was left.
+    fn fails_with(&self, needles: &[&str]) -> String {
+        let err = run_err(
+            sllm_store(&self.home)
+                .args(["save", "--model", "org/bad", "--local-model-path"])
+                .arg(&self.src)
+                .arg("--storage-path")
+                .arg(&self.storage),
+        );
+        for needle in needles {
+            assert!(err.contains(needle), "expected {needle:?} in: {err}");
+        }
+        assert!(!err.contains("panicked"), "{err}");
+        assert_nothing_published(&self.storage, &self.storage.join("org/bad"));
+        err
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.src.join(name)
+    }
+}
+
+fn one_tensor(path: &Path) {
+    write_safetensors(path, &[Tensor::random("w", Dtype::F32, &[64], 1)]);
+}
+
+#[test]
+fn truncated_file() {
+    let c = Case::new();
+    one_tensor(&c.file("model.safetensors"));
+    let bytes = std::fs::read(c.file("model.safetensors")).unwrap();
+    std::fs::write(c.file("model.safetensors"), &bytes[..bytes.len() - 10]).unwrap();
+    c.fails_with(&["model.safetensors", "truncated", "holds 246"]);
+}
+
+#[test]
+fn file_shorter_than_its_header() {
+    let c = Case::new();
+    std::fs::write(
+        c.file("model.safetensors"),
+        [200, 0, 0, 0, 0, 0, 0, 0, b'{'],
+    )
+    .unwrap();
+    c.fails_with(&["model.safetensors", "header claims 200 bytes", "truncated"]);
+    std::fs::write(c.file("model.safetensors"), [1, 2, 3]).unwrap();
+    c.fails_with(&["shorter than the 8-byte header length"]);
+}
+
+#[test]
+fn header_offsets_out_of_range() {
+    let c = Case::new();
+    let header = r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"v":{"dtype":"F32","shape":[4],"data_offsets":[16,32]}}"#;
+    write_raw_safetensors(&c.file("model.safetensors"), header, &[0u8; 20]);
+    c.fails_with(&[
+        "model.safetensors",
+        "describes 32 bytes of tensor data but the file holds 20",
+    ]);
+}
+
+#[test]
+fn overlapping_tensors() {
+    let c = Case::new();
+    let header = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
+    write_raw_safetensors(&c.file("model.safetensors"), header, &[0u8; 12]);
+    c.fails_with(&[
+        "model.safetensors",
+        "not a valid safetensors file",
+        "invalid offset",
+    ]);
+}
+
+#[test]
+fn shape_that_disagrees_with_offsets() {
+    let c = Case::new();
+    let header = r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#;
+    write_raw_safetensors(&c.file("model.safetensors"), header, &[0u8; 8]);
+    c.fails_with(&["model.safetensors", "invalid shape, data type, or offset"]);
+}
+
+#[test]
+fn not_json_header() {
+    let c = Case::new();
+    write_raw_safetensors(&c.file("model.safetensors"), "PK\u{3}\u{4} zip?", &[0u8; 8]);
+    c.fails_with(&["model.safetensors", "bad header"]);
+}
+
+#[test]
+fn tensor_name_in_two_shards() {
+    let c = Case::new();
+    one_tensor(&c.file("a.safetensors"));
+    one_tensor(&c.file("b.safetensors"));
+    c.fails_with(&["\"w\" appears in both", "a.safetensors", "b.safetensors"]);
+}
+
+#[test]
+fn tensor_name_in_two_indexed_shards() {
+    let c = Case::new();
+    write_sharded(
+        &c.src,
+        &[
+            vec![
+                Tensor::random("w", Dtype::F16, &[4], 1),
+                Tensor::random("a", Dtype::F16, &[4], 3),
+            ],
+            vec![
+                Tensor::random("w", Dtype::F16, &[4], 2),
+                Tensor::random("b", Dtype::F16, &[4], 4),
+            ],
+        ],
+    );
+    // The index maps "w" to one shard (a JSON object holds a name once), but
+    // both listed shards carry it.
+    c.fails_with(&[
+        "\"w\" appears in both",
+        "model-00001-of-00002",
+        "model-00002-of-00002",
+    ]);
+}
+
+#[test]
+fn missing_shard() {
+    let c = Case::new();
+    write_sharded(
+        &c.src,
+        &[
+            vec![Tensor::random("a", Dtype::F16, &[4], 1)],
+            vec![Tensor::random("b", Dtype::F16, &[4], 2)],
+            vec![Tensor::random("c", Dtype::F16, &[4], 3)],
+        ],
+    );
+    std::fs::remove_file(c.file("model-00002-of-00003.safetensors")).unwrap();
+    c.fails_with(&[
+        "lists shards that are missing",
+        "model-00002-of-00003.safetensors",
+    ]);
+}
+
+#[test]
+fn index_that_points_outside_the_directory() {
+    let c = Case::new();
+    one_tensor(&c.file("model.safetensors"));
+    std::fs::write(
+        c.file("model.safetensors.index.json"),
+        r#"{"weight_map": {"w": "../model.safetensors"}}"#,
+    )
+    .unwrap();
+    c.fails_with(&["not a valid shard index", "../model.safetensors"]);
+}
+
+#[test]
+fn index_naming_a_tensor_the_shard_lacks() {
+    let c = Case::new();
+    one_tensor(&c.file("model.safetensors"));
+    std::fs::write(
+        c.file("model.safetensors.index.json"),
+        r#"{"weight_map": {"w": "model.safetensors", "ghost": "model.safetensors"}}"#,
+    )
+    .unwrap();
+    c.fails_with(&["\"ghost\"", "does not hold it"]);
+}
+
+#[test]
+fn unsupported_dtype() {
+    let c = Case::new();
+    write_safetensors(
+        &c.file("model.safetensors"),
+        &[Tensor::random("u", Dtype::U16, &[4], 1)],
+    );
+    c.fails_with(&["\"u\"", "U16", "supported: F16, BF16"]);
+}
+
+#[test]
+fn no_safetensors_at_all() {
+    let c = Case::new();
+    std::fs::write(c.file("pytorch_model.bin"), "pickle").unwrap();
+    c.fails_with(&["no *.safetensors files", "found pytorch_model.bin"]);
+}
+
+#[test]
+fn missing_source_directory() {
+    let c = Case::new();
+    std::fs::remove_dir(&c.src).unwrap();
+    c.fails_with(&["does not exist", "--local-model-path"]);
+}
+
+#[test]
+fn broken_link_to_a_weight_file() {
+    let c = Case::new();
+    std::os::unix::fs::symlink("../blobs/gone", c.file("model.safetensors")).unwrap();
+    c.fails_with(&[
+        "model.safetensors is missing",
+        "../blobs/gone",
+        "download the model again",
+    ]);
+}
+
+#[test]
+fn unwritable_storage_path() {
+    let c = Case::new();
+    one_tensor(&c.file("model.safetensors"));
+    // A regular file where the storage directory should be: refused even
+    // for root, unlike a permission bit.
+    std::fs::write(&c.storage, "not a directory").unwrap();
+    let err = run_err(
+        sllm_store(&c.home)
+            .args(["save", "--model", "org/bad", "--local-model-path"])
+            .arg(&c.src)
+            .arg("--storage-path")
+            .arg(&c.storage),
+    );
+    assert!(
+        err.contains("cannot write to the storage path") && err.contains("--storage-path"),
+        "{err}"
+    );
+    let err = run_err(
+        sllm_store(&c.home)
+            .args([
+                "save",
+                "--model",
+                "org/bad",
+                "--storage-path",
+                "/proc/sllm-store-test",
+                "--local-model-path",
+            ])
+            .arg(&c.src),
+    );
+    assert!(
+        err.contains("cannot write to the storage path /proc/sllm-store-test"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unsupported_backend_and_bad_model_ids() {
+    let c = Case::new();
+    one_tensor(&c.file("model.safetensors"));
+    let err = run_err(
+        sllm_store(&c.home)
+            .args([
+                "save",
+                "--model",
+                "o/m",
+                "--backend",
+                "vllm",
+                "--local-model-path",
+            ])
+            .arg(&c.src),
+    );
+    assert!(
+        err.contains("--backend \"vllm\" is not supported") && err.contains("transformers"),
+        "{err}"
+    );
+    for bad in ["../escape", "/abs", "a//b", ".hidden/x"] {
+        let err = run_err(
+            sllm_store(&c.home)
+                .args(["save", "--model", bad, "--local-model-path"])
+                .arg(&c.src),
+        );
+        assert!(err.contains("invalid model id"), "{bad}: {err}");
+    }
+    let err = run_err(
+        sllm_store(&c.home)
+            .args([
+                "save",
+                "--model",
+                "o/m",
+                "--partition-size",
+                "10XB",
+                "--local-model-path",
+            ])
+            .arg(&c.src),
+    );
+    assert!(err.contains("invalid size"), "{err}");
+    assert!(!c.home.join("models").exists(), "nothing written");
+}

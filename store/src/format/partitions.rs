@@ -73,10 +73,10 @@ impl Partitions {
         for dirent in std::fs::read_dir(model_dir)? {
             let dirent = dirent?;
             let name = dirent.file_name();
-            if let Some(i) = name.to_str().and_then(partition_number) {
-                if i >= parts.len() {
-                    unreachable.push(dirent.path());
-                }
+            if let Some(i) = name.to_str().and_then(partition_number)
+                && i >= parts.len()
+            {
+                unreachable.push(dirent.path());
             }
         }
         unreachable.sort();

@@ -195,13 +195,13 @@ fn check_entries(index: &TensorIndex, total: u64, report: &mut VerifyReport) {
     for (&offset, records) in &at_offset {
         let (name, _) = records[0];
         let end = records.iter().map(|&(_, end)| end).max().unwrap_or(offset);
-        if let Some((prev_end, prev_name)) = previous {
-            if offset < prev_end {
-                report.problem(format!(
-                    "tensors {prev_name:?} and {name:?} overlap: {prev_name:?} ends at byte \
+        if let Some((prev_end, prev_name)) = previous
+            && offset < prev_end
+        {
+            report.problem(format!(
+                "tensors {prev_name:?} and {name:?} overlap: {prev_name:?} ends at byte \
                      {prev_end}, {name:?} starts at {offset}"
-                ));
-            }
+            ));
         }
         if previous.is_none_or(|(prev_end, _)| end > prev_end) {
             previous = Some((end, name));
@@ -363,17 +363,6 @@ pub fn summary_line(model: &str, report: &VerifyReport, seconds: f64) -> String 
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn folds_runs() {
-        assert_eq!(runs(&[]), []);
-        assert_eq!(runs(&[1, 2, 3, 7, 9, 10]), [(1, 3), (7, 7), (9, 10)]);
-    }
-}
-
 /// Compares every tensor of `source` with the stored model in `model_dir`:
 /// present in the index with the same dtype and shape, and the same bytes.
 /// Returns the problems found (empty when the store matches).
@@ -437,4 +426,15 @@ pub fn compare_with_source(
     }
     progress.finish();
     Ok(problems)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folds_runs() {
+        assert_eq!(runs(&[]), []);
+        assert_eq!(runs(&[1, 2, 3, 7, 9, 10]), [(1, 3), (7, 7), (9, 10)]);
+    }
 }
