@@ -11,3 +11,68 @@ pub mod storage {
 }
 
 pub use storage::*;
+
+#[cfg(test)]
+mod tests {
+    //! The bytes on the wire are what ServerlessLLM's generated code sends:
+    //! field numbers and types are checked by encoding known messages.
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn register_response_wire_bytes() {
+        let msg = RegisterModelResponse {
+            model_path: "a".into(),
+            model_size: 300,
+        };
+        // field 1 (len) "a", field 2 (varint) 300
+        assert_eq!(msg.encode_to_vec(), [0x0a, 1, b'a', 0x10, 0xac, 0x02]);
+    }
+
+    #[test]
+    fn load_request_wire_bytes() {
+        let chunk = MemCopyChunk {
+            src_offset: 1,
+            size: 2,
+            dst_offset: 3,
+            handle_idx: 4,
+        };
+        assert_eq!(chunk.encode_to_vec(), [0x08, 1, 0x10, 2, 0x18, 3, 0x20, 4]);
+        let req = LoadModelRequest {
+            model_path: "m".into(),
+            replica_uuid: "r".into(),
+            chunks: [(
+                "d".to_owned(),
+                MemCopyChunkList {
+                    chunks: vec![chunk],
+                },
+            )]
+            .into(),
+            handles: [(
+                "d".to_owned(),
+                MemCopyHandleList {
+                    handles: vec![MemCopyHandle {
+                        cuda_ipc_handle: vec![7; 64],
+                    }],
+                },
+            )]
+            .into(),
+            target_device_type: DeviceType::Gpu as i32,
+        };
+        let bytes = req.encode_to_vec();
+        assert_eq!(&bytes[..6], [0x0a, 1, b'm', 0x12, 1, b'r']);
+        assert_eq!(
+            &bytes[bytes.len() - 2..],
+            [0x28, 2],
+            "field 5 is the device type"
+        );
+        assert_eq!(LoadModelRequest::decode(&bytes[..]).unwrap(), req);
+        assert_eq!(DeviceType::Cpu as i32, 1);
+        let confirm = ConfirmModelRequest {
+            model_path: String::new(),
+            replica_uuid: String::new(),
+            target_device_type: DeviceType::Gpu as i32,
+        };
+        assert_eq!(confirm.encode_to_vec(), [0x18, 2]);
+    }
+}
