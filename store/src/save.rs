@@ -26,6 +26,7 @@ use crate::import::hf_cache::{HfCache, ResolveError};
 use crate::import::{ImportError, SafetensorsFile, SourceCheckpoint};
 use crate::progress::Progress;
 use crate::staging::{PublishError, Published, Staging};
+use crate::units::human_bytes;
 
 /// Size of one read buffer in the copy pipeline.
 const PIECE_BYTES: usize = 8 << 20;
@@ -84,6 +85,17 @@ pub enum SaveError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "not enough space for {model} under {path}: it needs {}, {} are free; free some \
+         space or pass another --storage-path",
+        human_bytes(*needed), human_bytes(*available)
+    )]
+    NoSpace {
+        model: String,
+        path: PathBuf,
+        needed: u64,
+        available: u64,
+    },
     #[error("cannot copy {from} to {to}: {source}")]
     Copy {
         from: PathBuf,
@@ -128,6 +140,7 @@ pub fn save(req: &SaveRequest, progress: &dyn Progress) -> Result<SaveReport, Sa
         source,
     };
     std::fs::create_dir_all(&req.storage_root).map_err(unusable)?;
+    check_free_space(req, &checkpoint)?;
     let staging = Staging::create(&req.storage_root, &req.model).map_err(unusable)?;
 
     let mut writer = StoreWriter::new(staging.path(), req.writer)?;
@@ -135,6 +148,7 @@ pub fn save(req: &SaveRequest, progress: &dyn Progress) -> Result<SaveReport, Sa
     let copied = copy_tensors(&checkpoint.files, &mut writer, progress);
     progress.finish();
     copied?;
+    tracing::info!("tensors copied; flushing them to disk");
     copy_extra_files(&checkpoint, staging.path())?;
     let written = writer.finish(Some(info.clone()))?;
     let published = staging.publish(&target, req.force)?;
@@ -180,6 +194,38 @@ fn resolve_source(req: &SaveRequest) -> Result<(PathBuf, SourceInfo), SaveError>
         weight_files: Vec::new(),
     };
     Ok((dir, info))
+}
+
+/// Fails early, before gigabytes are written, when the storage filesystem
+/// cannot hold the converted model.
+fn check_free_space(req: &SaveRequest, checkpoint: &SourceCheckpoint) -> Result<(), SaveError> {
+    let padding = checkpoint.tensor_count() as u64 * req.writer.alignment_bytes;
+    let extra: u64 = checkpoint
+        .extra_files
+        .iter()
+        .filter_map(|rel| std::fs::metadata(checkpoint.dir.join(rel)).ok())
+        .map(|m| m.len())
+        .sum();
+    let needed = checkpoint.tensor_bytes() + padding + extra;
+    let available = free_bytes(&req.storage_root).map_err(|source| SaveError::StorageUnusable {
+        path: req.storage_root.clone(),
+        source,
+    })?;
+    if needed > available {
+        return Err(SaveError::NoSpace {
+            model: req.model.to_string(),
+            path: req.storage_root.clone(),
+            needed,
+            available,
+        });
+    }
+    Ok(())
+}
+
+/// Bytes an unprivileged writer may still use on the filesystem of `path`.
+pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    let stat = rustix::fs::statvfs(path)?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
 /// True when `path` exists and is anything but an empty directory.
@@ -324,4 +370,51 @@ fn copy_extra_files(checkpoint: &SourceCheckpoint, staging: &Path) -> Result<(),
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_model_larger_than_the_disk_is_refused_before_writing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        // A valid checkpoint one GiB larger than the free space, as a sparse
+        // file: nothing real is allocated.
+        let len = free_bytes(tmp.path()).unwrap() + (1 << 30);
+        let header =
+            format!(r#"{{"w":{{"dtype":"U8","shape":[{len}],"data_offsets":[0,{len}]}}}}"#);
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        let path = src.join("model.safetensors");
+        std::fs::write(&path, &bytes).unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(bytes.len() as u64 + len)
+            .expect("a sparse file of that size");
+
+        let storage = tmp.path().join("models");
+        let req = SaveRequest {
+            model: ModelId::parse("o/huge").unwrap(),
+            source: Source::Local(src),
+            storage_root: storage.clone(),
+            force: false,
+            writer: WriterOptions::default(),
+        };
+        let err = save(&req, &()).unwrap_err();
+        assert!(
+            matches!(err, SaveError::NoSpace { needed, available, .. } if needed > available),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("not enough space for o/huge") && text.contains("--storage-path"),
+            "{text}"
+        );
+        assert!(
+            !storage.join(crate::staging::STAGING_DIR).exists(),
+            "nothing was staged"
+        );
+    }
 }

@@ -28,14 +28,17 @@ impl Case {
     }
 
     /// Saves `src` as `org/bad`, expects failure, checks nothing was left.
+    fn save_cmd(&self) -> std::process::Command {
+        let mut cmd = sllm_store(&self.home);
+        cmd.args(["save", "--model", "org/bad", "--local-model-path"])
+            .arg(&self.src)
+            .arg("--storage-path")
+            .arg(&self.storage);
+        cmd
+    }
+
     fn fails_with(&self, needles: &[&str]) -> String {
-        let err = run_err(
-            sllm_store(&self.home)
-                .args(["save", "--model", "org/bad", "--local-model-path"])
-                .arg(&self.src)
-                .arg("--storage-path")
-                .arg(&self.storage),
-        );
+        let err = run_err(&mut self.save_cmd());
         for needle in needles {
             assert!(err.contains(needle), "expected {needle:?} in: {err}");
         }
@@ -230,13 +233,7 @@ fn unwritable_storage_path() {
     // A regular file where the storage directory should be: refused even
     // for root, unlike a permission bit.
     std::fs::write(&c.storage, "not a directory").unwrap();
-    let err = run_err(
-        sllm_store(&c.home)
-            .args(["save", "--model", "org/bad", "--local-model-path"])
-            .arg(&c.src)
-            .arg("--storage-path")
-            .arg(&c.storage),
-    );
+    let err = run_err(&mut c.save_cmd());
     assert!(
         err.contains("cannot write to the storage path") && err.contains("--storage-path"),
         "{err}"

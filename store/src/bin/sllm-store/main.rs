@@ -39,7 +39,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The demo prints its own story; logs would only interleave with it.
+    let default_level = match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "info",
+    };
+    init_logging(cli.log_format, default_level);
     let outcome = match cli.command {
         Command::Save(args) => save::run(args),
         Command::Verify(args) => verify::run(args),
@@ -54,10 +59,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs to stderr, `info` and up unless `RUST_LOG` says otherwise.
-fn init_logging(format: LogFormat) {
+/// Logs to stderr at `default_level` and up unless `RUST_LOG` says otherwise.
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
