@@ -1,0 +1,240 @@
+//! `sllm-bench convert`: how fast `sllm-store save` turns a safetensors
+//! checkpoint into the store format, against the plain copy of the same
+//! bytes with `cp` followed by an fsync of the copies (the save fsyncs too,
+//! so that is the fair floor), cold (page cache dropped) and warm.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::Context;
+use clap::Args;
+use serde::Serialize;
+use sllm_store::synth::{SynthSpec, write_synthetic};
+use sllm_store::units::{ByteSize, gib_per_s};
+
+use crate::cache::{drop_caches, files_under};
+use crate::machine::{Machine, utc_now};
+use crate::report::{Sample, median, time_command, write_results};
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// Size of the synthetic checkpoint.
+    #[arg(long, default_value = "1GiB")]
+    size: ByteSize,
+    /// Where the checkpoint and the copies go (on the disk to measure).
+    #[arg(long, default_value = "target/sllm-bench")]
+    dir: PathBuf,
+    /// Runs per scenario; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// JSON output [default: bench/results/convert-<host>-<date>.json].
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Markdown output [default: beside the JSON, .md].
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// The sllm-store binary [default: next to this one].
+    #[arg(long)]
+    sllm_store: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Scenario {
+    name: String,
+    cache: &'static str,
+    runs: Vec<Sample>,
+    median_wall_s: f64,
+    gib_per_s: f64,
+    cpu_s_per_gib: f64,
+    /// Throughput relative to `cp + fsync` in the same cache state.
+    ratio_to_cp: f64,
+}
+
+#[derive(Serialize)]
+struct Results {
+    benchmark: &'static str,
+    date: String,
+    command: String,
+    machine: Machine,
+    checkpoint_bytes: u64,
+    cold_method: &'static str,
+    scenarios: Vec<Scenario>,
+}
+
+pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
+    let sllm_store = match args.sllm_store.clone() {
+        Some(p) => p,
+        None => std::env::current_exe()?.with_file_name("sllm-store"),
+    };
+    anyhow::ensure!(
+        sllm_store.is_file(),
+        "{} not found: build it with `cargo build --release -p sllm-store` or pass --sllm-store",
+        sllm_store.display()
+    );
+    std::fs::create_dir_all(&args.dir)?;
+    let dir = std::fs::canonicalize(&args.dir)?;
+    let source = dir.join(format!("checkpoint-{}", args.size));
+    let bytes = ensure_checkpoint(&source, args.size.bytes())?;
+    let source_files = files_under(&source);
+
+    let cp_out = dir.join("copy");
+    let store = dir.join("store");
+    let mut cold_method = "none";
+    let mut samples: Vec<(String, &'static str, Vec<Sample>)> = Vec::new();
+    for cold in [true, false] {
+        let cache = if cold { "cold" } else { "warm" };
+        let mut cp_runs = Vec::new();
+        let mut save_runs = Vec::new();
+        for run in 0..args.runs {
+            // Alternate the order so neither side always follows the other.
+            for first_cp in [run % 2 == 0, run % 2 != 0] {
+                // Both targets start empty, deleted before the clock starts:
+                // removing an old copy is not conversion work (NOTES.md).
+                let _ = std::fs::remove_dir_all(&cp_out);
+                let _ = std::fs::remove_dir_all(&store);
+                if cold {
+                    cold_method = drop_caches(&source_files);
+                } else {
+                    warm_up(&source_files);
+                }
+                if first_cp {
+                    cp_runs.push(time_command(Command::new("sh").arg("-c").arg(format!(
+                        "cp -r '{}' '{}' && sync '{}'/*",
+                        source.display(),
+                        cp_out.display(),
+                        cp_out.display()
+                    )))?);
+                } else {
+                    save_runs.push(time_command(
+                        Command::new(&sllm_store)
+                            .args(["save", "--model", "bench/model", "--local-model-path"])
+                            .arg(&source)
+                            .arg("--storage-path")
+                            .arg(&store)
+                            .env("RUST_LOG", "warn"),
+                    )?);
+                }
+            }
+        }
+        samples.push(("cp + fsync".into(), cache, cp_runs));
+        samples.push(("sllm-store save".into(), cache, save_runs));
+    }
+    let _ = std::fs::remove_dir_all(&cp_out);
+    let _ = std::fs::remove_dir_all(&store);
+
+    let scenarios = summarize(samples, bytes);
+    let results = Results {
+        benchmark: "convert",
+        date: utc_now(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        machine: Machine::probe(&dir),
+        checkpoint_bytes: bytes,
+        cold_method,
+        scenarios,
+    };
+    let markdown = markdown(&results);
+    print!("{markdown}");
+    let stem = format!(
+        "convert-{}-{}",
+        results.machine.hostname,
+        &results.date[..10]
+    );
+    let results_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
+    let json = args
+        .json
+        .unwrap_or_else(|| results_dir.join(format!("{stem}.json")));
+    let md = args.markdown.unwrap_or_else(|| json.with_extension("md"));
+    write_results(&json, &md, &results, &markdown)?;
+    eprintln!("wrote {} and {}", json.display(), md.display());
+    Ok(())
+}
+
+/// Generates the checkpoint once; reuses it when already there.
+fn ensure_checkpoint(dir: &Path, size: u64) -> anyhow::Result<u64> {
+    let done = dir.join(".complete");
+    if !done.exists() {
+        let _ = std::fs::remove_dir_all(dir);
+        tracing::info!(dir = %dir.display(), size, "generating the checkpoint");
+        let shards = (size >> 32).max(2) as usize;
+        write_synthetic(
+            dir,
+            &SynthSpec {
+                target_bytes: size,
+                shards,
+                seed: 1,
+            },
+        )
+        .with_context(|| format!("generating {}", dir.display()))?;
+        std::fs::write(&done, "")?;
+    }
+    Ok(files_under(dir)
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum())
+}
+
+/// Reads the files once so that a warm run finds them in the page cache.
+fn warm_up(files: &[PathBuf]) {
+    for f in files {
+        if let Ok(mut file) = std::fs::File::open(f) {
+            let _ = std::io::copy(&mut file, &mut std::io::sink());
+        }
+    }
+}
+
+fn summarize(samples: Vec<(String, &'static str, Vec<Sample>)>, bytes: u64) -> Vec<Scenario> {
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    let cp_wall = |cache: &str| {
+        samples
+            .iter()
+            .find(|(n, c, _)| n == "cp + fsync" && *c == cache)
+            .map_or(0.0, |(_, _, runs)| median(runs).wall_s)
+    };
+    samples
+        .iter()
+        .map(|(name, cache, runs)| {
+            let m = median(runs);
+            Scenario {
+                name: name.clone(),
+                cache,
+                median_wall_s: m.wall_s,
+                gib_per_s: gib_per_s(bytes, m.wall_s),
+                cpu_s_per_gib: m.cpu_s / gib,
+                ratio_to_cp: cp_wall(cache) / m.wall_s,
+                runs: runs.clone(),
+            }
+        })
+        .collect()
+}
+
+fn markdown(r: &Results) -> String {
+    let m = &r.machine;
+    let mut out = format!(
+        "# Conversion: `sllm-store save` against `cp` + fsync\n\n\
+         - date: {}\n- command: `{}`\n- machine: {} ({} CPUs, {}, {:.1} GiB RAM, kernel {})\n\
+         - data: {} on {} ({})\n- checkpoint: {:.2} GiB; cold runs drop the page cache with {}\n\n\
+         | scenario | cache | median s | GiB/s | ratio to cp | CPU s/GiB |\n\
+         |---|---|---:|---:|---:|---:|\n",
+        r.date,
+        r.command,
+        m.hostname,
+        m.cpus,
+        m.cpu_model,
+        m.memory_gib,
+        m.kernel,
+        m.data_dir,
+        m.data_device,
+        m.data_filesystem,
+        r.checkpoint_bytes as f64 / (1u64 << 30) as f64,
+        r.cold_method,
+    );
+    for s in &r.scenarios {
+        out += &format!(
+            "| {} | {} | {:.3} | {:.2} | {:.2} | {:.2} |\n",
+            s.name, s.cache, s.median_wall_s, s.gib_per_s, s.ratio_to_cp, s.cpu_s_per_gib
+        );
+    }
+    out
+}

@@ -1,0 +1,36 @@
+//! `sllm-bench`: measures sllm-store against the machine's limits and its
+//! peers, side by side in one run, and records the figures with the machine
+//! they came from (shared/DESIGN.md section 7).
+
+mod cache;
+mod convert;
+mod machine;
+mod report;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "sllm-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Conversion speed of `sllm-store save` against `cp` + fsync of the same bytes.
+    Convert(convert::ConvertArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Convert(args) => convert::run(args),
+    }
+}
