@@ -1,15 +1,16 @@
-//! The ServerlessLLM-compatible model store: the on-disk format, the offline
-//! converter from safetensors and the Hugging Face cache, and verification.
+//! The ServerlessLLM-compatible model store: the offline converter from
+//! safetensors and the Hugging Face cache, and (issue #4) the daemon.
 //!
-//! The `sllm-store` binary is glue over this library; see
-//! `docs/ARCHITECTURE.md` for the map of modules and what each may touch.
+//! The format itself lives in the `sllm-format` crate, re-exported here as
+//! `format` (with `units`, `durable` and `progress`). The `sllm-store` binary
+//! is glue over this library; see `docs/ARCHITECTURE.md` for the map of
+//! modules and what each may touch.
+
+pub use sllm_format as format;
+pub use sllm_format::{durable, progress, units};
 
 pub mod config;
-pub mod durable;
-pub mod format;
 pub mod import;
-pub mod progress;
 pub mod save;
 pub mod staging;
 pub mod synth;
-pub mod units;

@@ -6,6 +6,7 @@
 //! Everything is checked before anything is written: every shard present and
 //! whole, every dtype supported, no tensor name twice.
 
+pub mod compare;
 pub mod hf_cache;
 pub mod safetensors;
 
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use self::safetensors::{SafetensorsFile, SourceTensor};
-use crate::format::is_store_file_name;
+use sllm_format::is_store_file_name;
 
 /// Name of the shard index Transformers writes beside sharded checkpoints.
 pub const SHARD_INDEX_FILE: &str = "model.safetensors.index.json";
@@ -63,7 +64,7 @@ pub enum ImportError {
     InvalidSafetensors { path: PathBuf, reason: String },
     #[error(
         "tensor {tensor:?} in {path} has dtype {dtype}, which the store cannot hold; supported: {}",
-        crate::format::TorchDtype::supported_safetensors_names()
+        sllm_format::TorchDtype::supported_safetensors_names()
     )]
     UnsupportedDtype {
         path: PathBuf,

@@ -9,9 +9,10 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use sllm_store::format::verify::{compare_with_source, verify_model};
+use sllm_store::format::verify::verify_model;
 use sllm_store::format::{ModelId, WriterOptions};
 use sllm_store::import::SourceCheckpoint;
+use sllm_store::import::compare::compare_with_source;
 use sllm_store::save::{SaveRequest, Source, save};
 use sllm_store::synth::{SynthSpec, write_synthetic};
 use sllm_store::units::{ByteSize, gib_per_s, human_bytes};

@@ -1,12 +1,20 @@
 //! The ServerlessLLM store format (shared/DESIGN.md section 2): a model
 //! directory holding `tensor_index.json` and partitions `tensor.data_<i>`,
 //! plus our `sllm_manifest.json` with checksums that reference readers ignore.
+//!
+//! Its own crate so that the daemon (`sllm-store`) and the client
+//! (`sllm-client`) share one reader of the format without depending on each
+//! other. Also home to the small pieces both need: byte sizes (`units`),
+//! durable writes (`durable`) and progress reporting (`progress`).
 
 pub mod dtype;
+pub mod durable;
 pub mod index;
 pub mod manifest;
 pub mod model_id;
 pub mod partitions;
+pub mod progress;
+pub mod units;
 pub mod verify;
 pub mod writer;
 

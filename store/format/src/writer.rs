@@ -23,13 +23,13 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::index::{INDEX_FILE, TensorEntry, TensorIndex};
-use super::manifest::{
+use crate::durable::write_new_synced;
+use crate::index::{INDEX_FILE, TensorEntry, TensorIndex};
+use crate::manifest::{
     BlockHasher, CHECKSUM_ALGORITHM, FileDigest, MANIFEST_FILE, MANIFEST_FORMAT, Manifest,
     PartitionDigest, SourceInfo, checksum, checksum_hex,
 };
-use super::partitions::partition_file_name;
-use crate::durable::write_new_synced;
+use crate::partitions::partition_file_name;
 
 /// The reference writer's partition limit.
 pub const DEFAULT_PARTITION_LIMIT_BYTES: u64 = 10 << 30;
@@ -51,7 +51,7 @@ impl Default for WriterOptions {
         Self {
             partition_limit_bytes: DEFAULT_PARTITION_LIMIT_BYTES,
             alignment_bytes: DEFAULT_ALIGNMENT_BYTES,
-            block_bytes: super::manifest::DEFAULT_BLOCK_BYTES,
+            block_bytes: crate::manifest::DEFAULT_BLOCK_BYTES,
         }
     }
 }
@@ -316,8 +316,8 @@ impl StoreWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::index::contiguous_stride;
-    use crate::format::partitions::Partitions;
+    use crate::index::contiguous_stride;
+    use crate::partitions::Partitions;
 
     fn write_record(w: &mut StoreWriter, bytes: &[u8]) -> u64 {
         let offset = w.begin_record(bytes.len() as u64).unwrap();

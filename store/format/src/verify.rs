@@ -10,14 +10,14 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::index::{INDEX_FILE, TensorIndex};
-use super::manifest::{MANIFEST_FILE, Manifest, checksum, checksum_hex};
-use super::partitions::Partitions;
+use crate::index::{INDEX_FILE, TensorIndex};
+use crate::manifest::{MANIFEST_FILE, Manifest, checksum, checksum_hex};
+use crate::partitions::Partitions;
 use crate::progress::Progress;
 use crate::units::human_bytes;
 
 /// Read size while checksumming.
-const READ_BYTES: usize = 8 << 20;
+pub const READ_BYTES: usize = 8 << 20;
 
 /// The model could not be checked at all.
 #[derive(Debug, thiserror::Error)]
@@ -361,71 +361,6 @@ pub fn summary_line(model: &str, report: &VerifyReport, seconds: f64) -> String 
         human_bytes(report.total_bytes),
         report.partitions,
     )
-}
-
-/// Compares every tensor of `source` with the stored model in `model_dir`:
-/// present in the index with the same dtype and shape, and the same bytes.
-/// Returns the problems found (empty when the store matches).
-pub fn compare_with_source(
-    model_dir: &Path,
-    source: &crate::import::SourceCheckpoint,
-    progress: &dyn Progress,
-) -> Result<Vec<Problem>, VerifyError> {
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| VerifyError::Io { path, source }
-    };
-    let index = TensorIndex::read(model_dir).map_err(|e| VerifyError::Io {
-        path: model_dir.join(INDEX_FILE),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    let parts = Partitions::discover(model_dir).map_err(io(model_dir))?;
-    let mut problems = Vec::new();
-    let mut stored = vec![0u8; READ_BYTES];
-    let mut original = vec![0u8; READ_BYTES];
-    let mut open_parts = Vec::new();
-    progress.begin("comparing", source.tensor_bytes());
-    for f in &source.files {
-        let file = File::open(&f.path).map_err(io(&f.path))?;
-        for t in &f.tensors {
-            let Some(e) = index.get(&t.name) else {
-                problems.push(Problem(format!(
-                    "tensor {:?} is missing from the index",
-                    t.name
-                )));
-                continue;
-            };
-            if e.dtype != t.dtype.name() || e.shape != t.shape || e.size != t.len {
-                problems.push(Problem(format!(
-                    "tensor {:?}: stored as {} {:?} ({} bytes), source has {} {:?} ({} bytes)",
-                    t.name, e.dtype, e.shape, e.size, t.dtype, t.shape, t.len
-                )));
-                continue;
-            }
-            let mut done = 0u64;
-            while done < t.len {
-                let n = (t.len - done).min(READ_BYTES as u64) as usize;
-                file.read_exact_at(&mut original[..n], t.file_offset + done)
-                    .map_err(io(&f.path))?;
-                parts
-                    .read_exact_at(&mut open_parts, e.offset + done, &mut stored[..n])
-                    .map_err(io(model_dir))?;
-                if original[..n] != stored[..n] {
-                    problems.push(Problem(format!(
-                        "tensor {:?}: bytes differ from {} within [{done}, {})",
-                        t.name,
-                        f.path.display(),
-                        done + n as u64
-                    )));
-                    break;
-                }
-                done += n as u64;
-                progress.advance(n as u64);
-            }
-        }
-    }
-    progress.finish();
-    Ok(problems)
 }
 
 #[cfg(test)]

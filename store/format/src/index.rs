@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
-use super::dtype::TorchDtype;
+use crate::dtype::TorchDtype;
 
 /// File name of the index inside a model directory.
 pub const INDEX_FILE: &str = "tensor_index.json";
