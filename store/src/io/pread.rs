@@ -1,0 +1,98 @@
+//! The pread engine: a pool of threads, each filling whole chunks with
+//! blocking `pread`s. The fallback where io_uring is refused, and the
+//! baseline the io_uring engine must beat.
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::{ChunkRead, IoEngine, IoError, Landed, ModelFiles};
+use crate::pool::SharedChunk;
+
+/// Blocking reads on `threads` threads; chunks are taken in order, so the
+/// first chunks of a model land first.
+pub struct PreadEngine {
+    threads: usize,
+}
+
+impl PreadEngine {
+    pub fn new(threads: usize) -> Self {
+        Self {
+            threads: threads.max(1),
+        }
+    }
+}
+
+impl IoEngine for PreadEngine {
+    fn name(&self) -> &'static str {
+        "pread"
+    }
+
+    fn run(
+        &self,
+        files: &ModelFiles,
+        reads: Vec<ChunkRead>,
+        cancel: &AtomicBool,
+        landed: &mut Landed<'_>,
+    ) {
+        let count = reads.len();
+        let (work_tx, work_rx) = crossbeam_channel::bounded(count.max(1));
+        for r in reads {
+            work_tx.send(r).expect("the channel holds every read");
+        }
+        drop(work_tx);
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        std::thread::scope(|scope| {
+            for _ in 0..self.threads.min(count.max(1)) {
+                let (work_rx, done_tx) = (work_rx.clone(), done_tx.clone());
+                scope.spawn(move || {
+                    while let Ok(read) = work_rx.recv() {
+                        let chunk_no = read.chunk_no;
+                        let result = if cancel.load(Ordering::Relaxed) {
+                            Err(IoError::Cancelled)
+                        } else {
+                            fill(files, read)
+                        };
+                        if done_tx.send((chunk_no, result)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            drop(done_tx);
+            for (chunk_no, result) in done_rx.iter().take(count) {
+                landed(chunk_no, result);
+            }
+        });
+    }
+}
+
+/// Runs one chunk's reads in order.
+fn fill(files: &ModelFiles, mut read: ChunkRead) -> Result<SharedChunk, IoError> {
+    read.check(files).map_err(IoError::Engine)?;
+    let buf = read.lease.as_mut_slice();
+    for op in &read.ops {
+        let part = &files.parts[op.part];
+        let file = match (&part.direct, op.direct) {
+            (Some(direct), true) => direct,
+            _ => &part.buffered,
+        };
+        let dst = &mut buf[op.chunk_offset..op.chunk_offset + op.len];
+        file.read_exact_at(dst, op.file_offset).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                IoError::Truncated {
+                    path: part.path.clone(),
+                    offset: op.file_offset,
+                    expected: op.len,
+                }
+            } else {
+                IoError::Read {
+                    path: part.path.clone(),
+                    offset: op.file_offset,
+                    source: Arc::new(e),
+                }
+            }
+        })?;
+    }
+    Ok(read.lease.freeze(read.len))
+}
