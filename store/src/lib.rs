@@ -10,7 +10,13 @@ pub use sllm_format as format;
 pub use sllm_format::{durable, progress, units};
 
 pub mod config;
+pub mod daemon;
+pub mod device;
 pub mod import;
+pub mod io;
+pub mod pool;
+pub mod registry;
 pub mod save;
+pub mod server;
 pub mod staging;
 pub mod synth;

@@ -2,8 +2,10 @@
 //! the library, turn the outcome into output and an exit status.
 
 mod demo;
+mod load;
 mod progress;
 mod save;
+mod start;
 mod verify;
 
 use std::process::ExitCode;
@@ -35,6 +37,10 @@ enum Command {
     Verify(verify::VerifyArgs),
     /// Generate a small checkpoint, convert it, verify it and print the figures.
     Demo(demo::DemoArgs),
+    /// Run the store daemon (the ServerlessLLM `storage.Storage` gRPC service).
+    Start(start::StartArgs),
+    /// Load a stored model through a running daemon and report each phase.
+    Load(load::LoadArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +55,8 @@ fn main() -> ExitCode {
         Command::Save(args) => save::run(args),
         Command::Verify(args) => verify::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Start(args) => start::run_start(args),
+        Command::Load(args) => load::run_load(args),
     };
     match outcome {
         Ok(code) => code,

@@ -1,0 +1,120 @@
+//! `sllm-store start`: flags and environment -> [`DaemonConfig`] -> daemon.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use sllm_store::config::resolve_storage_path;
+use sllm_store::daemon::{DaemonConfig, Listen, run};
+use sllm_store::device::BackendKind;
+use sllm_store::device::host::DEFAULT_SHM_DIR;
+use sllm_store::io::EngineKind;
+use sllm_store::registry::Limits;
+use sllm_store::units::ByteSize;
+
+/// Flags of `start`, as ServerlessLLM's CLI spells them, plus ours.
+#[derive(Args, Debug)]
+pub struct StartArgs {
+    /// Address to listen on. Loopback by default: ServerlessLLM listens on 0.0.0.0, but the
+    /// service has no authentication, so pass --host 0.0.0.0 only on a trusted network.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Port to listen on (0 picks a free one; the ready line says which).
+    #[arg(long, default_value_t = 8073)]
+    port: u16,
+    /// Listen on a unix socket instead, e.g. `unix:/run/sllm-store.sock`.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Where models are stored [default: $STORAGE_PATH, else ~/models].
+    #[arg(long)]
+    storage_path: Option<PathBuf>,
+    /// I/O threads (pread engine) .
+    #[arg(long, env = "SLLM_NUM_THREAD", default_value_t = 4)]
+    num_thread: usize,
+    /// Pool chunk size, a multiple of 4KiB (32MB = 32 MiB, as in ServerlessLLM).
+    #[arg(long, env = "SLLM_CHUNK_SIZE", default_value = "32MB")]
+    chunk_size: ByteSize,
+    /// Host memory pool size.
+    #[arg(long, env = "MEM_POOL_SIZE", default_value = "4GB")]
+    mem_pool_size: ByteSize,
+    /// Refuse to load models that were not registered with RegisterModel first.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    registration_required: bool,
+    /// Device backend: `cuda`, `host` (shared-memory pseudo-devices), or `auto`.
+    #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
+    device: BackendKind,
+    /// Host backend: number of pseudo-devices.
+    #[arg(long, default_value_t = 1)]
+    host_devices: usize,
+    /// Host backend: the directory the shared-memory files behind handles must be in.
+    #[arg(long, default_value = DEFAULT_SHM_DIR)]
+    host_shm_dir: PathBuf,
+    /// I/O engine: `io_uring`, `pread`, or `auto` (io_uring where the kernel allows it).
+    #[arg(long, value_enum, default_value_t = EngineKind::Auto)]
+    io_engine: EngineKind,
+    /// io_uring: reads in flight.
+    #[arg(long, default_value_t = 64)]
+    queue_depth: u32,
+    /// Largest single read.
+    #[arg(long, default_value = "4MiB")]
+    io_size: ByteSize,
+    /// Serve Prometheus metrics on 127.0.0.1:<port>/metrics.
+    #[arg(long)]
+    metrics_port: Option<u16>,
+}
+
+pub fn run_start(args: StartArgs) -> anyhow::Result<ExitCode> {
+    let listen = match &args.listen {
+        Some(spec) => match spec.strip_prefix("unix:") {
+            Some(path) if !path.is_empty() => Listen::Unix(PathBuf::from(path)),
+            _ => bail!(
+                "--listen takes unix:<path>, e.g. unix:/run/sllm-store.sock (for TCP use --host and --port)"
+            ),
+        },
+        None => Listen::Tcp(SocketAddr::new(args.host, args.port)),
+    };
+    if args.num_thread == 0 || args.num_thread > 256 {
+        bail!(
+            "--num-thread must be between 1 and 256, got {}",
+            args.num_thread
+        );
+    }
+    if args.queue_depth == 0 || args.queue_depth > 4096 {
+        bail!(
+            "--queue-depth must be between 1 and 4096, got {}",
+            args.queue_depth
+        );
+    }
+    let io_size = args.io_size.bytes();
+    if io_size < 4096 || !io_size.is_multiple_of(4096) || io_size > 1 << 30 {
+        bail!(
+            "--io-size must be a multiple of 4KiB up to 1GiB, got {}",
+            args.io_size
+        );
+    }
+    let cfg = DaemonConfig {
+        storage_root: resolve_storage_path(args.storage_path.as_deref()),
+        listen,
+        io_threads: args.num_thread,
+        chunk_bytes: usize::try_from(args.chunk_size.bytes()).context("--chunk-size")?,
+        pool_bytes: usize::try_from(args.mem_pool_size.bytes()).context("--mem-pool-size")?,
+        registration_required: args.registration_required,
+        device: args.device,
+        host_devices: args.host_devices.clamp(1, 64),
+        host_shm_dir: args.host_shm_dir,
+        io_engine: args.io_engine,
+        queue_depth: args.queue_depth,
+        max_io_bytes: io_size as usize,
+        metrics_port: args.metrics_port,
+        limits: Limits::default(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sllm-rpc")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(cfg))?;
+    Ok(ExitCode::SUCCESS)
+}

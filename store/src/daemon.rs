@@ -1,0 +1,281 @@
+//! Starting and stopping the daemon: builds the pool, the io engine, the
+//! device backend and the registry from a validated [`DaemonConfig`], serves
+//! `storage.Storage` and the standard gRPC health service, and shuts down
+//! cleanly on SIGINT/SIGTERM (stop accepting, cancel loads, free everything).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sllm_format::units::human_bytes;
+use sllm_proto::storage_server::StorageServer;
+use tokio::signal::unix::{SignalKind, signal};
+use tonic::transport::Server;
+
+use crate::device::host::HostBackend;
+use crate::device::{BackendKind, DeviceBackend, DeviceError};
+use crate::io::{EngineKind, IoError, make_engine};
+use crate::pool::{HostPool, PoolError};
+use crate::registry::{Limits, Registry, RegistryConfig};
+use crate::server::StorageService;
+
+/// Largest gRPC message accepted: a LoadModelRequest listing every tensor
+/// of a very large model stays far below it.
+const MAX_MESSAGE_BYTES: usize = 256 << 20;
+/// How long in-flight requests may take to finish after a shutdown signal;
+/// clients that keep idle connections open are not waited for beyond it.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Where the daemon listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(addr) => write!(f, "{addr}"),
+            Listen::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// Everything the daemon needs, validated.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    pub storage_root: PathBuf,
+    pub listen: Listen,
+    pub io_threads: usize,
+    pub chunk_bytes: usize,
+    pub pool_bytes: usize,
+    pub registration_required: bool,
+    pub device: BackendKind,
+    pub host_devices: usize,
+    pub host_shm_dir: PathBuf,
+    pub io_engine: EngineKind,
+    pub queue_depth: u32,
+    pub max_io_bytes: usize,
+    pub metrics_port: Option<u16>,
+    pub limits: Limits,
+}
+
+/// The daemon could not start or failed while serving.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(
+        "storage path {path} is unusable: {source}; create it, or point --storage-path (or $STORAGE_PATH) at your models"
+    )]
+    StorageRoot {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Io(#[from] IoError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(
+        "cannot listen on {listen}: {source}; is another daemon running there? pick another --port or --listen"
+    )]
+    Bind {
+        listen: Listen,
+        source: std::io::Error,
+    },
+    #[error("cannot start the metrics endpoint on port {port}: {reason}")]
+    Metrics { port: u16, reason: String },
+    #[error("the server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Builds everything, serves until a signal, then stops cleanly.
+pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
+    let started = Instant::now();
+    let storage_root =
+        cfg.storage_root
+            .canonicalize()
+            .map_err(|source| DaemonError::StorageRoot {
+                path: cfg.storage_root.clone(),
+                source,
+            })?;
+    let backend = make_backend(&cfg)?;
+    let (engine, engine_reason) = make_engine(cfg.io_engine, cfg.io_threads, cfg.queue_depth)?;
+    let touch_threads = std::thread::available_parallelism().map_or(4, |n| n.get());
+    let (pool_bytes, chunk_bytes) = (cfg.pool_bytes, cfg.chunk_bytes);
+    let pool =
+        tokio::task::spawn_blocking(move || HostPool::new(pool_bytes, chunk_bytes, touch_threads))
+            .await
+            .expect("the pool thread does not panic")?;
+    let registry = Registry::new(
+        RegistryConfig {
+            storage_root: storage_root.clone(),
+            registration_required: cfg.registration_required,
+            max_io_bytes: cfg.max_io_bytes,
+            limits: cfg.limits.clone(),
+        },
+        pool.clone(),
+        engine,
+        backend,
+    );
+    if let Some(port) = cfg.metrics_port {
+        start_metrics(port, Arc::clone(&registry))?;
+    }
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<StorageServer<StorageService>>().await;
+    let service = StorageServer::new(StorageService::new(
+        Arc::clone(&registry),
+        cfg.host_shm_dir.display().to_string(),
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let router = Server::builder()
+        .add_service(health_service)
+        .add_service(service);
+    let signalled = Arc::new(tokio::sync::Notify::new());
+    let shutdown = {
+        let (registry, signalled) = (Arc::clone(&registry), Arc::clone(&signalled));
+        async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down: no new requests, cancelling loads");
+            registry.shutdown();
+            health
+                .set_not_serving::<StorageServer<StorageService>>()
+                .await;
+            signalled.notify_one();
+        }
+    };
+    // Graceful shutdown waits for connections to close; a client that
+    // holds an idle one open must not keep the daemon alive.
+    let grace_over = async move {
+        signalled.notified().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+        tracing::warn!(
+            "open connections or requests did not finish within {SHUTDOWN_GRACE:?}; stopping anyway"
+        );
+    };
+
+    let ready = |listen: &Listen| {
+        let b = registry.backend();
+        tracing::info!(
+            "listening on {listen}: backend {} ({} device(s)), io engine {} ({engine_reason}), pool {} in {} chunks of {}{}, storage {}, started in {:.2} s",
+            b.kind(),
+            b.devices().len(),
+            registry.engine_name(),
+            human_bytes(pool.total_bytes() as u64),
+            pool.total_chunks(),
+            human_bytes(pool.chunk_bytes() as u64),
+            if pool.backing().hugetlb {
+                " (huge pages)"
+            } else {
+                ""
+            },
+            storage_root.display(),
+            started.elapsed().as_secs_f64()
+        );
+    };
+    match &cfg.listen {
+        Listen::Tcp(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Bind {
+                    listen: cfg.listen.clone(),
+                    source,
+                })?;
+            let local = listener.local_addr().map_err(|source| DaemonError::Bind {
+                listen: cfg.listen.clone(),
+                source,
+            })?;
+            ready(&Listen::Tcp(local));
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            tokio::select! {
+                served = router.serve_with_incoming_shutdown(incoming, shutdown) => served?,
+                () = grace_over => {}
+            }
+        }
+        Listen::Unix(path) => {
+            remove_stale_socket(path);
+            let listener =
+                tokio::net::UnixListener::bind(path).map_err(|source| DaemonError::Bind {
+                    listen: cfg.listen.clone(),
+                    source,
+                })?;
+            ready(&cfg.listen);
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            let served = tokio::select! {
+                served = router.serve_with_incoming_shutdown(incoming, shutdown) => served,
+                () = grace_over => Ok(()),
+            };
+            let _ = std::fs::remove_file(path);
+            served?;
+        }
+    }
+    registry.clear();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn make_backend(cfg: &DaemonConfig) -> Result<Arc<dyn DeviceBackend>, DaemonError> {
+    match cfg.device {
+        BackendKind::Host => Ok(Arc::new(HostBackend::new(
+            cfg.host_devices,
+            &cfg.host_shm_dir,
+        )?)),
+        BackendKind::Auto => {
+            tracing::info!("no CUDA backend in this build; serving host pseudo-devices");
+            Ok(Arc::new(HostBackend::new(
+                cfg.host_devices,
+                &cfg.host_shm_dir,
+            )?))
+        }
+        BackendKind::Cuda => Err(DeviceError::Unavailable(
+            "the CUDA backend is not in this build yet; use --device host".into(),
+        )
+        .into()),
+    }
+}
+
+/// A socket file left by a daemon that died: remove it if nothing answers.
+fn remove_stale_socket(path: &std::path::Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    if is_socket && std::os::unix::net::UnixStream::connect(path).is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+async fn wait_for_signal() {
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the daemon");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn start_metrics(port: u16, registry: Arc<Registry>) -> Result<(), DaemonError> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(SocketAddr::from(([127, 0, 0, 1], port)))
+        .install()
+        .map_err(|e| DaemonError::Metrics {
+            port,
+            reason: e.to_string(),
+        })?;
+    metrics::gauge!("sllm_pool_bytes").set(registry.pool().total_bytes() as f64);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            metrics::gauge!("sllm_pool_used_bytes").set(registry.pool_used_bytes() as f64);
+        }
+    });
+    Ok(())
+}

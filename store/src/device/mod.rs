@@ -1,0 +1,88 @@
+//! Where replicas' bytes go: a device backend behind one trait, chosen at
+//! run time.
+//!
+//! - [`host::HostBackend`] emulates device memory with shared-memory files
+//!   the client creates (the "IPC handle" is the file's path), so the whole
+//!   GPU path runs in tests and CI without a GPU.
+//! - The CUDA backend (cudarc, driver API, loaded at run time) is the real
+//!   one; it lands with the next step of issue #4.
+//!
+//! A request opens a [`DeviceTarget`] per device: the buffers behind its
+//! handles, their sizes (for bounds checks before any byte moves), and
+//! asynchronous copies that keep their source chunk alive until done.
+
+pub mod host;
+
+use crate::pool::SharedChunk;
+
+/// One device the daemon serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Lower-case 8-4-4-4-12 hex, no prefix (as ServerlessLLM formats them).
+    pub uuid: String,
+    pub name: String,
+    pub index: usize,
+}
+
+/// Which backend to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    /// CUDA when a driver and a device are present, else host.
+    Auto,
+    Cuda,
+    Host,
+}
+
+/// A device operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("handle {index} for device {device} is invalid: {reason}")]
+    InvalidHandle {
+        device: String,
+        index: usize,
+        reason: String,
+    },
+    #[error("copy to device {device} failed: {reason}")]
+    Copy { device: String, reason: String },
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Opens request targets on the devices it serves.
+pub trait DeviceBackend: Send + Sync {
+    /// `cuda` or `host`.
+    fn kind(&self) -> &'static str;
+
+    /// The devices served, in index order.
+    fn devices(&self) -> &[DeviceInfo];
+
+    /// Opens the buffers behind `handles` on `device`. Validates every
+    /// handle; nothing is copied yet.
+    fn open_target(
+        &self,
+        device: &DeviceInfo,
+        handles: &[Vec<u8>],
+    ) -> Result<Box<dyn DeviceTarget>, DeviceError>;
+}
+
+/// The destination buffers of one request on one device.
+pub trait DeviceTarget: Send {
+    /// Size in bytes of each buffer, by handle index.
+    fn buffer_sizes(&self) -> &[u64];
+
+    /// Starts copying `chunk.bytes()[src_offset..src_offset + len]` to
+    /// buffer `handle_idx` at `dst_offset`. Bounds were checked by the
+    /// caller against [`buffer_sizes`](Self::buffer_sizes). The target keeps
+    /// the chunk alive until the copy is complete.
+    fn copy(
+        &mut self,
+        chunk: &SharedChunk,
+        src_offset: usize,
+        len: usize,
+        handle_idx: usize,
+        dst_offset: u64,
+    ) -> Result<(), DeviceError>;
+
+    /// Waits until every copy started so far is complete.
+    fn synchronize(&mut self) -> Result<(), DeviceError>;
+}

@@ -1,0 +1,717 @@
+//! The models the daemon knows, their copies in the host pool, and the
+//! replicas being copied to devices: the state machine behind every RPC.
+//!
+//! Per model: registered (partitions indexed) -> resident (a [`HostCopy`]
+//! loading or loaded in the pool) -> replicas copying from it. A host copy is
+//! *idle* when it has finished loading and no replica copies from it; only
+//! idle copies are evicted, least recently used first, when a load needs
+//! chunks. A failed load gives its chunks back and leaves the model
+//! registered, so the next load retries from disk.
+//!
+//! Locking: one mutex over the model table, held only for bookkeeping (never
+//! across I/O or waits). Loads and copies run on threads of their own.
+
+pub mod copy_plan;
+pub mod host_copy;
+pub mod replica;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use sllm_format::ModelId;
+use sllm_format::model_id::ModelIdError;
+use sllm_format::partitions::Partitions;
+use sllm_format::units::{gib_per_s, human_bytes};
+
+use self::copy_plan::{PlanError, RequestedCopy, plan_copies};
+use self::host_copy::{HostCopy, LoadOutcome};
+use self::replica::{DeviceCopy, Replica, ReplicaStatus};
+use crate::device::{DeviceBackend, DeviceError};
+use crate::io::{ChunkSpan, IoEngine, IoError, chunk_spans};
+use crate::pool::HostPool;
+
+/// Limits checked on every request.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Copies (`MemCopyChunk`s) in one request, all devices together.
+    pub max_copies_per_request: usize,
+    /// Handles per device in one request.
+    pub max_handles_per_device: usize,
+    /// Replicas copying at once, all models together.
+    pub max_active_replicas: usize,
+    /// How long ConfirmModel waits for a replica it has not heard of.
+    pub unknown_replica_wait: Duration,
+    /// How long ConfirmModel waits for a replica to finish.
+    pub confirm_timeout: Duration,
+    /// Finished, unconfirmed replicas are forgotten after this long.
+    pub replica_retention: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_copies_per_request: 1 << 20,
+            max_handles_per_device: 1024,
+            max_active_replicas: 256,
+            unknown_replica_wait: Duration::from_millis(500),
+            confirm_timeout: Duration::from_secs(1800),
+            replica_retention: Duration::from_secs(600),
+        }
+    }
+}
+
+/// What the registry needs to know at start-up.
+#[derive(Clone, Debug)]
+pub struct RegistryConfig {
+    pub storage_root: PathBuf,
+    pub registration_required: bool,
+    pub max_io_bytes: usize,
+    pub limits: Limits,
+}
+
+/// A request the registry refuses or could not carry out. The server maps
+/// each kind to a gRPC status.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(transparent)]
+    BadModelId(#[from] ModelIdError),
+    #[error("model {model}: {path} leads outside the storage path {root}; refusing to read it")]
+    Escapes {
+        model: String,
+        path: PathBuf,
+        root: PathBuf,
+    },
+    #[error(
+        "model {model} not found: {path} has no tensor.data_0; convert it with `sllm-store save \
+         --model {model}` (storage path {root})"
+    )]
+    NotFound {
+        model: String,
+        path: PathBuf,
+        root: PathBuf,
+    },
+    #[error(
+        "model {model} is not registered and the daemon runs with --registration-required; call RegisterModel first"
+    )]
+    NotRegistered { model: String },
+    #[error(
+        "model {model} is {} but the pool holds only {}; restart the daemon with a larger \
+         --mem-pool-size (or $MEM_POOL_SIZE)",
+        human_bytes(*size), human_bytes(*pool)
+    )]
+    PoolTooSmall { model: String, size: u64, pool: u64 },
+    #[error(
+        "model {model} needs {} of pool memory; {} of {} are free and the rest belongs to models \
+         in use; wait for them, unload some, or raise --mem-pool-size",
+        human_bytes(*size), human_bytes(*free), human_bytes(*pool)
+    )]
+    PoolBusy {
+        model: String,
+        size: u64,
+        free: u64,
+        pool: u64,
+    },
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("unknown device {uuid}; this daemon serves {known}")]
+    UnknownDevice { uuid: String, known: String },
+    #[error("model {model}: {source}")]
+    InvalidCopy { model: String, source: PlanError },
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("replica {uuid} of model {model} is already in use; use a fresh replica_uuid per load")]
+    ReplicaExists { uuid: String, model: String },
+    #[error(
+        "no replica {uuid} of model {model} was requested; send LoadModelAsync to the GPU first"
+    )]
+    ReplicaUnknown { uuid: String, model: String },
+    #[error("{0} replicas are already being copied; retry when some finish")]
+    TooManyReplicas(usize),
+    #[error("replica {uuid} of model {model} failed: {reason}")]
+    ReplicaFailed {
+        uuid: String,
+        model: String,
+        reason: String,
+    },
+    #[error("replica {uuid} of model {model} is still copying after {seconds} s")]
+    ConfirmTimeout {
+        uuid: String,
+        model: String,
+        seconds: u64,
+    },
+    #[error("loading model {model} failed: {source}")]
+    Load { model: String, source: IoError },
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+}
+
+/// Where a model stands in host memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelStatus {
+    pub size: u64,
+    pub state: HostState,
+    pub chunks_landed: usize,
+    pub chunks_total: usize,
+    pub load_seconds: Option<f64>,
+    pub replicas_copying: usize,
+}
+
+/// A model's host copy, from the outside.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HostState {
+    NotLoaded,
+    Loading,
+    Loaded,
+    Failed(String),
+}
+
+/// A registered model's layout.
+struct ModelInfo {
+    partitions: Partitions,
+    spans: Arc<[ChunkSpan]>,
+    size: u64,
+}
+
+struct ModelEntry {
+    info: Arc<ModelInfo>,
+    host: Option<Arc<HostCopy>>,
+    last_used: u64,
+    replicas: HashMap<String, Arc<Replica>>,
+    /// Why the last load failed, until the next one starts.
+    last_error: Option<String>,
+}
+
+impl ModelEntry {
+    fn busy(&self) -> bool {
+        self.replicas
+            .values()
+            .any(|r| r.status() == ReplicaStatus::Copying)
+    }
+
+    /// Resident, fully loaded (or failed), and no replica copying from it.
+    fn evictable(&self) -> bool {
+        self.host.as_ref().is_some_and(|h| h.is_complete()) && !self.busy()
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    models: HashMap<String, ModelEntry>,
+    clock: u64,
+    shutting_down: bool,
+}
+
+/// The daemon's state.
+pub struct Registry {
+    cfg: RegistryConfig,
+    pool: HostPool,
+    engine: Arc<dyn IoEngine>,
+    backend: Arc<dyn DeviceBackend>,
+    table: Mutex<Table>,
+    this: Weak<Registry>,
+}
+
+impl Registry {
+    pub fn new(
+        cfg: RegistryConfig,
+        pool: HostPool,
+        engine: Arc<dyn IoEngine>,
+        backend: Arc<dyn DeviceBackend>,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|this| Self {
+            cfg,
+            pool,
+            engine,
+            backend,
+            table: Mutex::new(Table::default()),
+            this: this.clone(),
+        })
+    }
+
+    pub fn pool(&self) -> &HostPool {
+        &self.pool
+    }
+
+    pub fn backend(&self) -> &dyn DeviceBackend {
+        self.backend.as_ref()
+    }
+
+    pub fn engine_name(&self) -> &'static str {
+        self.engine.name()
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().expect("registry lock")
+    }
+
+    /// Indexes the model's partitions; returns its size. Idempotent; a
+    /// model not in host memory is re-indexed (it may have been re-saved).
+    pub fn register(&self, model: &str) -> Result<u64, RegistryError> {
+        let id = ModelId::parse(model)?;
+        {
+            let table = self.table();
+            if let Some(entry) = table.models.get(model).filter(|e| e.host.is_some()) {
+                return Ok(entry.info.size);
+            }
+        }
+        let info = Arc::new(self.index_model(id)?);
+        let size = info.size;
+        let mut table = self.table();
+        let clock = table.clock;
+        match table.models.get_mut(model) {
+            Some(entry) if entry.host.is_none() => entry.info = info,
+            Some(_) => {}
+            None => {
+                table.models.insert(
+                    model.to_owned(),
+                    ModelEntry {
+                        info,
+                        host: None,
+                        last_used: clock,
+                        replicas: HashMap::new(),
+                        last_error: None,
+                    },
+                );
+            }
+        }
+        Ok(size)
+    }
+
+    fn index_model(&self, id: ModelId) -> Result<ModelInfo, RegistryError> {
+        let root = &self.cfg.storage_root;
+        let dir = id.dir_in(root);
+        let not_found = || RegistryError::NotFound {
+            model: id.to_string(),
+            path: dir.clone(),
+            root: root.clone(),
+        };
+        // The id has no `..`, but a symlink inside the storage path could
+        // still lead out of it.
+        let real = dir.canonicalize().map_err(|_| not_found())?;
+        if !real.starts_with(root) {
+            return Err(RegistryError::Escapes {
+                model: id.to_string(),
+                path: dir,
+                root: root.clone(),
+            });
+        }
+        let partitions = Partitions::discover(&real).map_err(|_| not_found())?;
+        if partitions.is_empty() {
+            return Err(not_found());
+        }
+        let spans: Arc<[ChunkSpan]> =
+            chunk_spans(partitions.iter().map(|p| p.size), self.pool.chunk_bytes()).into();
+        Ok(ModelInfo {
+            size: partitions.total_size(),
+            partitions,
+            spans,
+        })
+    }
+
+    /// Registers `model` unless registration is required (then it must be).
+    fn ensure_registered(&self, model: &str) -> Result<(), RegistryError> {
+        if self.table().models.contains_key(model) {
+            return Ok(());
+        }
+        if self.cfg.registration_required {
+            ModelId::parse(model)?;
+            return Err(RegistryError::NotRegistered {
+                model: model.into(),
+            });
+        }
+        self.register(model).map(|_| ())
+    }
+
+    /// Starts loading `model` into the pool (no-op when loading or loaded).
+    pub fn load_to_host(&self, model: &str) -> Result<(), RegistryError> {
+        self.ensure_registered(model)?;
+        self.host_copy(model).map(|_| ())
+    }
+
+    /// The model's host copy, starting a load when there is none. Blocking:
+    /// may wait briefly for chunks an evicted copy is still handing back.
+    fn host_copy(&self, model: &str) -> Result<Arc<HostCopy>, RegistryError> {
+        // A copy that just finished loading is evictable a moment before its
+        // io thread lets go of it; give such chunks a bounded time to return.
+        const RETRIES: u32 = 50;
+        const PAUSE: Duration = Duration::from_millis(2);
+        for attempt in 0.. {
+            match self.try_host_copy(model) {
+                Err(RegistryError::PoolBusy { .. }) if attempt < RETRIES => {
+                    std::thread::sleep(PAUSE)
+                }
+                other => return other,
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    fn try_host_copy(&self, model: &str) -> Result<Arc<HostCopy>, RegistryError> {
+        let mut table = self.table();
+        if table.shutting_down {
+            return Err(RegistryError::ShuttingDown);
+        }
+        table.clock += 1;
+        let clock = table.clock;
+        let entry = table
+            .models
+            .get_mut(model)
+            .ok_or_else(|| RegistryError::NotRegistered {
+                model: model.into(),
+            })?;
+        entry.last_used = clock;
+        if let Some(host) = entry.host.as_ref().filter(|h| h.error().is_none()) {
+            return Ok(Arc::clone(host));
+        }
+        entry.host = None;
+        entry.last_error = None;
+        let info = Arc::clone(&entry.info);
+        let needed = info.spans.len();
+        if needed > self.pool.total_chunks() {
+            return Err(RegistryError::PoolTooSmall {
+                model: model.into(),
+                size: info.size,
+                pool: self.pool.total_bytes() as u64,
+            });
+        }
+        let leases = loop {
+            if let Some(leases) = self.pool.try_lease(needed) {
+                break leases;
+            }
+            let victim = table
+                .models
+                .iter()
+                .filter(|(name, e)| name.as_str() != model && e.evictable())
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(name, _)| name.clone());
+            let Some(victim) = victim else {
+                return Err(RegistryError::PoolBusy {
+                    model: model.into(),
+                    size: info.size,
+                    free: (self.pool.free_chunks() * self.pool.chunk_bytes()) as u64,
+                    pool: self.pool.total_bytes() as u64,
+                });
+            };
+            tracing::info!(model = %victim, "evicting from the pool (least recently used)");
+            metrics::counter!("sllm_evictions_total").increment(1);
+            if let Some(e) = table.models.get_mut(&victim) {
+                e.host = None;
+            }
+        };
+        let this = self.this.clone();
+        let name = model.to_owned();
+        let host = HostCopy::start(
+            info.partitions.clone(),
+            Arc::clone(&info.spans),
+            leases,
+            Arc::clone(&self.engine),
+            self.cfg.max_io_bytes,
+            move |copy, outcome| {
+                if let Some(registry) = this.upgrade() {
+                    registry.load_finished(&name, copy, outcome);
+                }
+            },
+        );
+        table.models.get_mut(model).expect("entry exists").host = Some(Arc::clone(&host));
+        Ok(host)
+    }
+
+    fn load_finished(&self, model: &str, copy: &Arc<HostCopy>, outcome: LoadOutcome) {
+        match &outcome.error {
+            None => {
+                tracing::info!(
+                    model,
+                    bytes = outcome.bytes,
+                    seconds = outcome.seconds,
+                    gib_per_s = gib_per_s(outcome.bytes, outcome.seconds),
+                    engine = outcome.engine,
+                    "loaded into the host pool"
+                );
+                metrics::counter!("sllm_bytes_loaded_total", "target" => "host")
+                    .increment(outcome.bytes);
+                metrics::histogram!("sllm_load_seconds", "target" => "host")
+                    .record(outcome.seconds);
+            }
+            Some(IoError::Cancelled) => tracing::info!(model, "load cancelled"),
+            Some(e) => {
+                tracing::error!(model, error = %e, "load failed; its chunks return to the pool");
+                metrics::counter!("sllm_errors_total", "kind" => "load").increment(1);
+                // Drop the failed copy so its chunks return once its last
+                // reader is gone, and the next load reads the disk again.
+                let mut table = self.table();
+                if let Some(entry) = table.models.get_mut(model)
+                    && entry.host.as_ref().is_some_and(|h| Arc::ptr_eq(h, copy))
+                {
+                    entry.host = None;
+                    entry.last_error = Some(e.to_string());
+                }
+            }
+        }
+    }
+
+    /// Starts copying `model` into the buffers behind `handles`, per device
+    /// UUID; returns once every copy has been checked and the copying begun.
+    pub fn load_to_devices(
+        &self,
+        model: &str,
+        replica_uuid: &str,
+        chunks: HashMap<String, Vec<RequestedCopy>>,
+        handles: HashMap<String, Vec<Vec<u8>>>,
+    ) -> Result<(), RegistryError> {
+        let invalid = |m: String| RegistryError::InvalidRequest(m);
+        if replica_uuid.is_empty() || replica_uuid.len() > 128 {
+            return Err(invalid(
+                "replica_uuid must be 1 to 128 characters (a UUID)".into(),
+            ));
+        }
+        if chunks.is_empty() {
+            return Err(invalid(format!(
+                "LoadModelAsync(GPU) for {model} lists no copies"
+            )));
+        }
+        let copies: usize = chunks.values().map(Vec::len).sum();
+        if copies > self.cfg.limits.max_copies_per_request {
+            return Err(invalid(format!(
+                "{copies} copies in one request; the limit is {}: coalesce adjacent tensors",
+                self.cfg.limits.max_copies_per_request
+            )));
+        }
+        self.ensure_registered(model)?;
+        let info = {
+            let table = self.table();
+            let entry = table
+                .models
+                .get(model)
+                .ok_or_else(|| RegistryError::NotRegistered {
+                    model: model.into(),
+                })?;
+            if entry.replicas.contains_key(replica_uuid) {
+                return Err(RegistryError::ReplicaExists {
+                    uuid: replica_uuid.into(),
+                    model: model.into(),
+                });
+            }
+            Arc::clone(&entry.info)
+        };
+
+        let mut device_copies = Vec::with_capacity(chunks.len());
+        for (uuid, list) in &chunks {
+            let device = self
+                .backend
+                .devices()
+                .iter()
+                .find(|d| &d.uuid == uuid)
+                .ok_or_else(|| RegistryError::UnknownDevice {
+                    uuid: uuid.clone(),
+                    known: self
+                        .backend
+                        .devices()
+                        .iter()
+                        .map(|d| d.uuid.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?;
+            let device_handles = handles.get(uuid).filter(|h| !h.is_empty()).ok_or_else(|| {
+                invalid(format!("copies for device {uuid} but no handles for it"))
+            })?;
+            if device_handles.len() > self.cfg.limits.max_handles_per_device {
+                return Err(invalid(format!(
+                    "{} handles for device {uuid}; the limit is {}",
+                    device_handles.len(),
+                    self.cfg.limits.max_handles_per_device
+                )));
+            }
+            let target = self.backend.open_target(device, device_handles)?;
+            let plan = plan_copies(&info.spans, info.size, list, target.buffer_sizes()).map_err(
+                |source| RegistryError::InvalidCopy {
+                    model: model.into(),
+                    source,
+                },
+            )?;
+            device_copies.push(DeviceCopy {
+                device: device.clone(),
+                target,
+                plan,
+            });
+        }
+        if let Some(extra) = handles.keys().find(|k| !chunks.contains_key(*k)) {
+            return Err(invalid(format!(
+                "handles for device {extra} but no copies for it"
+            )));
+        }
+
+        let host = self.host_copy(model)?;
+        let mut table = self.table();
+        let active: usize = table
+            .models
+            .values()
+            .flat_map(|e| e.replicas.values())
+            .filter(|r| r.status() == ReplicaStatus::Copying)
+            .count();
+        if active >= self.cfg.limits.max_active_replicas {
+            return Err(RegistryError::TooManyReplicas(active));
+        }
+        let entry = table
+            .models
+            .get_mut(model)
+            .ok_or_else(|| RegistryError::NotRegistered {
+                model: model.into(),
+            })?;
+        if entry.replicas.contains_key(replica_uuid) {
+            return Err(RegistryError::ReplicaExists {
+                uuid: replica_uuid.into(),
+                model: model.into(),
+            });
+        }
+        let retention = self.cfg.limits.replica_retention;
+        entry
+            .replicas
+            .retain(|_, r| r.status() == ReplicaStatus::Copying || r.started.elapsed() < retention);
+        let backend = self.backend.kind();
+        let (name, uuid) = (model.to_owned(), replica_uuid.to_owned());
+        let replica = Replica::start(replica_uuid.into(), host, device_copies, move |status| {
+            match status {
+                ReplicaStatus::Done { bytes, seconds } => {
+                    tracing::info!(model = %name, replica = %uuid, bytes, seconds, gib_per_s = gib_per_s(*bytes, *seconds), backend, "copied to the devices");
+                    metrics::counter!("sllm_bytes_loaded_total", "target" => "device")
+                        .increment(*bytes);
+                    metrics::histogram!("sllm_load_seconds", "target" => "device").record(*seconds);
+                }
+                ReplicaStatus::Failed(reason) => {
+                    tracing::error!(model = %name, replica = %uuid, %reason, "copy to the devices failed");
+                    metrics::counter!("sllm_errors_total", "kind" => "copy").increment(1);
+                }
+                ReplicaStatus::Copying => {}
+            }
+        });
+        entry.replicas.insert(replica_uuid.into(), replica);
+        Ok(())
+    }
+
+    /// Waits until replica `uuid` of `model` is copied; forgets it after.
+    pub async fn confirm(&self, model: &str, uuid: &str) -> Result<(), RegistryError> {
+        let limits = &self.cfg.limits;
+        let deadline = Instant::now() + limits.unknown_replica_wait;
+        let replica = loop {
+            let found = self
+                .table()
+                .models
+                .get(model)
+                .and_then(|e| e.replicas.get(uuid).cloned());
+            match found {
+                Some(r) => break r,
+                None if Instant::now() >= deadline => {
+                    return Err(RegistryError::ReplicaUnknown {
+                        uuid: uuid.into(),
+                        model: model.into(),
+                    });
+                }
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let status = tokio::time::timeout(limits.confirm_timeout, replica.finished()).await;
+        let status = status.map_err(|_| RegistryError::ConfirmTimeout {
+            uuid: uuid.into(),
+            model: model.into(),
+            seconds: limits.confirm_timeout.as_secs(),
+        })?;
+        if let Some(entry) = self.table().models.get_mut(model) {
+            entry.replicas.remove(uuid);
+        }
+        match status {
+            ReplicaStatus::Done { .. } => Ok(()),
+            ReplicaStatus::Failed(reason) => Err(RegistryError::ReplicaFailed {
+                uuid: uuid.into(),
+                model: model.into(),
+                reason,
+            }),
+            ReplicaStatus::Copying => unreachable!("finished() waits for a final status"),
+        }
+    }
+
+    /// Where `model` stands (registering it first unless registration is
+    /// required).
+    pub fn status(&self, model: &str) -> Result<ModelStatus, RegistryError> {
+        self.ensure_registered(model)?;
+        let table = self.table();
+        let entry = table
+            .models
+            .get(model)
+            .ok_or_else(|| RegistryError::NotRegistered {
+                model: model.into(),
+            })?;
+        let replicas_copying = entry
+            .replicas
+            .values()
+            .filter(|r| r.status() == ReplicaStatus::Copying)
+            .count();
+        let chunks_total = entry.info.spans.len();
+        let (state, chunks_landed, load_seconds) = match &entry.host {
+            None => match &entry.last_error {
+                Some(e) => (HostState::Failed(e.clone()), 0, None),
+                None => (HostState::NotLoaded, 0, None),
+            },
+            Some(host) => {
+                let (landed, _) = host.progress();
+                let state = match host.error() {
+                    Some(e) => HostState::Failed(e.to_string()),
+                    None if host.is_complete() => HostState::Loaded,
+                    None => HostState::Loading,
+                };
+                (state, landed, host.seconds())
+            }
+        };
+        Ok(ModelStatus {
+            size: entry.info.size,
+            state,
+            chunks_landed,
+            chunks_total,
+            load_seconds,
+            replicas_copying,
+        })
+    }
+
+    /// Frees the model's pool chunks (once in-flight copies from them end).
+    pub fn unload(&self, model: &str) -> Result<(), RegistryError> {
+        ModelId::parse(model)?;
+        let mut table = self.table();
+        let entry = table
+            .models
+            .get_mut(model)
+            .ok_or_else(|| RegistryError::NotRegistered {
+                model: model.into(),
+            })?;
+        entry.host = None;
+        Ok(())
+    }
+
+    /// Frees every model's pool chunks.
+    pub fn clear(&self) {
+        for entry in self.table().models.values_mut() {
+            entry.host = None;
+        }
+    }
+
+    /// Refuses new work and cancels loads in progress.
+    pub fn shutdown(&self) {
+        let mut table = self.table();
+        table.shutting_down = true;
+        for entry in table.models.values_mut() {
+            if let Some(host) = entry.host.take() {
+                host.cancel();
+            }
+        }
+    }
+
+    /// Bytes of the pool in use, for metrics.
+    pub fn pool_used_bytes(&self) -> u64 {
+        ((self.pool.total_chunks() - self.pool.free_chunks()) * self.pool.chunk_bytes()) as u64
+    }
+}
+
+/// The storage root as the registry wants it: existing and canonical.
+pub fn canonical_storage_root(path: &Path) -> std::io::Result<PathBuf> {
+    path.canonicalize()
+}

@@ -1,0 +1,257 @@
+//! The gRPC service `storage.Storage`, wire-compatible with ServerlessLLM's,
+//! over the [`Registry`]. The only place where errors become gRPC status
+//! codes ([`to_status`]); blocking registry work runs on tokio's blocking
+//! pool so the service never stalls.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use sllm_proto::storage_server::Storage;
+use sllm_proto::{
+    ClearMemRequest, ClearMemResponse, ConfirmModelRequest, ConfirmModelResponse, DeviceType,
+    GetModelStatusRequest, GetModelStatusResponse, GetServerConfigRequest, GetServerConfigResponse,
+    LoadModelRequest, LoadModelResponse, RegisterModelRequest, RegisterModelResponse,
+    UnloadModelRequest, UnloadModelResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::device::DeviceError;
+use crate::registry::copy_plan::RequestedCopy;
+use crate::registry::{HostState, Registry, RegistryError};
+
+/// The service.
+pub struct StorageService {
+    registry: Arc<Registry>,
+    host_shm_dir: String,
+}
+
+impl StorageService {
+    pub fn new(registry: Arc<Registry>, host_shm_dir: String) -> Self {
+        Self {
+            registry,
+            host_shm_dir,
+        }
+    }
+
+    /// Runs blocking registry work off the async threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Registry) -> Result<T, RegistryError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let registry = Arc::clone(&self.registry);
+        tokio::task::spawn_blocking(move || work(&registry))
+            .await
+            .map_err(|e| Status::internal(format!("internal error: {e}")))?
+            .map_err(to_status)
+    }
+}
+
+/// Maps a registry error to the gRPC status a client can act on.
+pub fn to_status(e: RegistryError) -> Status {
+    let message = e.to_string();
+    metrics::counter!("sllm_errors_total", "kind" => "request").increment(1);
+    match e {
+        RegistryError::BadModelId(_)
+        | RegistryError::Escapes { .. }
+        | RegistryError::InvalidRequest(_)
+        | RegistryError::InvalidCopy { .. }
+        | RegistryError::Device(DeviceError::InvalidHandle { .. }) => {
+            Status::invalid_argument(message)
+        }
+        RegistryError::NotFound { .. }
+        | RegistryError::UnknownDevice { .. }
+        | RegistryError::ReplicaUnknown { .. } => Status::not_found(message),
+        RegistryError::NotRegistered { .. } | RegistryError::ReplicaExists { .. } => {
+            Status::failed_precondition(message)
+        }
+        RegistryError::PoolTooSmall { .. }
+        | RegistryError::PoolBusy { .. }
+        | RegistryError::TooManyReplicas(_) => Status::resource_exhausted(message),
+        RegistryError::ConfirmTimeout { .. } => Status::deadline_exceeded(message),
+        RegistryError::ShuttingDown => Status::unavailable(message),
+        RegistryError::ReplicaFailed { .. }
+        | RegistryError::Load { .. }
+        | RegistryError::Device(_) => Status::internal(message),
+    }
+}
+
+fn require_model_path(model_path: &str) -> Result<(), Status> {
+    if model_path.is_empty() {
+        return Err(Status::invalid_argument(
+            "model_path is empty; pass the model id, e.g. org/name",
+        ));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Storage for StorageService {
+    async fn load_model_async(
+        &self,
+        request: Request<LoadModelRequest>,
+    ) -> Result<Response<LoadModelResponse>, Status> {
+        let req = request.into_inner();
+        require_model_path(&req.model_path)?;
+        let model = req.model_path.clone();
+        match DeviceType::try_from(req.target_device_type) {
+            Ok(DeviceType::Cpu) => self.blocking(move |r| r.load_to_host(&model)).await?,
+            Ok(DeviceType::Gpu) => {
+                let chunks: HashMap<String, Vec<RequestedCopy>> = req
+                    .chunks
+                    .into_iter()
+                    .map(|(uuid, list)| {
+                        let copies = list
+                            .chunks
+                            .into_iter()
+                            .map(|c| RequestedCopy {
+                                src_offset: c.src_offset,
+                                size: c.size,
+                                dst_offset: c.dst_offset,
+                                handle_idx: c.handle_idx,
+                            })
+                            .collect();
+                        (uuid, copies)
+                    })
+                    .collect();
+                let handles: HashMap<String, Vec<Vec<u8>>> = req
+                    .handles
+                    .into_iter()
+                    .map(|(uuid, list)| {
+                        (
+                            uuid,
+                            list.handles
+                                .into_iter()
+                                .map(|h| h.cuda_ipc_handle)
+                                .collect(),
+                        )
+                    })
+                    .collect();
+                let replica = req.replica_uuid;
+                self.blocking(move |r| r.load_to_devices(&model, &replica, chunks, handles))
+                    .await?
+            }
+            _ => {
+                return Err(Status::unimplemented(format!(
+                    "target_device_type {} is not supported; use DEVICE_TYPE_CPU or DEVICE_TYPE_GPU",
+                    req.target_device_type
+                )));
+            }
+        }
+        Ok(Response::new(LoadModelResponse {
+            model_path: req.model_path,
+        }))
+    }
+
+    async fn confirm_model(
+        &self,
+        request: Request<ConfirmModelRequest>,
+    ) -> Result<Response<ConfirmModelResponse>, Status> {
+        let req = request.into_inner();
+        require_model_path(&req.model_path)?;
+        if req.target_device_type != DeviceType::Gpu as i32 {
+            return Err(Status::unimplemented(
+                "ConfirmModel waits for GPU replicas only; use DEVICE_TYPE_GPU",
+            ));
+        }
+        self.registry
+            .confirm(&req.model_path, &req.replica_uuid)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(ConfirmModelResponse {
+            model_path: req.model_path,
+            code: 0,
+        }))
+    }
+
+    async fn unload_model(
+        &self,
+        request: Request<UnloadModelRequest>,
+    ) -> Result<Response<UnloadModelResponse>, Status> {
+        let req = request.into_inner();
+        require_model_path(&req.model_path)?;
+        if req.target_device_type != DeviceType::Cpu as i32 {
+            return Err(Status::unimplemented(
+                "UnloadModel frees host memory only; use DEVICE_TYPE_CPU",
+            ));
+        }
+        let model = req.model_path.clone();
+        self.blocking(move |r| r.unload(&model)).await?;
+        Ok(Response::new(UnloadModelResponse {
+            model_path: req.model_path,
+            code: 0,
+        }))
+    }
+
+    async fn clear_mem(
+        &self,
+        _request: Request<ClearMemRequest>,
+    ) -> Result<Response<ClearMemResponse>, Status> {
+        self.blocking(|r| {
+            r.clear();
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(ClearMemResponse {}))
+    }
+
+    async fn register_model(
+        &self,
+        request: Request<RegisterModelRequest>,
+    ) -> Result<Response<RegisterModelResponse>, Status> {
+        let req = request.into_inner();
+        require_model_path(&req.model_path)?;
+        let model = req.model_path.clone();
+        let size = self.blocking(move |r| r.register(&model)).await?;
+        Ok(Response::new(RegisterModelResponse {
+            model_path: req.model_path,
+            model_size: size as i64,
+        }))
+    }
+
+    async fn get_server_config(
+        &self,
+        _request: Request<GetServerConfigRequest>,
+    ) -> Result<Response<GetServerConfigResponse>, Status> {
+        let r = &self.registry;
+        let backend = r.backend();
+        Ok(Response::new(GetServerConfigResponse {
+            mem_pool_size: r.pool().total_bytes() as i64,
+            chunk_size: r.pool().chunk_bytes() as i64,
+            device_backend: backend.kind().into(),
+            device_uuids: backend.devices().iter().map(|d| d.uuid.clone()).collect(),
+            io_engine: r.engine_name().into(),
+            host_shm_dir: if backend.kind() == "host" {
+                self.host_shm_dir.clone()
+            } else {
+                String::new()
+            },
+            version: env!("CARGO_PKG_VERSION").into(),
+        }))
+    }
+
+    async fn get_model_status(
+        &self,
+        request: Request<GetModelStatusRequest>,
+    ) -> Result<Response<GetModelStatusResponse>, Status> {
+        let req = request.into_inner();
+        require_model_path(&req.model_path)?;
+        let model = req.model_path.clone();
+        let st = self.blocking(move |r| r.status(&model)).await?;
+        let (host_state, error) = match st.state {
+            HostState::NotLoaded => (sllm_proto::HostState::NotLoaded, String::new()),
+            HostState::Loading => (sllm_proto::HostState::Loading, String::new()),
+            HostState::Loaded => (sllm_proto::HostState::Loaded, String::new()),
+            HostState::Failed(e) => (sllm_proto::HostState::Failed, e),
+        };
+        Ok(Response::new(GetModelStatusResponse {
+            model_path: req.model_path,
+            model_size: st.size as i64,
+            host_state: host_state as i32,
+            chunks_landed: st.chunks_landed as i64,
+            chunks_total: st.chunks_total as i64,
+            host_load_seconds: st.load_seconds.unwrap_or(0.0),
+            error,
+            replicas_copying: st.replicas_copying as i32,
+        }))
+    }
+}
