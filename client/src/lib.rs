@@ -1,8 +1,18 @@
-//! The Rust client of the store daemon (issue #4): a typed API over the
-//! `storage.Storage` gRPC service, copy planning from a model's tensor index,
-//! and device memory for the host and CUDA backends.
+//! The Rust client of the sllm-store daemon.
 //!
-//! It holds nothing yet beyond re-exporting the generated protocol types; the
-//! daemon it talks to lands together with it.
+//! - [`StoreClient`]: a typed async API over `storage.Storage` (TCP or a unix
+//!   socket), with errors that say what to do;
+//! - [`plan`]: turns a model's tensor index and a device map into per-device
+//!   buffers and copy lists: the mirrored layout (one buffer per device laid
+//!   out like the file, so a model is a few large coalesced copies and
+//!   tensors keep the writer's alignment) by default, or ServerlessLLM's
+//!   packed layout;
+//! - [`shm::ShmBuffer`]: device memory for the daemon's host backend (a
+//!   shared-memory file whose path is the handle).
 
+pub mod client;
+pub mod plan;
+pub mod shm;
+
+pub use client::{ClientError, ServerConfig, StoreClient};
 pub use sllm_proto as proto;

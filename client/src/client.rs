@@ -1,0 +1,251 @@
+//! A typed async client of `storage.Storage`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use sllm_proto::storage_client::StorageClient;
+use sllm_proto::{
+    ClearMemRequest, ConfirmModelRequest, DeviceType, GetModelStatusRequest,
+    GetModelStatusResponse, GetServerConfigRequest, LoadModelRequest, MemCopyChunk,
+    MemCopyChunkList, MemCopyHandle, MemCopyHandleList, RegisterModelRequest, UnloadModelRequest,
+};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// Default daemon address, as ServerlessLLM's client dials it.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:8073";
+const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+/// A call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot reach the store daemon at {addr}: {reason}; start it with `sllm-store start` or pass --server"
+    )]
+    Connect { addr: String, reason: String },
+    #[error("{op} failed: {message} ({code:?})")]
+    Rpc {
+        op: &'static str,
+        code: tonic::Code,
+        message: String,
+    },
+    #[error("invalid server address {0:?}: use host:port or unix:<path>")]
+    BadAddress(String),
+}
+
+impl ClientError {
+    /// The gRPC code, for RPC failures.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            ClientError::Rpc { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+fn rpc(op: &'static str) -> impl FnOnce(tonic::Status) -> ClientError {
+    move |s| ClientError::Rpc {
+        op,
+        code: s.code(),
+        message: s.message().to_owned(),
+    }
+}
+
+/// The daemon's settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerConfig {
+    pub mem_pool_size: u64,
+    pub chunk_size: u64,
+    pub device_backend: String,
+    pub device_uuids: Vec<String>,
+    pub io_engine: String,
+    pub host_shm_dir: String,
+    pub version: String,
+}
+
+/// A connection to the daemon. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct StoreClient {
+    inner: StorageClient<Channel>,
+}
+
+impl StoreClient {
+    /// Connects to `addr`: `host:port`, `http://host:port`, or `unix:<path>`.
+    pub async fn connect(addr: &str) -> Result<Self, ClientError> {
+        let connect_err = |e: tonic::transport::Error| ClientError::Connect {
+            addr: addr.to_owned(),
+            reason: source_chain(&e),
+        };
+        let channel = if let Some(path) = addr.strip_prefix("unix:") {
+            let path = path.to_owned();
+            // The URI is required but unused: the connector dials the socket.
+            Endpoint::try_from("http://[::]:50051")
+                .map_err(connect_err)?
+                .connect_timeout(Duration::from_secs(5))
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move {
+                        let stream = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                    }
+                }))
+                .await
+                .map_err(connect_err)?
+        } else {
+            let uri = if addr.contains("://") {
+                addr.to_owned()
+            } else {
+                format!("http://{addr}")
+            };
+            Endpoint::from_shared(uri)
+                .map_err(|_| ClientError::BadAddress(addr.to_owned()))?
+                .connect_timeout(Duration::from_secs(5))
+                .connect()
+                .await
+                .map_err(connect_err)?
+        };
+        let inner = StorageClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(Self { inner })
+    }
+
+    /// Indexes the model; returns its size in bytes.
+    pub async fn register(&mut self, model: &str) -> Result<u64, ClientError> {
+        let r = self
+            .inner
+            .register_model(RegisterModelRequest {
+                model_path: model.into(),
+            })
+            .await
+            .map_err(rpc("RegisterModel"))?;
+        Ok(r.into_inner().model_size as u64)
+    }
+
+    /// Starts loading the model into the daemon's host pool; returns at once.
+    pub async fn load_to_host(&mut self, model: &str) -> Result<(), ClientError> {
+        self.inner
+            .load_model_async(LoadModelRequest {
+                model_path: model.into(),
+                target_device_type: DeviceType::Cpu as i32,
+                ..Default::default()
+            })
+            .await
+            .map_err(rpc("LoadModelAsync(CPU)"))?;
+        Ok(())
+    }
+
+    /// Starts copying into device buffers; `copies` and `handles` are keyed
+    /// by device UUID. Returns at once; [`confirm`](Self::confirm) waits.
+    pub async fn load_to_devices(
+        &mut self,
+        model: &str,
+        replica_uuid: &str,
+        copies: HashMap<String, Vec<MemCopyChunk>>,
+        handles: HashMap<String, Vec<Vec<u8>>>,
+    ) -> Result<(), ClientError> {
+        self.inner
+            .load_model_async(LoadModelRequest {
+                model_path: model.into(),
+                replica_uuid: replica_uuid.into(),
+                chunks: copies
+                    .into_iter()
+                    .map(|(uuid, chunks)| (uuid, MemCopyChunkList { chunks }))
+                    .collect(),
+                handles: handles
+                    .into_iter()
+                    .map(|(uuid, list)| {
+                        let handles = list
+                            .into_iter()
+                            .map(|h| MemCopyHandle { cuda_ipc_handle: h })
+                            .collect();
+                        (uuid, MemCopyHandleList { handles })
+                    })
+                    .collect(),
+                target_device_type: DeviceType::Gpu as i32,
+            })
+            .await
+            .map_err(rpc("LoadModelAsync(GPU)"))?;
+        Ok(())
+    }
+
+    /// Waits until the replica's copies are complete.
+    pub async fn confirm(&mut self, model: &str, replica_uuid: &str) -> Result<(), ClientError> {
+        self.inner
+            .confirm_model(ConfirmModelRequest {
+                model_path: model.into(),
+                replica_uuid: replica_uuid.into(),
+                target_device_type: DeviceType::Gpu as i32,
+            })
+            .await
+            .map_err(rpc("ConfirmModel"))?;
+        Ok(())
+    }
+
+    /// Frees the model's host pool memory.
+    pub async fn unload(&mut self, model: &str) -> Result<(), ClientError> {
+        self.inner
+            .unload_model(UnloadModelRequest {
+                model_path: model.into(),
+                target_device_type: DeviceType::Cpu as i32,
+                ..Default::default()
+            })
+            .await
+            .map_err(rpc("UnloadModel"))?;
+        Ok(())
+    }
+
+    /// Frees every model's host pool memory.
+    pub async fn clear(&mut self) -> Result<(), ClientError> {
+        self.inner
+            .clear_mem(ClearMemRequest {})
+            .await
+            .map_err(rpc("ClearMem"))?;
+        Ok(())
+    }
+
+    /// The daemon's settings.
+    pub async fn server_config(&mut self) -> Result<ServerConfig, ClientError> {
+        let r = self
+            .inner
+            .get_server_config(GetServerConfigRequest {})
+            .await
+            .map_err(rpc("GetServerConfig"))?
+            .into_inner();
+        Ok(ServerConfig {
+            mem_pool_size: r.mem_pool_size as u64,
+            chunk_size: r.chunk_size as u64,
+            device_backend: r.device_backend,
+            device_uuids: r.device_uuids,
+            io_engine: r.io_engine,
+            host_shm_dir: r.host_shm_dir,
+            version: r.version,
+        })
+    }
+
+    /// Where the model stands in the daemon's host memory.
+    pub async fn model_status(
+        &mut self,
+        model: &str,
+    ) -> Result<GetModelStatusResponse, ClientError> {
+        Ok(self
+            .inner
+            .get_model_status(GetModelStatusRequest {
+                model_path: model.into(),
+            })
+            .await
+            .map_err(rpc("GetModelStatus"))?
+            .into_inner())
+    }
+}
+
+/// An error and its causes on one line (transport errors hide the useful part).
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
