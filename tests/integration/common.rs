@@ -223,3 +223,130 @@ pub fn assert_nothing_published(storage: &Path, path: &Path) {
         assert!(left.is_empty(), "staging leftovers: {left:?}");
     }
 }
+
+/// A daemon started for one test, stopped (SIGTERM, then waited for) on drop.
+pub struct Daemon {
+    pub child: std::process::Child,
+    pub addr: String,
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    /// Starts `sllm-store start --port 0 --storage-path <storage> <extra>`
+    /// and waits for its ready line.
+    pub fn start(home: &Path, storage: &Path, extra: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = sllm_store(home)
+            .env("RUST_LOG", "info")
+            .args(["start", "--port", "0", "--storage-path"])
+            .arg(storage)
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the daemon starts");
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = std::sync::Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let addr = rest.split(':').take(2).collect::<Vec<_>>().join(":");
+                    let _ = tx.send(addr);
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(30)) {
+            Ok(addr) => Self { child, addr, log },
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the daemon did not get ready: {:?}", log.lock().unwrap());
+            }
+        }
+    }
+
+    /// A client connected to this daemon.
+    pub async fn client(&self) -> sllm_client::StoreClient {
+        sllm_client::StoreClient::connect(&self.addr)
+            .await
+            .expect("connect")
+    }
+
+    /// Sends SIGTERM and waits up to `secs` for the exit status.
+    pub fn terminate(&mut self, secs: u64) -> Option<std::process::ExitStatus> {
+        let pid = rustix::process::Pid::from_child(&self.child);
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.terminate(20).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Saves `tensors` as model `name` under `storage` with `sllm-store save`.
+pub fn save_model(
+    home: &Path,
+    storage: &Path,
+    name: &str,
+    tensors: &[Tensor],
+    partition_size: &str,
+) {
+    let src = home.join(format!("src-{}", name.replace('/', "-")));
+    std::fs::create_dir_all(&src).unwrap();
+    write_safetensors(&src.join("model.safetensors"), tensors);
+    run_ok(
+        sllm_store(home)
+            .args([
+                "save",
+                "--model",
+                name,
+                "--partition-size",
+                partition_size,
+                "--local-model-path",
+            ])
+            .arg(&src)
+            .arg("--storage-path")
+            .arg(storage),
+    );
+}
+
+/// Random tensors totalling about `bytes`.
+pub fn tensors_of(bytes: usize, seed: u64) -> Vec<Tensor> {
+    let mut out = Vec::new();
+    let mut left = bytes;
+    let mut i = 0;
+    while left > 0 {
+        let n = left.min(5000 + (i * 7919) % 60_000);
+        out.push(Tensor::random(
+            &format!("t{i}"),
+            safetensors::Dtype::U8,
+            &[n],
+            seed * 1000 + i as u64,
+        ));
+        left -= n;
+        i += 1;
+    }
+    out
+}

@@ -3,6 +3,7 @@
 //! directory, which is removed when it ends.
 
 mod common;
+mod daemon;
 mod hf_cache;
 mod kill;
 mod save_bad_input;

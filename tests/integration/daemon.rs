@@ -1,0 +1,614 @@
+//! The daemon end to end on loopback with the host backend: real models made
+//! by `save`, real shared-memory "device" buffers, the real binary.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use sllm_client::StoreClient;
+use sllm_client::plan::{DeviceMap, Layout, plan};
+use sllm_client::proto::MemCopyChunk;
+use sllm_client::shm::ShmBuffer;
+use sllm_store::format::TensorIndex;
+use tonic::Code;
+
+use crate::common::*;
+
+const SHM: &str = "/dev/shm";
+
+/// Loads `model` through `client` into fresh buffers and checks every
+/// tensor against `tensors`.
+async fn load_and_check(
+    client: &mut StoreClient,
+    storage: &Path,
+    model: &str,
+    tensors: &[Tensor],
+    layout: Layout,
+) {
+    let cfg = client.server_config().await.unwrap();
+    let index = TensorIndex::read(&storage.join(model)).unwrap();
+    let plan = plan(&index, &DeviceMap::single(&cfg.device_uuids[0]), layout).unwrap();
+    let buffers: Vec<ShmBuffer> = plan
+        .buffers
+        .iter()
+        .map(|b| ShmBuffer::create(Path::new(SHM), b.size_bytes).unwrap())
+        .collect();
+    let handles = plan
+        .buffers
+        .iter()
+        .zip(&buffers)
+        .map(|(b, s)| (b.uuid.clone(), vec![s.handle()]))
+        .collect();
+    let replica = uuid::Uuid::new_v4().to_string();
+    client.load_to_host(model).await.unwrap();
+    client
+        .load_to_devices(model, &replica, plan.copies_by_device(), handles)
+        .await
+        .unwrap();
+    client.confirm(model, &replica).await.unwrap();
+    for t in tensors {
+        let place = &plan.tensors[&t.name];
+        let mut got = vec![0u8; t.data.len()];
+        buffers[0].read_at(&mut got, place.offset).unwrap();
+        assert!(got == t.data, "tensor {} of {model} differs", t.name);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loads_verify_in_both_layouts_through_the_cli_and_the_client() {
+    let tmp = tempfile::tempdir().unwrap();
+    let storage = tmp.path().join("models");
+    let tensors = tensors_of(3 << 20, 1);
+    save_model(tmp.path(), &storage, "org/m", &tensors, "1MiB");
+    let daemon = Daemon::start(
+        tmp.path(),
+        &storage,
+        &["--mem-pool-size", "8MiB", "--chunk-size", "256KiB"],
+    );
+
+    let out = run_ok(
+        sllm_store(tmp.path())
+            .args([
+                "load",
+                "--model",
+                "org/m",
+                "--verify",
+                "--json",
+                "--server",
+                &daemon.addr,
+                "--storage-path",
+            ])
+            .arg(&storage),
+    );
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["verified"], true, "{out}");
+    for key in [
+        "bytes",
+        "register_s",
+        "host_load_s",
+        "device_copy_s",
+        "total_s",
+        "gib_per_s",
+    ] {
+        assert!(report[key].is_number(), "{key} in {out}");
+    }
+    let mut client = daemon.client().await;
+    load_and_check(&mut client, &storage, "org/m", &tensors, Layout::Packed).await;
+    load_and_check(&mut client, &storage, "org/m", &tensors, Layout::Mirrored).await;
+    let cfg = client.server_config().await.unwrap();
+    assert_eq!(
+        (
+            cfg.device_backend.as_str(),
+            cfg.mem_pool_size,
+            cfg.chunk_size
+        ),
+        ("host", 8 << 20, 256 << 10)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_models_and_replicas_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let storage = tmp.path().join("models");
+    let models: Vec<(String, Vec<Tensor>)> = (0..3)
+        .map(|i| {
+            (
+                format!("org/m{i}"),
+                tensors_of((1 << 20) + i * 12345, i as u64 + 10),
+            )
+        })
+        .collect();
+    for (name, tensors) in &models {
+        save_model(tmp.path(), &storage, name, tensors, "512KiB");
+    }
+    let daemon = Daemon::start(
+        tmp.path(),
+        &storage,
+        &[
+            "--mem-pool-size",
+            "8MiB",
+            "--chunk-size",
+            "128KiB",
+            "--host-devices",
+            "2",
+        ],
+    );
+    let mut tasks = Vec::new();
+    for round in 0..3 {
+        for (name, tensors) in models.clone() {
+            let (addr, storage) = (daemon.addr.clone(), storage.clone());
+            let layout = if round % 2 == 0 {
+                Layout::Mirrored
+            } else {
+                Layout::Packed
+            };
+            tasks.push(tokio::spawn(async move {
+                let mut client = StoreClient::connect(&addr).await.unwrap();
+                load_and_check(&mut client, &storage, &name, &tensors, layout).await;
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_models_are_evicted_least_recently_used_first() {
+    use sllm_client::proto::HostState;
+    let tmp = tempfile::tempdir().unwrap();
+    let storage = tmp.path().join("models");
+    for name in ["o/a", "o/b", "o/c"] {
+        save_model(
+            tmp.path(),
+            &storage,
+            name,
+            &tensors_of(900 << 10, 3),
+            "4MiB",
+        );
+    }
+    // Room for two of the three models.
+    let daemon = Daemon::start(
+        tmp.path(),
+        &storage,
+        &["--mem-pool-size", "2MiB", "--chunk-size", "64KiB"],
+    );
+    let mut client = daemon.client().await;
+    let watcher = client.clone();
+    let wait_loaded = |name: &'static str| {
+        let mut client = watcher.clone();
+        async move {
+            for _ in 0..500 {
+                let st = client.model_status(name).await.unwrap();
+                if st.host_state == HostState::Loaded as i32 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("{name} never loaded");
+        }
+    };
+    client.load_to_host("o/a").await.unwrap();
+    wait_loaded("o/a").await;
+    client.load_to_host("o/b").await.unwrap();
+    wait_loaded("o/b").await;
+    client.load_to_host("o/a").await.unwrap(); // a is now more recent than b
+    client.load_to_host("o/c").await.unwrap();
+    wait_loaded("o/c").await;
+    let state = |st: sllm_client::proto::GetModelStatusResponse| st.host_state;
+    assert_eq!(
+        state(client.model_status("o/b").await.unwrap()),
+        HostState::NotLoaded as i32,
+        "b was least recently used"
+    );
+    assert_eq!(
+        state(client.model_status("o/a").await.unwrap()),
+        HostState::Loaded as i32
+    );
+    assert!(
+        daemon.log_text().contains("evicting from the pool"),
+        "{}",
+        daemon.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pread_and_io_uring_read_the_same_bytes_from_disk_and_tmpfs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shm = tempfile::tempdir_in(SHM).unwrap();
+    let tensors = tensors_of(2 << 20, 5);
+    for storage in [tmp.path().join("models"), shm.path().join("models")] {
+        // An odd partition size: chunks restart at every partition and the
+        // partitions end unaligned to the chunk size.
+        save_model(tmp.path(), &storage, "o/m", &tensors, "700KiB");
+        for engine in ["pread", "io_uring"] {
+            let daemon = Daemon::start(
+                tmp.path(),
+                &storage,
+                &[
+                    "--io-engine",
+                    engine,
+                    "--mem-pool-size",
+                    "4MiB",
+                    "--chunk-size",
+                    "64KiB",
+                ],
+            );
+            let mut client = daemon.client().await;
+            assert_eq!(client.server_config().await.unwrap().io_engine, engine);
+            load_and_check(&mut client, &storage, "o/m", &tensors, Layout::Mirrored).await;
+        }
+    }
+}
+
+/// Sends one LoadModelAsync(GPU) and returns its error code.
+async fn gpu_code(
+    client: &mut StoreClient,
+    model: &str,
+    replica: &str,
+    copies: HashMap<String, Vec<MemCopyChunk>>,
+    handles: HashMap<String, Vec<Vec<u8>>>,
+) -> (Code, String) {
+    match client
+        .load_to_devices(model, replica, copies, handles)
+        .await
+    {
+        Ok(()) => (Code::Ok, String::new()),
+        Err(e) => (e.code().unwrap(), e.to_string()),
+    }
+}
+
+/// Copies and handles of one GPU request, the code and message it must get.
+type Case = (
+    HashMap<String, Vec<MemCopyChunk>>,
+    HashMap<String, Vec<Vec<u8>>>,
+    Code,
+    &'static str,
+);
+
+fn one(uuid: &str, c: MemCopyChunk) -> HashMap<String, Vec<MemCopyChunk>> {
+    HashMap::from([(uuid.to_owned(), vec![c])])
+}
+
+fn mc(src: u64, size: u64, dst: u64, h: u64) -> MemCopyChunk {
+    MemCopyChunk {
+        src_offset: src,
+        size,
+        dst_offset: dst,
+        handle_idx: h,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_request_gets_its_status_and_the_daemon_keeps_serving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let storage = tmp.path().join("models");
+    let tensors = tensors_of(300 << 10, 7);
+    save_model(tmp.path(), &storage, "o/m", &tensors, "1MiB");
+    save_model(
+        tmp.path(),
+        &storage,
+        "o/big",
+        &tensors_of(3 << 20, 8),
+        "1MiB",
+    );
+    let outside = tmp.path().join("outside");
+    save_model(tmp.path(), &outside, "x/y", &tensors, "1MiB");
+    std::os::unix::fs::symlink(outside.join("x/y"), storage.join("o/escape")).unwrap();
+    let daemon = Daemon::start(
+        tmp.path(),
+        &storage,
+        &["--mem-pool-size", "1MiB", "--chunk-size", "64KiB"],
+    );
+    let mut client = daemon.client().await;
+    let dev = client.server_config().await.unwrap().device_uuids[0].clone();
+    let buf = ShmBuffer::create(Path::new(SHM), 400 << 10).unwrap();
+    let h = || HashMap::from([(dev.clone(), vec![buf.handle()])]);
+    let code = |r: Result<(), sllm_client::ClientError>| {
+        r.err().and_then(|e| e.code()).unwrap_or(Code::Ok)
+    };
+
+    // Model paths.
+    for bad in ["", "../etc", "/etc", "o/../../x", "o//m"] {
+        assert_eq!(
+            code(client.load_to_host(bad).await),
+            Code::InvalidArgument,
+            "{bad:?}"
+        );
+    }
+    let e = client.register("o/escape").await.unwrap_err().to_string();
+    assert!(e.contains("leads outside the storage path"), "{e}");
+    assert_eq!(
+        client.register("o/absent").await.unwrap_err().code(),
+        Some(Code::NotFound)
+    );
+    // Pool too small for the model.
+    let e = client.load_to_host("o/big").await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::ResourceExhausted));
+    assert!(e.to_string().contains("--mem-pool-size"), "{e}");
+
+    // GPU requests.
+    let size = client.register("o/m").await.unwrap();
+    let cases: Vec<Case> = vec![
+        (
+            one("00000000-0000-0000-0000-000000000000", mc(0, 10, 0, 0)),
+            HashMap::from([(
+                "00000000-0000-0000-0000-000000000000".into(),
+                vec![buf.handle()],
+            )]),
+            Code::NotFound,
+            "unknown device",
+        ),
+        (
+            one(&dev, mc(0, 10, 0, 0)),
+            HashMap::from([(dev.clone(), vec![vec![7u8; 64]])]),
+            Code::InvalidArgument,
+            "CUDA IPC handle",
+        ),
+        (
+            one(&dev, mc(0, 10, 0, 0)),
+            HashMap::from([(dev.clone(), vec![b"/etc/passwd".to_vec()])]),
+            Code::InvalidArgument,
+            "not a file inside",
+        ),
+        (
+            one(&dev, mc(size - 5, 10, 0, 0)),
+            h(),
+            Code::InvalidArgument,
+            "outside the model",
+        ),
+        (
+            one(&dev, mc(0, 10, (400 << 10) - 5, 0)),
+            h(),
+            Code::InvalidArgument,
+            "outside buffer 0",
+        ),
+        (
+            one(&dev, mc(0, 10, 0, 1)),
+            h(),
+            Code::InvalidArgument,
+            "handle_idx 1",
+        ),
+        (
+            HashMap::new(),
+            h(),
+            Code::InvalidArgument,
+            "lists no copies",
+        ),
+        (
+            one(&dev, mc(0, 10, 0, 0)),
+            HashMap::new(),
+            Code::InvalidArgument,
+            "no handles",
+        ),
+    ];
+    for (copies, handles, want, needle) in cases {
+        let (got, msg) = gpu_code(&mut client, "o/m", "r-bad", copies, handles).await;
+        assert_eq!(got, want, "{needle}: {msg}");
+        assert!(msg.contains(needle), "{needle}: {msg}");
+    }
+    // Replica reuse while it is known, and confirming one never requested.
+    let copies = one(&dev, mc(0, size, 0, 0));
+    assert_eq!(
+        gpu_code(&mut client, "o/m", "r1", copies.clone(), h())
+            .await
+            .0,
+        Code::Ok
+    );
+    assert_eq!(
+        gpu_code(&mut client, "o/m", "r1", copies.clone(), h())
+            .await
+            .0,
+        Code::FailedPrecondition
+    );
+    client.confirm("o/m", "r1").await.unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(
+        client.confirm("o/m", "never").await.unwrap_err().code(),
+        Some(Code::NotFound)
+    );
+    assert!(started.elapsed() < Duration::from_secs(5), "a bounded wait");
+
+    // And a good load still works.
+    load_and_check(&mut client, &storage, "o/m", &tensors, Layout::Mirrored).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_partition_fails_that_load_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let storage = tmp.path().join("models");
+    let good = tensors_of(1 << 20, 11);
+    save_model(tmp.path(), &storage, "o/good", &good, "512KiB");
+    save_model(
+        tmp.path(),
+        &storage,
+        "o/bad",
+        &tensors_of(1 << 20, 12),
+        "512KiB",
+    );
+    let daemon = Daemon::start(
+        tmp.path(),
+        &storage,
+        &["--mem-pool-size", "2MiB", "--chunk-size", "64KiB"],
+    );
+    let mut client = daemon.client().await;
+    let size = client.register("o/bad").await.unwrap();
+    // Truncated after registration: the daemon expects the old size.
+    let part = storage.join("o/bad/tensor.data_1");
+    let len = std::fs::metadata(&part).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&part)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+
+    let dev = client.server_config().await.unwrap().device_uuids[0].clone();
+    let buf = ShmBuffer::create(Path::new(SHM), size).unwrap();
+    client.load_to_host("o/bad").await.unwrap();
+    client
+        .load_to_devices(
+            "o/bad",
+            "r",
+            one(&dev, mc(0, size, 0, 0)),
+            HashMap::from([(dev.clone(), vec![buf.handle()])]),
+        )
+        .await
+        .unwrap();
+    let e = client.confirm("o/bad", "r").await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::Internal));
+    assert!(e.to_string().contains("ended early"), "{e}");
+    let st = client.model_status("o/bad").await.unwrap();
+    assert!(st.error.contains("tensor.data_1"), "{st:?}");
+    // Its chunks came back: the good model needs half the pool, twice over.
+    load_and_check(&mut client, &storage, "o/good", &good, Layout::Mirrored).await;
+    client.unload("o/good").await.unwrap();
+    load_and_check(&mut client, &storage, "o/good", &good, Layout::Packed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_required_and_unix_socket_and_health() {
+    let tmp = tempfile::tempdir().unwrap();
+    let storage = tmp.path().join("models");
+    let tensors = tensors_of(200 << 10, 13);
+    save_model(tmp.path(), &storage, "o/m", &tensors, "1MiB");
+    let sock = tmp.path().join("store.sock");
+    let listen = format!("unix:{}", sock.display());
+    let mut daemon = Daemon::start(
+        tmp.path(),
+        &storage,
+        &[
+            "--listen",
+            &listen,
+            "--registration-required",
+            "--mem-pool-size",
+            "1MiB",
+            "--chunk-size",
+            "64KiB",
+        ],
+    );
+    daemon.addr = listen;
+    let mut client = daemon.client().await;
+    assert_eq!(
+        client.load_to_host("o/m").await.unwrap_err().code(),
+        Some(Code::FailedPrecondition)
+    );
+    client.register("o/m").await.unwrap();
+    load_and_check(&mut client, &storage, "o/m", &tensors, Layout::Mirrored).await;
+
+    let channel = tonic::transport::Endpoint::try_from("http://[::]:1")
+        .unwrap()
+        .connect_with_connector(tower::service_fn({
+            let sock = sock.clone();
+            move |_| {
+                let sock = sock.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(sock).await?,
+                    ))
+                }
+            }
+        }))
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let reply = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "storage.Storage".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        reply.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    assert_eq!(daemon.terminate(20).map(|s| s.code()), Some(Some(0)));
+    assert!(!sock.exists(), "the socket file is removed on exit");
+}
+
+#[test]
+fn sigterm_during_a_load_and_a_client_killed_mid_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let storage = tmp.path().join("models");
+    save_model(
+        tmp.path(),
+        &storage,
+        "o/big",
+        &tensors_of(48 << 20, 21),
+        "8MiB",
+    );
+    let small = tensors_of(256 << 10, 22);
+    save_model(tmp.path(), &storage, "o/small", &small, "8MiB");
+    let mut daemon = Daemon::start(
+        tmp.path(),
+        &storage,
+        &[
+            "--mem-pool-size",
+            "64MiB",
+            "--chunk-size",
+            "1MiB",
+            "--io-engine",
+            "pread",
+            "--num-thread",
+            "1",
+        ],
+    );
+
+    // A client process killed while its load runs: nothing leaks, the
+    // daemon keeps serving and the pool is whole again.
+    let mut load = sllm_store(tmp.path())
+        .args([
+            "load",
+            "--model",
+            "o/big",
+            "--server",
+            &daemon.addr,
+            "--storage-path",
+        ])
+        .arg(&storage)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    load.kill().unwrap();
+    load.wait().unwrap();
+    let out = run_ok(
+        sllm_store(tmp.path())
+            .args([
+                "load",
+                "--model",
+                "o/small",
+                "--verify",
+                "--server",
+                &daemon.addr,
+                "--storage-path",
+            ])
+            .arg(&storage),
+    );
+    assert!(out.contains("every tensor matches"), "{out}");
+
+    // SIGTERM while a load is in flight: a prompt, clean exit.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // This client's connection stays open (its runtime is not driven any
+    // more): a hung client must not hold the daemon up past its grace.
+    rt.block_on(async {
+        let mut client = daemon.client().await;
+        client.clear().await.unwrap();
+        client.load_to_host("o/big").await.unwrap();
+        std::mem::forget(client);
+    });
+    let started = std::time::Instant::now();
+    let status = daemon.terminate(20).expect("the daemon exits");
+    assert_eq!(status.code(), Some(0), "{}", daemon.log_text());
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(
+        daemon.log_text().contains("stopped"),
+        "{}",
+        daemon.log_text()
+    );
+}
