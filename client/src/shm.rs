@@ -16,7 +16,9 @@ pub struct ShmBuffer {
 
 impl ShmBuffer {
     /// Creates a zero-filled buffer of `size` bytes in `dir` (the daemon's
-    /// `host_shm_dir`), readable and writable by this user only.
+    /// `host_shm_dir`), readable and writable by this user only. Its memory
+    /// is allocated now, as `cudaMalloc` would, so the daemon's copies only
+    /// copy (tmpfs would otherwise allocate and zero each page on first write).
     pub fn create(dir: &Path, size: u64) -> io::Result<Self> {
         let path = dir.join(format!("sllm-buffer-{}", uuid::Uuid::new_v4()));
         let file = std::fs::OpenOptions::new()
@@ -25,7 +27,9 @@ impl ShmBuffer {
             .create_new(true)
             .mode(0o600)
             .open(&path)?;
-        file.set_len(size)?;
+        if size > 0 {
+            rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, size)?;
+        }
         Ok(Self { path, file, size })
     }
 

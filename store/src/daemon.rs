@@ -91,8 +91,18 @@ pub enum DaemonError {
     Serve(#[from] tonic::transport::Error),
 }
 
-/// Builds everything, serves until a signal, then stops cleanly.
+/// Builds everything, serves until SIGINT/SIGTERM, then stops cleanly.
 pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
+    serve(cfg, wait_for_signal(), |_| {}).await
+}
+
+/// Builds everything, calls `on_ready` with the bound address once
+/// listening, serves until `stop` completes, then stops cleanly.
+pub async fn serve(
+    cfg: DaemonConfig,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+    on_ready: impl FnOnce(&Listen),
+) -> Result<(), DaemonError> {
     let started = Instant::now();
     let storage_root =
         cfg.storage_root
@@ -138,7 +148,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     let shutdown = {
         let (registry, signalled) = (Arc::clone(&registry), Arc::clone(&signalled));
         async move {
-            wait_for_signal().await;
+            stop.await;
             tracing::info!("shutting down: no new requests, cancelling loads");
             registry.shutdown();
             health
@@ -158,6 +168,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     };
 
     let ready = |listen: &Listen| {
+        on_ready(listen);
         let b = registry.backend();
         tracing::info!(
             "listening on {listen}: backend {} ({} device(s)), io engine {} ({engine_reason}), pool {} in {} chunks of {}{}, storage {}, started in {:.2} s",

@@ -612,3 +612,66 @@ fn sigterm_during_a_load_and_a_client_killed_mid_load() {
         daemon.log_text()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_loads_and_json_logs_parse() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let storage = tmp.path().join("models");
+    let tensors = tensors_of(500 << 10, 31);
+    save_model(tmp.path(), &storage, "o/m", &tensors, "1MiB");
+    // A free port for the metrics endpoint (released just before use).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let daemon = Daemon::start(
+        tmp.path(),
+        &storage,
+        &[
+            "--metrics-port",
+            &port,
+            "--log-format",
+            "json",
+            "--mem-pool-size",
+            "2MiB",
+            "--chunk-size",
+            "64KiB",
+        ],
+    );
+    let mut client = daemon.client().await;
+    load_and_check(&mut client, &storage, "o/m", &tensors, Layout::Mirrored).await;
+    let _ = client.register("o/absent").await;
+
+    let mut body = String::new();
+    for _ in 0..50 {
+        let mut stream = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+            .await
+            .unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        body.clear();
+        stream.read_to_string(&mut body).await.unwrap();
+        if body.contains("sllm_bytes_loaded_total") && body.contains("target=\"device\"") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for needle in [
+        "sllm_bytes_loaded_total{target=\"host\"}",
+        "sllm_bytes_loaded_total{target=\"device\"}",
+        "sllm_load_seconds",
+        "sllm_pool_bytes 2097152",
+        "sllm_errors_total{kind=\"request\"}",
+    ] {
+        assert!(body.contains(needle), "{needle} in {body}");
+    }
+    let log = daemon.log_text();
+    let ready = log.lines().find(|l| l.contains("listening on")).unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(ready).expect("a JSON log line");
+    assert_eq!(parsed["level"], "INFO");
+}

@@ -1,7 +1,9 @@
 //! `sllm-store demo`: the main job on a built-in example, no GPU and no
 //! network needed. Generates a small Llama-shaped checkpoint, converts it,
 //! verifies the store against its manifest and byte for byte against the
-//! source, and prints the figures.
+//! source, starts the daemon (host backend, on a unix socket), loads the
+//! model through it as an inference engine would, checks every byte that
+//! arrived in the "device" buffers, and prints the figures.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -17,7 +19,15 @@ use sllm_store::save::{SaveRequest, Source, save};
 use sllm_store::synth::{SynthSpec, write_synthetic};
 use sllm_store::units::{ByteSize, gib_per_s, human_bytes};
 
+use crate::load::load_model;
 use crate::progress::TermProgress;
+use sllm_client::StoreClient;
+use sllm_client::plan::Layout;
+use sllm_store::daemon::{DaemonConfig, Listen, serve};
+use sllm_store::device::BackendKind;
+use sllm_store::device::host::DEFAULT_SHM_DIR;
+use sllm_store::io::EngineKind;
+use sllm_store::registry::Limits;
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -117,7 +127,89 @@ fn demo(work: &Path, size: ByteSize) -> anyhow::Result<bool> {
     for problem in verified.problems.iter().chain(&differences) {
         println!("problem: {problem}");
     }
-    let ok = verified.is_ok() && differences.is_empty();
+    let loaded = serve_and_load(work, &storage, &model, report.written.total_bytes)?;
+    let ok = verified.is_ok() && differences.is_empty() && loaded;
     println!("{}", if ok { "demo OK" } else { "demo FAILED" });
     Ok(ok)
+}
+
+/// Starts the daemon in this process, loads `model` through it with the
+/// same code as `sllm-store load --verify`, prints the phases, stops it.
+fn serve_and_load(
+    work: &Path,
+    storage: &Path,
+    model: &ModelId,
+    model_bytes: u64,
+) -> anyhow::Result<bool> {
+    let socket = work.join("sllm-store.sock");
+    let shm_dir = if Path::new(DEFAULT_SHM_DIR).is_dir() {
+        PathBuf::from(DEFAULT_SHM_DIR)
+    } else {
+        work.to_owned()
+    };
+    let chunk_bytes = 8usize << 20;
+    let cfg = DaemonConfig {
+        storage_root: storage.to_owned(),
+        listen: Listen::Unix(socket.clone()),
+        io_threads: 4,
+        chunk_bytes,
+        pool_bytes: (model_bytes as usize).next_multiple_of(chunk_bytes) + 2 * chunk_bytes,
+        registration_required: false,
+        device: BackendKind::Host,
+        host_devices: 1,
+        host_shm_dir: shm_dir,
+        io_engine: EngineKind::Auto,
+        queue_depth: 64,
+        max_io_bytes: 4 << 20,
+        metrics_port: None,
+        limits: Limits::default(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<f64>();
+    let started = Instant::now();
+    let daemon = runtime.spawn(serve(
+        cfg,
+        async move {
+            let _ = stop_rx.await;
+        },
+        move |_| {
+            let _ = ready_tx.send(started.elapsed().as_secs_f64());
+        },
+    ));
+    let outcome = runtime.block_on(async {
+        let ready_s = ready_rx.await.context("the daemon did not start")?;
+        let mut client = StoreClient::connect(&format!("unix:{}", socket.display())).await?;
+        let config = client.server_config().await?;
+        println!(
+            "daemon     ready in {ready_s:.2} s on unix:{} ({} backend, {} engine, pool {})",
+            socket.display(),
+            config.device_backend,
+            config.io_engine,
+            human_bytes(config.mem_pool_size)
+        );
+        let report = load_model(
+            &mut client,
+            &config.host_shm_dir,
+            &config.device_uuids,
+            model,
+            &model.dir_in(storage),
+            Layout::Mirrored,
+            true,
+        )
+        .await?;
+        println!(
+            "loaded     {} tensors, {} through the daemon:",
+            report.tensors,
+            human_bytes(report.bytes)
+        );
+        print!("{}", report.phases());
+        anyhow::Ok(report.verified == Some(true))
+    });
+    let _ = stop_tx.send(());
+    runtime.block_on(daemon).context("the daemon task")??;
+    outcome
 }

@@ -81,27 +81,122 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
             format!("{wanted:?}").to_lowercase()
         ),
     }
-    let device = config
-        .device_uuids
-        .first()
-        .context("the daemon serves no devices")?
-        .clone();
-
-    let total = Instant::now();
-    let t = Instant::now();
-    let size = client.register(model.as_str()).await?;
-    let register_s = t.elapsed().as_secs_f64();
-
-    let index = TensorIndex::read(&model_dir).with_context(|| {
-        "reading the model's index: pass --storage-path pointing at the daemon's storage path"
-            .to_string()
-    })?;
     let layout = match args.layout {
         LayoutArg::Mirrored => Layout::Mirrored,
         LayoutArg::Packed => Layout::Packed,
     };
+    let r = load_model(
+        &mut client,
+        &config.host_shm_dir,
+        &config.device_uuids,
+        &model,
+        &model_dir,
+        layout,
+        args.verify,
+    )
+    .await?;
+    if args.json {
+        let out = serde_json::json!({
+            "model": model.as_str(),
+            "bytes": r.bytes,
+            "model_size": r.model_size,
+            "tensors": r.tensors,
+            "backend": config.device_backend,
+            "io_engine": config.io_engine,
+            "layout": format!("{:?}", args.layout).to_lowercase(),
+            "register_s": r.register_s,
+            "host_load_s": r.host_load_s,
+            "device_copy_s": r.device_copy_s,
+            "total_s": r.total_s,
+            "gib_per_s": gib_per_s(r.bytes, r.total_s),
+            "verified": r.verified,
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "loaded {} ({} tensors, {}) via {} backend, {} engine",
+            model,
+            r.tensors,
+            human_bytes(r.bytes),
+            config.device_backend,
+            config.io_engine
+        );
+        print!("{}", r.phases());
+    }
+    Ok(if r.verified == Some(false) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// What one load through the daemon took.
+pub struct LoadReport {
+    pub bytes: u64,
+    pub model_size: u64,
+    pub tensors: usize,
+    pub register_s: f64,
+    pub host_load_s: f64,
+    pub device_copy_s: f64,
+    pub total_s: f64,
+    pub verified: Option<bool>,
+}
+
+impl LoadReport {
+    /// The phases, one per line, for people.
+    pub fn phases(&self) -> String {
+        let mut out = format!(
+            "  register     {:>8.3} s\n  host load    {:>8.3} s  {:>7.2} GiB/s  (in the daemon)\n  \
+             device copy  {:>8.3} s  {:>7.2} GiB/s  (overlaps the host load)\n  total        {:>8.3} s  {:>7.2} GiB/s\n",
+            self.register_s,
+            self.host_load_s,
+            gib_per_s(self.model_size, self.host_load_s),
+            self.device_copy_s,
+            gib_per_s(self.bytes, self.device_copy_s),
+            self.total_s,
+            gib_per_s(self.bytes, self.total_s),
+        );
+        if let Some(ok) = self.verified {
+            out += &format!(
+                "  verified     {}\n",
+                if ok {
+                    "every tensor matches the files"
+                } else {
+                    "MISMATCH"
+                }
+            );
+        }
+        out
+    }
+}
+
+/// Loads `model` through `client` into host-backend buffers in `shm_dir`
+/// on the first of `devices`, the way an inference engine would: register,
+/// load to host, load to the device, confirm; optionally reads the buffers
+/// back and compares them with the files.
+pub async fn load_model(
+    client: &mut StoreClient,
+    shm_dir: &str,
+    devices: &[String],
+    model: &ModelId,
+    model_dir: &std::path::Path,
+    layout: Layout,
+    verify_bytes: bool,
+) -> anyhow::Result<LoadReport> {
+    let device = devices
+        .first()
+        .context("the daemon serves no devices")?
+        .clone();
+    let total = Instant::now();
+    let t = Instant::now();
+    let model_size = client.register(model.as_str()).await?;
+    let register_s = t.elapsed().as_secs_f64();
+
+    let index = TensorIndex::read(model_dir).context(
+        "reading the model's index: pass --storage-path pointing at the daemon's storage path",
+    )?;
     let plan = plan(&index, &DeviceMap::single(&device), layout)?;
-    let shm_dir = PathBuf::from(&config.host_shm_dir);
+    let shm_dir = PathBuf::from(shm_dir);
     let buffers: Vec<ShmBuffer> = plan
         .buffers
         .iter()
@@ -127,66 +222,21 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
     }
     let device_copy_s = copy_started.elapsed().as_secs_f64();
     let total_s = total.elapsed().as_secs_f64();
-    let status = client.model_status(model.as_str()).await?;
-    let host_load_s = status.host_load_seconds;
-
-    let verified = if args.verify {
-        Some(verify(&model_dir, &index, &plan, &buffers)?)
+    let host_load_s = client.model_status(model.as_str()).await?.host_load_seconds;
+    let verified = if verify_bytes {
+        Some(verify(model_dir, &index, &plan, &buffers)?)
     } else {
         None
     };
-    let gib_s = gib_per_s(bytes, total_s);
-    if args.json {
-        let out = serde_json::json!({
-            "model": model.as_str(),
-            "bytes": bytes,
-            "model_size": size,
-            "tensors": index.len(),
-            "backend": config.device_backend,
-            "io_engine": config.io_engine,
-            "layout": format!("{:?}", args.layout).to_lowercase(),
-            "register_s": register_s,
-            "host_load_s": host_load_s,
-            "device_copy_s": device_copy_s,
-            "total_s": total_s,
-            "gib_per_s": gib_s,
-            "verified": verified,
-        });
-        println!("{out}");
-    } else {
-        println!(
-            "loaded {} ({} tensors, {}) via {} backend, {} engine",
-            model,
-            index.len(),
-            human_bytes(bytes),
-            config.device_backend,
-            config.io_engine
-        );
-        println!("  register     {register_s:>8.3} s");
-        println!(
-            "  host load    {host_load_s:>8.3} s  {:>7.2} GiB/s  (in the daemon)",
-            gib_per_s(size, host_load_s)
-        );
-        println!(
-            "  device copy  {device_copy_s:>8.3} s  {:>7.2} GiB/s  (overlaps the host load)",
-            gib_per_s(bytes, device_copy_s)
-        );
-        println!("  total        {total_s:>8.3} s  {gib_s:>7.2} GiB/s");
-        if let Some(ok) = verified {
-            println!(
-                "  verified     {}",
-                if ok {
-                    "every tensor matches the files"
-                } else {
-                    "MISMATCH"
-                }
-            );
-        }
-    }
-    Ok(if verified == Some(false) {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
+    Ok(LoadReport {
+        bytes,
+        model_size,
+        tensors: index.len(),
+        register_s,
+        host_load_s,
+        device_copy_s,
+        total_s,
+        verified,
     })
 }
 
