@@ -8,9 +8,13 @@
 //!   tensors keep the writer's alignment) by default, or ServerlessLLM's
 //!   packed layout;
 //! - [`shm::ShmBuffer`]: device memory for the daemon's host backend (a
-//!   shared-memory file whose path is the handle).
+//!   shared-memory file whose path is the handle);
+//! - [`cuda::CudaBuffer`]: GPU memory shared with the daemon through a CUDA
+//!   IPC handle (the client half of the CUDA room; `libcuda` is loaded at run
+//!   time, so the crate builds and runs without CUDA).
 
 pub mod client;
+pub mod cuda;
 pub mod plan;
 pub mod shm;
 

@@ -12,12 +12,40 @@ pub mod storage {
 
 pub use storage::*;
 
+/// A device UUID as the protocol writes it (the keys of
+/// `LoadModelRequest.chunks` and `.handles`): lower-case hex, 8-4-4-4-12, no
+/// `GPU-` prefix, as ServerlessLLM and Python's `uuid.UUID` print the 16
+/// bytes of a CUDA device UUID.
+pub fn device_uuid_string(bytes: &[u8; 16]) -> String {
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
 #[cfg(test)]
 mod tests {
     //! The bytes on the wire are what ServerlessLLM's generated code sends:
     //! field numbers and types are checked by encoding known messages.
     use super::*;
     use prost::Message;
+
+    #[test]
+    fn device_uuids_print_as_serverlessllm_prints_them() {
+        let bytes = [
+            0x5a, 0x1b, 0x2c, 0x3d, 0x4e, 0x5f, 0x60, 0x71, 0x82, 0x93, 0xa4, 0xb5, 0xc6, 0xd7,
+            0xe8, 0xf9,
+        ];
+        assert_eq!(
+            device_uuid_string(&bytes),
+            "5a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9"
+        );
+    }
 
     #[test]
     fn register_response_wire_bytes() {

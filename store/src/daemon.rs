@@ -13,6 +13,7 @@ use sllm_proto::storage_server::StorageServer;
 use tokio::signal::unix::{SignalKind, signal};
 use tonic::transport::Server;
 
+use crate::device::cuda::CudaBackend;
 use crate::device::host::HostBackend;
 use crate::device::{BackendKind, DeviceBackend, DeviceError};
 use crate::io::{EngineKind, IoError, make_engine};
@@ -119,6 +120,14 @@ pub async fn serve(
         tokio::task::spawn_blocking(move || HostPool::new(pool_bytes, chunk_bytes, touch_threads))
             .await
             .expect("the pool thread does not panic")?;
+    let registering = Instant::now();
+    backend.register_host_memory(&pool)?;
+    if backend.kind() == "cuda" {
+        tracing::info!(
+            seconds = registering.elapsed().as_secs_f64(),
+            "pool page-locked for DMA"
+        );
+    }
     let registry = Registry::new(
         RegistryConfig {
             storage_root: storage_root.clone(),
@@ -229,22 +238,26 @@ pub async fn serve(
 }
 
 fn make_backend(cfg: &DaemonConfig) -> Result<Arc<dyn DeviceBackend>, DaemonError> {
-    match cfg.device {
-        BackendKind::Host => Ok(Arc::new(HostBackend::new(
+    let host = || -> Result<Arc<dyn DeviceBackend>, DaemonError> {
+        Ok(Arc::new(HostBackend::new(
             cfg.host_devices,
             &cfg.host_shm_dir,
-        )?)),
-        BackendKind::Auto => {
-            tracing::info!("no CUDA backend in this build; serving host pseudo-devices");
-            Ok(Arc::new(HostBackend::new(
-                cfg.host_devices,
-                &cfg.host_shm_dir,
-            )?))
-        }
-        BackendKind::Cuda => Err(DeviceError::Unavailable(
-            "the CUDA backend is not in this build yet; use --device host".into(),
-        )
-        .into()),
+        )?))
+    };
+    match cfg.device {
+        BackendKind::Host => host(),
+        BackendKind::Cuda => Ok(Arc::new(CudaBackend::probe().map_err(|e| {
+            DeviceError::Unavailable(format!(
+                "{e}; --device cuda needs an NVIDIA driver and a GPU (use --device host or auto)"
+            ))
+        })?)),
+        BackendKind::Auto => match CudaBackend::probe() {
+            Ok(cuda) => Ok(Arc::new(cuda)),
+            Err(e) => {
+                tracing::info!(reason = %e, "no CUDA; serving host pseudo-devices");
+                host()
+            }
+        },
     }
 }
 

@@ -4,16 +4,17 @@
 //! - [`host::HostBackend`] emulates device memory with shared-memory files
 //!   the client creates (the "IPC handle" is the file's path), so the whole
 //!   GPU path runs in tests and CI without a GPU.
-//! - The CUDA backend (cudarc, driver API, loaded at run time) is the real
-//!   one; it lands with the next step of issue #4.
+//! - [`cuda::CudaBackend`] (cudarc, driver API, `libcuda` loaded at run
+//!   time) is the real one.
 //!
 //! A request opens a [`DeviceTarget`] per device: the buffers behind its
 //! handles, their sizes (for bounds checks before any byte moves), and
 //! asynchronous copies that keep their source chunk alive until done.
 
+pub mod cuda;
 pub mod host;
 
-use crate::pool::SharedChunk;
+use crate::pool::{HostPool, SharedChunk};
 
 /// One device the daemon serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,6 +56,12 @@ pub trait DeviceBackend: Send + Sync {
 
     /// The devices served, in index order.
     fn devices(&self) -> &[DeviceInfo];
+
+    /// Makes the pool usable as a DMA source (page-locks it for CUDA).
+    fn register_host_memory(&self, pool: &HostPool) -> Result<(), DeviceError> {
+        let _ = pool;
+        Ok(())
+    }
 
     /// Opens the buffers behind `handles` on `device`. Validates every
     /// handle; nothing is copied yet.

@@ -193,8 +193,7 @@ fn serve_and_load(
         );
         let report = load_model(
             &mut client,
-            &config.host_shm_dir,
-            &config.device_uuids,
+            &config,
             model,
             &model.dir_in(storage),
             Layout::Mirrored,

@@ -9,9 +9,10 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
+use sllm_client::cuda::{CudaBuffer, CudaDevice};
 use sllm_client::plan::{DeviceMap, Layout, LoadPlan, plan};
 use sllm_client::shm::ShmBuffer;
-use sllm_client::{StoreClient, client::DEFAULT_ADDR};
+use sllm_client::{ServerConfig, StoreClient, client::DEFAULT_ADDR};
 use sllm_store::config::resolve_storage_path;
 use sllm_store::format::partitions::Partitions;
 use sllm_store::format::{ModelId, TensorIndex};
@@ -87,8 +88,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
     };
     let r = load_model(
         &mut client,
-        &config.host_shm_dir,
-        &config.device_uuids,
+        &config,
         &model,
         &model_dir,
         layout,
@@ -170,20 +170,44 @@ impl LoadReport {
     }
 }
 
-/// Loads `model` through `client` into host-backend buffers in `shm_dir`
-/// on the first of `devices`, the way an inference engine would: register,
-/// load to host, load to the device, confirm; optionally reads the buffers
-/// back and compares them with the files.
+/// Device buffers of either backend.
+enum Buffers<'d> {
+    Shm(Vec<ShmBuffer>),
+    Cuda(Vec<CudaBuffer<'d>>),
+}
+
+impl Buffers<'_> {
+    fn handle(&self, i: usize) -> anyhow::Result<Vec<u8>> {
+        Ok(match self {
+            Buffers::Shm(b) => b[i].handle(),
+            Buffers::Cuda(b) => b[i].ipc_handle()?,
+        })
+    }
+
+    fn read_at(&self, i: usize, buf: &mut [u8], offset: u64) -> anyhow::Result<()> {
+        match self {
+            Buffers::Shm(b) => b[i].read_at(buf, offset)?,
+            Buffers::Cuda(b) => b[i].read_at(buf, offset)?,
+        }
+        Ok(())
+    }
+}
+
+/// Loads `model` through `client` onto the first device the daemon serves
+/// (a shared-memory buffer for the host backend, GPU memory shared by IPC
+/// handle for CUDA), the way an inference engine would: register, load to
+/// host, load to the device, confirm; optionally reads the buffer back and
+/// compares it with the files.
 pub async fn load_model(
     client: &mut StoreClient,
-    shm_dir: &str,
-    devices: &[String],
+    config: &ServerConfig,
     model: &ModelId,
     model_dir: &std::path::Path,
     layout: Layout,
     verify_bytes: bool,
 ) -> anyhow::Result<LoadReport> {
-    let device = devices
+    let device = config
+        .device_uuids
         .first()
         .context("the daemon serves no devices")?
         .clone();
@@ -196,13 +220,34 @@ pub async fn load_model(
         "reading the model's index: pass --storage-path pointing at the daemon's storage path",
     )?;
     let plan = plan(&index, &DeviceMap::single(&device), layout)?;
-    let shm_dir = PathBuf::from(shm_dir);
-    let buffers: Vec<ShmBuffer> = plan
-        .buffers
-        .iter()
-        .map(|b| ShmBuffer::create(&shm_dir, b.size_bytes))
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("allocating host-backend buffers in {}", shm_dir.display()))?;
+    let gpus: Vec<CudaDevice> = if config.device_backend == "cuda" {
+        plan.buffers
+            .iter()
+            .map(|b| CudaDevice::by_uuid(&b.uuid))
+            .collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
+    let buffers = if config.device_backend == "cuda" {
+        Buffers::Cuda(
+            plan.buffers
+                .iter()
+                .zip(&gpus)
+                .map(|(b, gpu)| gpu.alloc(b.size_bytes))
+                .collect::<Result<_, _>>()?,
+        )
+    } else {
+        let shm_dir = PathBuf::from(&config.host_shm_dir);
+        Buffers::Shm(
+            plan.buffers
+                .iter()
+                .map(|b| ShmBuffer::create(&shm_dir, b.size_bytes))
+                .collect::<Result<_, _>>()
+                .with_context(|| {
+                    format!("allocating host-backend buffers in {}", shm_dir.display())
+                })?,
+        )
+    };
 
     client.load_to_host(model.as_str()).await?;
     let copy_started = Instant::now();
@@ -210,9 +255,9 @@ pub async fn load_model(
     let handles = plan
         .buffers
         .iter()
-        .zip(&buffers)
-        .map(|(b, shm)| (b.uuid.clone(), vec![shm.handle()]))
-        .collect();
+        .enumerate()
+        .map(|(i, b)| Ok((b.uuid.clone(), vec![buffers.handle(i)?])))
+        .collect::<anyhow::Result<_>>()?;
     let bytes = plan.copy_bytes();
     if bytes > 0 {
         client
@@ -245,7 +290,7 @@ fn verify(
     model_dir: &std::path::Path,
     index: &TensorIndex,
     plan: &LoadPlan,
-    buffers: &[ShmBuffer],
+    buffers: &Buffers<'_>,
 ) -> anyhow::Result<bool> {
     let parts = Partitions::discover(model_dir)?;
     let mut open = Vec::new();
@@ -256,12 +301,11 @@ fn verify(
             .buffers
             .iter()
             .position(|b| b.uuid == place.device)
-            .map(|i| &buffers[i])
             .context("a planned device has no buffer")?;
         let mut expected = vec![0u8; e.size as usize];
         let mut loaded = vec![0u8; e.size as usize];
         parts.read_exact_at(&mut open, e.offset, &mut expected)?;
-        buffer.read_at(&mut loaded, place.offset)?;
+        buffers.read_at(buffer, &mut loaded, place.offset)?;
         if expected != loaded {
             eprintln!(
                 "mismatch: tensor {name:?} differs from {}",

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# GPU check (shared/DESIGN.md section 6), run on a lent device machine with
+# binaries built here: `cargo build --release` and carry target/release/.
+#
+#   bench/gpu/check.sh [size]        (default 4GiB)
+#
+# Starts the daemon with --device cuda, loads a synthetic model into GPU
+# memory allocated by a separate client process (IPC handle), copies it back
+# and compares every byte with the files; records nvidia-smi and the figures
+# under $OUT (or ./gpu-check-out).
+set -euo pipefail
+size=${1:-4GiB}
+bin=${SLLM_BIN:-target/release}
+out=${OUT:-gpu-check-out}
+work=$(mktemp -d)
+mkdir -p "$out"
+trap 'kill $daemon 2>/dev/null || true; rm -rf "$work"' EXIT
+
+nvidia-smi --query-gpu=name,uuid,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv > "$out/nvidia-smi.csv" || true
+"$bin/sllm-store" demo --size "$size" --dir "$work" > "$out/demo.txt"
+"$bin/sllm-store" start --device cuda --storage-path "$work/models" --port 18073 \
+    --mem-pool-size 8GiB > "$out/daemon.log" 2>&1 &
+daemon=$!
+for _ in $(seq 100); do grep -q "listening on" "$out/daemon.log" && break; sleep 0.2; done
+grep "listening on" "$out/daemon.log"
+for layout in mirrored packed; do
+    for run in cold warm; do
+        "$bin/sllm-store" load --model demo/llama-synthetic --server 127.0.0.1:18073 \
+            --storage-path "$work/models" --device cuda --layout "$layout" --verify --json \
+            | tee -a "$out/loads.jsonl"
+    done
+done
+kill -TERM $daemon; wait $daemon || true
+echo "GPU check done: $out"
