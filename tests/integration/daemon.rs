@@ -675,3 +675,31 @@ async fn metrics_count_loads_and_json_logs_parse() {
     let parsed: serde_json::Value = serde_json::from_str(ready).expect("a JSON log line");
     assert_eq!(parsed["level"], "INFO");
 }
+
+#[test]
+fn load_without_a_daemon_is_one_line_and_a_failure() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A port nothing listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let err = run_err(
+        sllm_store(tmp.path())
+            .args([
+                "load",
+                "--model",
+                "o/m",
+                "--server",
+                &format!("127.0.0.1:{port}"),
+                "--storage-path",
+            ])
+            .arg(tmp.path()),
+    );
+    assert!(
+        err.contains("cannot reach the store daemon") && err.contains("sllm-store start"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+}
