@@ -184,6 +184,17 @@ struct ModelEntry {
 }
 
 impl ModelEntry {
+    /// Refuses a replica id already in use for this model.
+    fn ensure_replica_free(&self, uuid: &str, model: &str) -> Result<(), RegistryError> {
+        if self.replicas.contains_key(uuid) {
+            return Err(RegistryError::ReplicaExists {
+                uuid: uuid.into(),
+                model: model.into(),
+            });
+        }
+        Ok(())
+    }
+
     fn busy(&self) -> bool {
         self.replicas
             .values()
@@ -201,6 +212,24 @@ struct Table {
     models: HashMap<String, ModelEntry>,
     clock: u64,
     shutting_down: bool,
+}
+
+impl Table {
+    fn entry(&self, model: &str) -> Result<&ModelEntry, RegistryError> {
+        self.models
+            .get(model)
+            .ok_or_else(|| RegistryError::NotRegistered {
+                model: model.into(),
+            })
+    }
+
+    fn entry_mut(&mut self, model: &str) -> Result<&mut ModelEntry, RegistryError> {
+        self.models
+            .get_mut(model)
+            .ok_or_else(|| RegistryError::NotRegistered {
+                model: model.into(),
+            })
+    }
 }
 
 /// The daemon's state.
@@ -355,12 +384,7 @@ impl Registry {
         }
         table.clock += 1;
         let clock = table.clock;
-        let entry = table
-            .models
-            .get_mut(model)
-            .ok_or_else(|| RegistryError::NotRegistered {
-                model: model.into(),
-            })?;
+        let entry = table.entry_mut(model)?;
         entry.last_used = clock;
         if let Some(host) = entry.host.as_ref().filter(|h| h.error().is_none()) {
             return Ok(Arc::clone(host));
@@ -481,18 +505,8 @@ impl Registry {
         self.ensure_registered(model)?;
         let info = {
             let table = self.table();
-            let entry = table
-                .models
-                .get(model)
-                .ok_or_else(|| RegistryError::NotRegistered {
-                    model: model.into(),
-                })?;
-            if entry.replicas.contains_key(replica_uuid) {
-                return Err(RegistryError::ReplicaExists {
-                    uuid: replica_uuid.into(),
-                    model: model.into(),
-                });
-            }
+            let entry = table.entry(model)?;
+            entry.ensure_replica_free(replica_uuid, model)?;
             Arc::clone(&entry.info)
         };
 
@@ -553,18 +567,8 @@ impl Registry {
         if active >= self.cfg.limits.max_active_replicas {
             return Err(RegistryError::TooManyReplicas(active));
         }
-        let entry = table
-            .models
-            .get_mut(model)
-            .ok_or_else(|| RegistryError::NotRegistered {
-                model: model.into(),
-            })?;
-        if entry.replicas.contains_key(replica_uuid) {
-            return Err(RegistryError::ReplicaExists {
-                uuid: replica_uuid.into(),
-                model: model.into(),
-            });
-        }
+        let entry = table.entry_mut(model)?;
+        entry.ensure_replica_free(replica_uuid, model)?;
         let retention = self.cfg.limits.replica_retention;
         entry
             .replicas
@@ -636,12 +640,7 @@ impl Registry {
     pub fn status(&self, model: &str) -> Result<ModelStatus, RegistryError> {
         self.ensure_registered(model)?;
         let table = self.table();
-        let entry = table
-            .models
-            .get(model)
-            .ok_or_else(|| RegistryError::NotRegistered {
-                model: model.into(),
-            })?;
+        let entry = table.entry(model)?;
         let replicas_copying = entry
             .replicas
             .values()
@@ -677,12 +676,7 @@ impl Registry {
     pub fn unload(&self, model: &str) -> Result<(), RegistryError> {
         ModelId::parse(model)?;
         let mut table = self.table();
-        let entry = table
-            .models
-            .get_mut(model)
-            .ok_or_else(|| RegistryError::NotRegistered {
-                model: model.into(),
-            })?;
+        let entry = table.entry_mut(model)?;
         entry.host = None;
         Ok(())
     }
