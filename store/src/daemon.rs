@@ -105,6 +105,7 @@ pub async fn serve(
     on_ready: impl FnOnce(&Listen),
 ) -> Result<(), DaemonError> {
     let started = Instant::now();
+    raise_open_file_limit();
     let storage_root =
         cfg.storage_root
             .canonicalize()
@@ -258,6 +259,22 @@ fn make_backend(cfg: &DaemonConfig) -> Result<Arc<dyn DeviceBackend>, DaemonErro
                 host()
             }
         },
+    }
+}
+
+/// Raises the soft limit on open files to the hard one: every partition is
+/// opened twice per load (direct and buffered) and every handle once.
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::debug!(error = %e, "could not raise the open-file limit");
+        }
     }
 }
 

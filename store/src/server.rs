@@ -59,8 +59,15 @@ pub fn to_status(e: RegistryError) -> Status {
             Status::invalid_argument(message)
         }
         RegistryError::NotFound { .. }
+        | RegistryError::UnknownModel { .. }
         | RegistryError::UnknownDevice { .. }
         | RegistryError::ReplicaUnknown { .. } => Status::not_found(message),
+        RegistryError::ModelChanged { .. } => Status::aborted(message),
+        RegistryError::NoThread(_) => Status::resource_exhausted(message),
+        RegistryError::Unreadable { ref source, .. } if out_of_descriptors(source) => {
+            Status::resource_exhausted(message)
+        }
+        RegistryError::Unreadable { .. } => Status::internal(message),
         RegistryError::NotRegistered { .. } | RegistryError::ReplicaExists { .. } => {
             Status::failed_precondition(message)
         }
@@ -73,6 +80,13 @@ pub fn to_status(e: RegistryError) -> Status {
         | RegistryError::Load { .. }
         | RegistryError::Device(_) => Status::internal(message),
     }
+}
+
+/// EMFILE / ENFILE: the daemon (or the machine) ran out of file descriptors.
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    let errno = e.raw_os_error();
+    errno == Some(rustix::io::Errno::MFILE.raw_os_error())
+        || errno == Some(rustix::io::Errno::NFILE.raw_os_error())
 }
 
 fn require_model_path(model_path: &str) -> Result<(), Status> {

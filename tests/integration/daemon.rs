@@ -318,6 +318,18 @@ async fn every_bad_request_gets_its_status_and_the_daemon_keeps_serving() {
     }
     let e = client.register("o/escape").await.unwrap_err().to_string();
     assert!(e.contains("leads outside the storage path"), "{e}");
+    // A partition that is a symlink to a file elsewhere is refused too.
+    let evil = storage.join("o/evil");
+    std::fs::create_dir_all(&evil).unwrap();
+    let secret = tmp.path().join("secret");
+    std::fs::write(&secret, "not for clients").unwrap();
+    std::os::unix::fs::symlink(&secret, evil.join("tensor.data_0")).unwrap();
+    let e = client.register("o/evil").await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::InvalidArgument), "{e}");
+    assert!(
+        e.to_string().contains("leads outside the storage path"),
+        "{e}"
+    );
     assert_eq!(
         client.register("o/absent").await.unwrap_err().code(),
         Some(Code::NotFound)
@@ -387,6 +399,36 @@ async fn every_bad_request_gets_its_status_and_the_daemon_keeps_serving() {
         assert_eq!(got, want, "{needle}: {msg}");
         assert!(msg.contains(needle), "{needle}: {msg}");
     }
+    // A FIFO as a handle fails at once instead of blocking the request.
+    let fifo = Path::new(SHM).join(format!("sllm-test-fifo-{}", std::process::id()));
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    let fifo_handle = HashMap::from([(
+        dev.clone(),
+        vec![fifo.to_str().unwrap().as_bytes().to_vec()],
+    )]);
+    let started = std::time::Instant::now();
+    let (got, msg) = gpu_code(
+        &mut client,
+        "o/m",
+        "r-fifo",
+        one(&dev, mc(0, 10, 0, 0)),
+        fifo_handle,
+    )
+    .await;
+    std::fs::remove_file(&fifo).unwrap();
+    assert_eq!(got, Code::InvalidArgument, "{msg}");
+    assert!(
+        msg.contains("FIFO") && started.elapsed() < Duration::from_secs(5),
+        "{msg}"
+    );
+
     // Replica reuse while it is known, and confirming one never requested.
     let copies = one(&dev, mc(0, size, 0, 0));
     assert_eq!(
@@ -460,6 +502,13 @@ async fn a_truncated_partition_fails_that_load_only() {
     assert!(e.to_string().contains("ended early"), "{e}");
     let st = client.model_status("o/bad").await.unwrap();
     assert!(st.error.contains("tensor.data_1"), "{st:?}");
+    // Unloading a model mid-load gives its chunks back at once: a reload
+    // (of the whole pool's worth) is not refused.
+    client.clear().await.unwrap();
+    for _ in 0..3 {
+        client.load_to_host("o/good").await.unwrap();
+        client.unload("o/good").await.unwrap();
+    }
     // Its chunks came back: the good model needs half the pool, twice over.
     load_and_check(&mut client, &storage, "o/good", &good, Layout::Mirrored).await;
     client.unload("o/good").await.unwrap();

@@ -11,9 +11,10 @@
 //!   `cuMemGetAddressRange` before it is queued;
 //! - a queued copy reads host memory asynchronously, so the target keeps the
 //!   source chunk alive until the stream has been synchronized;
-//! - the pool stays registered (page-locked) for as long as the backend
-//!   lives, and the backend keeps the pool's mapping alive until it
-//!   unregisters it.
+//! - the driver state (contexts, the pool's registration) lives in an `Arc`
+//!   that every target holds, so it is torn down only after the last copy
+//!   has been synchronized; the pool's mapping is kept alive until it is
+//!   unregistered.
 
 use std::ffi::{CStr, c_void};
 use std::sync::{Arc, Mutex};
@@ -49,14 +50,18 @@ unsafe impl Sync for Context {}
 impl Context {
     fn make_current(self) -> Result<(), String> {
         // SAFETY: the context was retained in `probe` and is released only
-        // when the backend drops, after every target (which holds the
-        // backend alive through the registry) is gone.
+        // when `CudaInner` drops, which every target keeps alive.
         check("cuCtxSetCurrent", unsafe { cu::cuCtxSetCurrent(self.0) })
     }
 }
 
 /// GPUs seen through the CUDA driver.
 pub struct CudaBackend {
+    inner: Arc<CudaInner>,
+}
+
+/// The driver state, shared with every open target.
+struct CudaInner {
     devices: Vec<DeviceInfo>,
     handles: Vec<cu::CUdevice>,
     contexts: Vec<Context>,
@@ -96,7 +101,7 @@ impl CudaBackend {
                     "the driver sees no device (check CUDA_VISIBLE_DEVICES)".into(),
                 ));
             }
-            let mut backend = Self {
+            let mut backend = CudaInner {
                 devices: Vec::new(),
                 handles: Vec::new(),
                 contexts: Vec::new(),
@@ -130,7 +135,9 @@ impl CudaBackend {
                     index: ordinal as usize,
                 });
             }
-            Ok(backend)
+            Ok(Self {
+                inner: Arc::new(backend),
+            })
         }
     }
 }
@@ -141,21 +148,33 @@ impl DeviceBackend for CudaBackend {
     }
 
     fn devices(&self) -> &[DeviceInfo] {
-        &self.devices
+        &self.inner.devices
     }
 
     fn register_host_memory(&self, pool: &HostPool) -> Result<(), DeviceError> {
+        let inner = &self.inner;
         let fail =
             |e: String| DeviceError::Unavailable(format!("cannot page-lock the pool for DMA: {e}"));
-        self.contexts[0].make_current().map_err(fail)?;
+        inner
+            .contexts
+            .first()
+            .ok_or_else(|| fail("no device".into()))?
+            .make_current()
+            .map_err(fail)?;
         let (base, len) = pool.region();
-        let mut registered = self.registered.lock().expect("lock");
+        // Whole chunks per piece: a chunk never straddles two registrations.
+        let chunk = pool.chunk_bytes();
+        let piece_bytes = (REGISTER_PIECE_BYTES / chunk).max(1) * chunk;
+        let mut registered = inner
+            .registered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut offset = 0;
         while offset < len {
-            let piece = REGISTER_PIECE_BYTES.min(len - offset);
+            let piece = piece_bytes.min(len - offset);
             // SAFETY: the piece lies inside the pool's live mapping, which
-            // this backend keeps alive (the pool clone below) until Drop
-            // unregisters it; PORTABLE makes it pinned for every context.
+            // the driver state keeps alive (the pool clone below) until its
+            // Drop unregisters it; PORTABLE pins it for every context.
             let result = unsafe {
                 cu::cuMemHostRegister_v2(
                     base.add(offset).cast::<c_void>(),
@@ -179,7 +198,14 @@ impl DeviceBackend for CudaBackend {
         device: &DeviceInfo,
         handles: &[Vec<u8>],
     ) -> Result<Box<dyn DeviceTarget>, DeviceError> {
-        let ctx = self.contexts[device.index];
+        let ctx = *self
+            .inner
+            .contexts
+            .get(device.index)
+            .ok_or_else(|| DeviceError::Copy {
+                device: device.uuid.clone(),
+                reason: "no context for this device".into(),
+            })?;
         let copy_err = |reason: String| DeviceError::Copy {
             device: device.uuid.clone(),
             reason,
@@ -192,6 +218,7 @@ impl DeviceBackend for CudaBackend {
             ptrs: Vec::with_capacity(handles.len()),
             sizes: Vec::with_capacity(handles.len()),
             keep: Vec::new(),
+            _driver: Arc::clone(&self.inner),
         };
         for (index, bytes) in handles.iter().enumerate() {
             let invalid = |reason: String| DeviceError::InvalidHandle {
@@ -248,10 +275,15 @@ fn unregister(pieces: &mut Vec<usize>) {
     }
 }
 
-impl Drop for CudaBackend {
+impl Drop for CudaInner {
+    /// Runs after the last target is gone: no copy is in flight.
     fn drop(&mut self) {
         if let Ok(mut registered) = self.registered.lock() {
-            if self.contexts[0].make_current().is_ok() {
+            if self
+                .contexts
+                .first()
+                .is_some_and(|c| c.make_current().is_ok())
+            {
                 unregister(&mut registered.0);
             }
             registered.1 = None;
@@ -272,6 +304,8 @@ struct CudaTarget {
     sizes: Vec<u64>,
     /// Chunks read by queued copies: alive until the stream is synchronized.
     keep: Vec<SharedChunk>,
+    /// Keeps the contexts and the pool's registration alive; dropped last.
+    _driver: Arc<CudaInner>,
 }
 
 // SAFETY: the stream and device pointers are driver handles usable from any

@@ -4,12 +4,22 @@
 //! where a GPU copy would land, so everything but the CUDA calls is
 //! exercised without a GPU.
 //!
-//! A client must not be able to make the daemon write anywhere else: a
-//! handle must name a regular file inside the allowed directory (`/dev/shm`
-//! by default), with no symlink on the way, and writes never extend it.
+//! A client must not be able to make the daemon write anywhere else. A
+//! handle is resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`
+//! relative to a directory fd held on the allowed directory (`/dev/shm` by
+//! default), so no symlink, `..` or rename race can lead out of it; it is
+//! opened with `O_NONBLOCK` (a FIFO fails instead of blocking the request)
+//! and must be a regular file, checked on the opened fd. Writes never go past
+//! the file's size at open.
+//!
+//! The daemon writes into any regular file in that directory it is allowed
+//! to open: this backend is for tests and machines without a GPU. Give it a
+//! directory of its own (`--host-shm-dir`) where other users' files could be.
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
+
+use rustix::fs::{Mode, OFlags, ResolveFlags};
 use std::path::{Component, Path, PathBuf};
 
 use super::{DeviceBackend, DeviceError, DeviceInfo, DeviceTarget};
@@ -24,6 +34,8 @@ const MAX_HANDLE_BYTES: usize = 4096;
 pub struct HostBackend {
     devices: Vec<DeviceInfo>,
     root: PathBuf,
+    /// Held open: handles are resolved beneath it.
+    root_dir: rustix::fd::OwnedFd,
 }
 
 impl HostBackend {
@@ -35,6 +47,12 @@ impl HostBackend {
                 root.display()
             ))
         })?;
+        let root_dir = rustix::fs::open(
+            &root,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| DeviceError::Unavailable(format!("cannot open {}: {e}", root.display())))?;
         let devices = (0..count.max(1))
             .map(|index| DeviceInfo {
                 uuid: host_device_uuid(index),
@@ -42,7 +60,11 @@ impl HostBackend {
                 index,
             })
             .collect();
-        Ok(Self { devices, root })
+        Ok(Self {
+            devices,
+            root,
+            root_dir,
+        })
     }
 
     /// The directory handles must live in.
@@ -78,7 +100,7 @@ impl DeviceBackend for HostBackend {
                 index,
                 reason,
             };
-            let file = open_handle(&self.root, handle).map_err(invalid)?;
+            let file = open_handle(&self.root, &self.root_dir, handle).map_err(invalid)?;
             let size = file.metadata().map_err(|e| invalid(e.to_string()))?.len();
             files.push(file);
             sizes.push(size);
@@ -92,7 +114,7 @@ impl DeviceBackend for HostBackend {
 }
 
 /// Opens the file a handle names, or says why it is not acceptable.
-fn open_handle(root: &Path, handle: &[u8]) -> Result<File, String> {
+fn open_handle(root: &Path, root_dir: &rustix::fd::OwnedFd, handle: &[u8]) -> Result<File, String> {
     if handle.is_empty() || handle.len() > MAX_HANDLE_BYTES {
         return Err(format!(
             "a host handle is the path of a shared-memory file (1 to {MAX_HANDLE_BYTES} bytes), got {} bytes",
@@ -115,26 +137,33 @@ fn open_handle(root: &Path, handle: &[u8]) -> Result<File, String> {
             ));
         }
     };
-    let path = Path::new(text);
-    if !path.is_absolute()
-        || path
-            .components()
-            .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
-    {
-        return Err(format!("{text:?} is not a plain absolute path"));
-    }
-    let real = path.canonicalize().map_err(|e| format!("{text}: {e}"))?;
-    if real != path || !real.starts_with(root) {
-        return Err(format!(
+    let outside = || {
+        format!(
             "{text} is not a file inside {} (symlinks are not followed)",
             root.display()
-        ));
+        )
+    };
+    let relative = Path::new(text).strip_prefix(root).map_err(|_| outside())?;
+    if relative.as_os_str().is_empty()
+        || relative
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_)))
+    {
+        return Err(outside());
     }
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(path)
-        .map_err(|e| format!("{text}: {e}"))?;
+    let fd = rustix::fs::openat2(
+        root_dir,
+        relative,
+        OFlags::WRONLY | OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::XDEV | rustix::io::Errno::LOOP => outside(),
+        rustix::io::Errno::NXIO => format!("{text} is a FIFO or device, not a shared-memory file"),
+        e => format!("{text}: {}", std::io::Error::from(e)),
+    })?;
+    let file = File::from(fd);
     let meta = file.metadata().map_err(|e| format!("{text}: {e}"))?;
     if !meta.is_file() {
         return Err(format!("{text} is not a regular file"));
@@ -238,13 +267,26 @@ mod tests {
         std::fs::write(dir.path().join("real"), [0u8; 8]).unwrap();
         std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
         std::fs::create_dir(dir.path().join("sub")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            dir.path().join("fifo"),
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
         let d = dir.path().display();
+        // A symlinked directory on the way is refused too.
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::fs::write(elsewhere.path().join("x"), [0u8; 8]).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), dir.path().join("linkdir")).unwrap();
         for (handle, why) in [
+            (format!("{d}/linkdir/x").into_bytes(), "not a file inside"),
             (vec![7u8; 64], "CUDA IPC handle"),
             (vec![0xffu8; 10], "are not one"),
             (Vec::new(), "got 0 bytes"),
             (b"relative/path".to_vec(), "are not one"),
-            (format!("{d}/../x").into_bytes(), "plain absolute"),
+            (format!("{d}/../x").into_bytes(), "not a file inside"),
             (
                 outside.path().to_str().unwrap().as_bytes().to_vec(),
                 "not a file inside",
@@ -252,6 +294,8 @@ mod tests {
             (format!("{d}/link").into_bytes(), "not a file inside"),
             (format!("{d}/missing").into_bytes(), "No such file"),
             (format!("{d}/sub").into_bytes(), ""),
+            (format!("{d}/fifo").into_bytes(), "FIFO"),
+            (format!("{d}/sub/../real").into_bytes(), "not a file inside"),
         ] {
             let err = backend
                 .open_target(dev, &[handle])

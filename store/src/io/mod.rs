@@ -99,10 +99,16 @@ impl ModelFiles {
                 path: p.path.clone(),
                 source: Arc::new(source),
             };
-            let buffered = File::open(&p.path).map_err(open_err)?;
+            // No symlink may stand where a partition was registered.
+            let nofollow = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
+            let buffered = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(nofollow)
+                .open(&p.path)
+                .map_err(open_err)?;
             let direct = match std::fs::OpenOptions::new()
                 .read(true)
-                .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+                .custom_flags(nofollow | rustix::fs::OFlags::DIRECT.bits() as i32)
                 .open(&p.path)
             {
                 Ok(f) => Some(f),

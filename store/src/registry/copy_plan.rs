@@ -42,9 +42,20 @@ impl CopyPlan {
     }
 }
 
+/// Bytes one device's copies may add up to, in multiples of the model's
+/// size: a planner copies each byte once, twice at most when it duplicates
+/// tensors that share storage. The cap bounds the work and the memory one
+/// small request can cause.
+pub const MAX_COPY_AMPLIFICATION: u64 = 2;
+
 /// A copy that cannot be done.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
+    #[error(
+        "the copies for one device add up to more than {limit} bytes ({MAX_COPY_AMPLIFICATION}x \
+         the model); copy each tensor once"
+    )]
+    TooMuch { limit: u64 },
     #[error(
         "copy {index}: source bytes [{src_offset}, +{size}) are outside the model ({model_size} \
          bytes); plan copies from the model's tensor_index.json"
@@ -240,6 +251,15 @@ mod tests {
                     let cap = buffers[h as usize];
                     let size = size.min(cap);
                     copy(src, size, d % (cap - size + 1), h)
+                })
+                .collect();
+            // Stay within the amplification cap (tested on its own above).
+            let mut total = 0;
+            let copies: Vec<RequestedCopy> = copies
+                .into_iter()
+                .take_while(|c| {
+                    total += c.size;
+                    total <= model * MAX_COPY_AMPLIFICATION
                 })
                 .collect();
             let plan = plan_copies(&spans, model, &copies, &buffers).unwrap();

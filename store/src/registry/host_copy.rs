@@ -29,6 +29,8 @@ pub struct LoadOutcome {
 
 /// A model's chunks in the pool.
 pub struct HostCopy {
+    /// The layout this copy was made from (replicas must plan against it).
+    spans: Arc<[ChunkSpan]>,
     slots: Mutex<Vec<Slot>>,
     changed: Condvar,
     cancel: AtomicBool,
@@ -41,7 +43,8 @@ pub struct HostCopy {
 impl HostCopy {
     /// Starts reading `spans` of the model in `partitions` into `leases`
     /// (one per span) with `engine`; `on_done` runs on the io thread when
-    /// every chunk has landed or failed.
+    /// every chunk has landed or failed. Fails only if no thread can be
+    /// started (the leases then return to the pool).
     pub fn start(
         partitions: Partitions,
         spans: Arc<[ChunkSpan]>,
@@ -49,9 +52,10 @@ impl HostCopy {
         engine: Arc<dyn IoEngine>,
         max_io_bytes: usize,
         on_done: impl FnOnce(&Arc<HostCopy>, LoadOutcome) + Send + 'static,
-    ) -> Arc<Self> {
+    ) -> std::io::Result<Arc<Self>> {
         debug_assert_eq!(spans.len(), leases.len());
         let copy = Arc::new(Self {
+            spans: Arc::clone(&spans),
             slots: Mutex::new(vec![Slot::Pending; spans.len()]),
             changed: Condvar::new(),
             cancel: AtomicBool::new(false),
@@ -65,18 +69,40 @@ impl HostCopy {
             .spawn(move || {
                 let started = Instant::now();
                 let bytes = spans.iter().map(|s| s.len as u64).sum();
-                this.read_all(&partitions, &spans, leases, engine.as_ref(), max_io_bytes);
-                *this.seconds.lock().expect("lock") = Some(started.elapsed().as_secs_f64());
+                let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    this.read_all(&partitions, &spans, leases, engine.as_ref(), max_io_bytes)
+                }));
+                if read.is_err() {
+                    // Nobody may wait forever on a chunk the engine dropped.
+                    this.fail_pending(IoError::Engine("the io thread panicked".into()));
+                }
+                *lock(&this.seconds) = Some(started.elapsed().as_secs_f64());
                 let outcome = LoadOutcome {
                     bytes,
                     seconds: started.elapsed().as_secs_f64(),
                     engine: engine.name(),
-                    error: this.failed.lock().expect("lock").clone(),
+                    error: lock(&this.failed).clone(),
                 };
                 on_done(&this, outcome);
-            })
-            .expect("spawning a load thread");
-        copy
+            })?;
+        Ok(copy)
+    }
+
+    /// The layout this copy was made from.
+    pub fn spans(&self) -> &Arc<[ChunkSpan]> {
+        &self.spans
+    }
+
+    fn fail_pending(&self, error: IoError) {
+        let pending: Vec<usize> = lock(&self.slots)
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| matches!(s, Slot::Pending))
+            .map(|(i, _)| i)
+            .collect();
+        for i in pending {
+            self.settle(i, Err(error.clone()));
+        }
     }
 
     fn read_all(
@@ -117,11 +143,14 @@ impl HostCopy {
     }
 
     fn settle(&self, chunk_no: usize, result: Result<SharedChunk, IoError>) {
-        let mut slots = self.slots.lock().expect("lock");
-        slots[chunk_no] = match result {
+        let mut slots = lock(&self.slots);
+        let Some(slot) = slots.get_mut(chunk_no) else {
+            return;
+        };
+        *slot = match result {
             Ok(chunk) => Slot::Landed(chunk),
             Err(e) => {
-                let mut failed = self.failed.lock().expect("lock");
+                let mut failed = lock(&self.failed);
                 // Keep the first real error, not the cancellations it caused.
                 if failed.is_none() || matches!(*failed, Some(IoError::Cancelled)) {
                     *failed = Some(e.clone());
@@ -136,15 +165,34 @@ impl HostCopy {
         self.changed.notify_all();
     }
 
-    /// Waits for chunk `i`. A chunk cancelled because another one failed
+    /// Waits for chunk `i`, giving up when `abort` is set (checked every
+    /// 50 ms while waiting). A chunk cancelled because another one failed
     /// reports that first failure, the cause worth telling.
-    pub fn wait_chunk(&self, i: usize) -> Result<SharedChunk, IoError> {
-        let mut slots = self.slots.lock().expect("lock");
+    pub fn wait_chunk_or_abort(
+        &self,
+        i: usize,
+        abort: &AtomicBool,
+    ) -> Result<SharedChunk, IoError> {
+        let mut slots = lock(&self.slots);
         loop {
-            match &slots[i] {
-                Slot::Landed(chunk) => return Ok(Arc::clone(chunk)),
-                Slot::Failed(e) => return Err(self.error().unwrap_or_else(|| e.clone())),
-                Slot::Pending => slots = self.changed.wait(slots).expect("lock"),
+            match slots.get(i) {
+                Some(Slot::Landed(chunk)) => return Ok(Arc::clone(chunk)),
+                Some(Slot::Failed(e)) => return Err(self.error().unwrap_or_else(|| e.clone())),
+                Some(Slot::Pending) if abort.load(Ordering::Relaxed) => {
+                    return Err(IoError::Cancelled);
+                }
+                Some(Slot::Pending) => {
+                    slots = self
+                        .changed
+                        .wait_timeout(slots, std::time::Duration::from_millis(50))
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .0;
+                }
+                None => {
+                    return Err(IoError::Engine(format!(
+                        "chunk {i} is not part of this copy"
+                    )));
+                }
             }
         }
     }
@@ -161,7 +209,7 @@ impl HostCopy {
 
     /// Chunks landed so far, and chunks in all.
     pub fn progress(&self) -> (usize, usize) {
-        let slots = self.slots.lock().expect("lock");
+        let slots = lock(&self.slots);
         let landed = slots
             .iter()
             .filter(|s| matches!(s, Slot::Landed(_)))
@@ -171,11 +219,17 @@ impl HostCopy {
 
     /// Seconds the load took, once it is over.
     pub fn seconds(&self) -> Option<f64> {
-        *self.seconds.lock().expect("lock")
+        *lock(&self.seconds)
     }
 
     /// The load's error, once one chunk failed.
     pub fn error(&self) -> Option<IoError> {
-        self.failed.lock().expect("lock").clone()
+        lock(&self.failed).clone()
     }
+}
+
+/// Locks, ignoring poisoning: the data stays consistent (every update is a
+/// single assignment), and one panicked thread must not wedge the daemon.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

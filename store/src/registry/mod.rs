@@ -32,6 +32,10 @@ use crate::device::{DeviceBackend, DeviceError};
 use crate::io::{ChunkSpan, IoEngine, IoError, chunk_spans};
 use crate::pool::HostPool;
 
+/// How long a ConfirmModel that timed out waits for the aborted copies to
+/// release the client's buffers.
+const ABORT_WAIT: Duration = Duration::from_secs(30);
+
 /// Limits checked on every request.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -53,7 +57,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_copies_per_request: 1 << 20,
-            max_handles_per_device: 1024,
+            max_handles_per_device: 64,
             max_active_replicas: 256,
             unknown_replica_wait: Duration::from_millis(500),
             confirm_timeout: Duration::from_secs(1800),
@@ -143,6 +147,18 @@ pub enum RegistryError {
     },
     #[error("loading model {model} failed: {source}")]
     Load { model: String, source: IoError },
+    #[error("model {model} is not known to this daemon (never registered or loaded)")]
+    UnknownModel { model: String },
+    #[error("model {model}: cannot read {path}: {source}")]
+    Unreadable {
+        model: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("model {model} changed on disk while this request was being planned; send it again")]
+    ModelChanged { model: String },
+    #[error("cannot start a worker thread: {0}; the machine is out of threads or memory")]
+    NoThread(std::io::Error),
     #[error("the daemon is shutting down")]
     ShuttingDown,
 }
@@ -193,6 +209,17 @@ impl ModelEntry {
             });
         }
         Ok(())
+    }
+
+    /// Forgets the host copy; a load still in progress that no replica
+    /// reads from is cancelled, so its chunks come back promptly.
+    fn drop_host_copy(&mut self) {
+        if let Some(host) = self.host.take()
+            && !host.is_complete()
+            && !self.busy()
+        {
+            host.cancel();
+        }
     }
 
     fn busy(&self) -> bool {
@@ -272,7 +299,11 @@ impl Registry {
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, Table> {
-        self.table.lock().expect("registry lock")
+        // Tolerate poisoning: every update of the table is a plain field
+        // assignment, and one panicked thread must not wedge the daemon.
+        self.table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Indexes the model's partitions; returns its size. Idempotent; a
@@ -318,17 +349,37 @@ impl Registry {
         };
         // The id has no `..`, but a symlink inside the storage path could
         // still lead out of it.
-        let real = dir.canonicalize().map_err(|_| not_found())?;
+        let unreadable = |path: &Path, source: std::io::Error| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                not_found()
+            } else {
+                RegistryError::Unreadable {
+                    model: id.to_string(),
+                    path: path.to_owned(),
+                    source,
+                }
+            }
+        };
+        let escapes = |path: &Path| RegistryError::Escapes {
+            model: id.to_string(),
+            path: path.to_owned(),
+            root: root.clone(),
+        };
+        let real = dir.canonicalize().map_err(|e| unreadable(&dir, e))?;
         if !real.starts_with(root) {
-            return Err(RegistryError::Escapes {
-                model: id.to_string(),
-                path: dir,
-                root: root.clone(),
-            });
+            return Err(escapes(&dir));
         }
-        let partitions = Partitions::discover(&real).map_err(|_| not_found())?;
+        let partitions = Partitions::discover(&real).map_err(|e| unreadable(&real, e))?;
         if partitions.is_empty() {
             return Err(not_found());
+        }
+        // A partition that is a symlink could lead anywhere; they are also
+        // opened with O_NOFOLLOW at load time, so a later swap fails too.
+        for p in partitions.iter() {
+            let meta = std::fs::symlink_metadata(&p.path).map_err(|e| unreadable(&p.path, e))?;
+            if meta.file_type().is_symlink() {
+                return Err(escapes(&p.path));
+            }
         }
         let spans: Arc<[ChunkSpan]> =
             chunk_spans(partitions.iter().map(|p| p.size), self.pool.chunk_bytes()).into();
@@ -437,7 +488,8 @@ impl Registry {
                     registry.load_finished(&name, copy, outcome);
                 }
             },
-        );
+        )
+        .map_err(RegistryError::NoThread)?;
         table.models.get_mut(model).expect("entry exists").host = Some(Arc::clone(&host));
         Ok(host)
     }
@@ -557,6 +609,12 @@ impl Registry {
         }
 
         let host = self.host_copy(model)?;
+        if !Arc::ptr_eq(host.spans(), &info.spans) {
+            // Re-registered (re-saved) between planning and loading.
+            return Err(RegistryError::ModelChanged {
+                model: model.into(),
+            });
+        }
         let mut table = self.table();
         let active: usize = table
             .models
@@ -589,7 +647,8 @@ impl Registry {
                 }
                 ReplicaStatus::Copying => {}
             }
-        });
+        })
+        .map_err(RegistryError::NoThread)?;
         entry.replicas.insert(replica_uuid.into(), replica);
         Ok(())
     }
@@ -615,12 +674,20 @@ impl Registry {
                 None => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         };
-        let status = tokio::time::timeout(limits.confirm_timeout, replica.finished()).await;
-        let status = status.map_err(|_| RegistryError::ConfirmTimeout {
-            uuid: uuid.into(),
-            model: model.into(),
-            seconds: limits.confirm_timeout.as_secs(),
-        })?;
+        let status = match tokio::time::timeout(limits.confirm_timeout, replica.finished()).await {
+            Ok(status) => status,
+            Err(_) => {
+                // Stop the copies and wait for them to let go of the
+                // client's buffers before telling it to give up on them.
+                replica.abort("ConfirmModel timed out");
+                let _ = tokio::time::timeout(ABORT_WAIT, replica.finished()).await;
+                return Err(RegistryError::ConfirmTimeout {
+                    uuid: uuid.into(),
+                    model: model.into(),
+                    seconds: limits.confirm_timeout.as_secs(),
+                });
+            }
+        };
         if let Some(entry) = self.table().models.get_mut(model) {
             entry.replicas.remove(uuid);
         }
@@ -676,23 +743,25 @@ impl Registry {
     pub fn unload(&self, model: &str) -> Result<(), RegistryError> {
         ModelId::parse(model)?;
         let mut table = self.table();
-        let entry = table.entry_mut(model)?;
-        entry.host = None;
+        table.entry_mut(model)?.drop_host_copy();
         Ok(())
     }
 
     /// Frees every model's pool chunks.
     pub fn clear(&self) {
         for entry in self.table().models.values_mut() {
-            entry.host = None;
+            entry.drop_host_copy();
         }
     }
 
-    /// Refuses new work and cancels loads in progress.
+    /// Refuses new work, cancels loads and stops copies in progress.
     pub fn shutdown(&self) {
         let mut table = self.table();
         table.shutting_down = true;
         for entry in table.models.values_mut() {
+            for replica in entry.replicas.values() {
+                replica.abort("the daemon is shutting down");
+            }
             if let Some(host) = entry.host.take() {
                 host.cancel();
             }

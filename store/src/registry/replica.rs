@@ -2,9 +2,15 @@
 //! thread per device walks the model's chunks in order, waits for each to
 //! land, and starts that chunk's copies; the replica is done when every
 //! device has synchronized.
+//!
+//! A replica's final status is published only once every device thread has
+//! finished (and so synchronized its copies and released its buffers): a
+//! client told "failed" may free its memory at once. The first error, or an
+//! abort (ConfirmModel timing out, shutdown), stops the other devices at
+//! their next piece.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::watch;
@@ -33,51 +39,70 @@ pub struct Replica {
     pub uuid: String,
     status: watch::Receiver<ReplicaStatus>,
     pub started: Instant,
+    shared: Arc<Shared>,
 }
 
 impl Replica {
-    /// Starts copying from `host` to every device of `copies`.
+    /// Starts copying from `host` to every device of `copies`. Fails only
+    /// if a thread cannot be started (then nothing was copied by it, and
+    /// the devices already started are aborted).
     pub fn start(
         uuid: String,
         host: Arc<HostCopy>,
         copies: Vec<DeviceCopy>,
         on_done: impl Fn(&ReplicaStatus) + Send + Sync + 'static,
-    ) -> Arc<Self> {
+    ) -> std::io::Result<Arc<Self>> {
         let (tx, rx) = watch::channel(ReplicaStatus::Copying);
         let started = Instant::now();
-        let replica = Arc::new(Self {
-            uuid,
-            status: rx,
-            started,
-        });
         let shared = Arc::new(Shared {
             tx,
             remaining: AtomicUsize::new(copies.len()),
             bytes: copies.iter().map(|c| c.plan.bytes).sum(),
             on_done: Box::new(on_done),
             started,
+            abort: AtomicBool::new(false),
+            first_error: Mutex::new(None),
+        });
+        let replica = Arc::new(Self {
+            uuid,
+            status: rx,
+            started,
+            shared: Arc::clone(&shared),
         });
         if copies.is_empty() {
-            shared.finish(None);
+            shared.finish();
         }
-        for copy in copies {
-            let (host, shared) = (Arc::clone(&host), Arc::clone(&shared));
-            std::thread::Builder::new()
+        let mut copies = copies.into_iter();
+        while let Some(copy) = copies.next() {
+            let (host, worker) = (Arc::clone(&host), Arc::clone(&shared));
+            let spawned = std::thread::Builder::new()
                 .name("sllm-copy".into())
                 .spawn(move || {
                     let device = copy.device.uuid.clone();
-                    let result = run_device_copy(&host, copy);
+                    let result = run_device_copy(&host, copy, &worker.abort);
                     drop(host);
-                    shared.device_done(result.err().map(|e| format!("device {device}: {e}")));
-                })
-                .expect("spawning a copy thread");
+                    worker.device_done(result.err().map(|e| format!("device {device}: {e}")));
+                });
+            if let Err(e) = spawned {
+                // Devices never started count as done; started ones stop.
+                shared.abort(&format!("cannot start a copy thread: {e}"));
+                for _ in 0..=copies.len() {
+                    shared.device_done(None);
+                }
+                return Err(e);
+            }
         }
-        replica
+        Ok(replica)
     }
 
     /// The current status.
     pub fn status(&self) -> ReplicaStatus {
         self.status.borrow().clone()
+    }
+
+    /// Stops the copies at their next piece; the replica then fails with `why`.
+    pub fn abort(&self, why: &str) {
+        self.shared.abort(why);
     }
 
     /// Waits until the replica is no longer copying.
@@ -96,48 +121,70 @@ struct Shared {
     bytes: u64,
     on_done: Box<dyn Fn(&ReplicaStatus) + Send + Sync>,
     started: Instant,
+    abort: AtomicBool,
+    first_error: Mutex<Option<String>>,
 }
 
 impl Shared {
+    fn record(&self, error: String) {
+        let mut first = self
+            .first_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        first.get_or_insert(error);
+    }
+
+    fn abort(&self, why: &str) {
+        self.record(format!("aborted: {why}"));
+        self.abort.store(true, Ordering::Relaxed);
+    }
+
     fn device_done(&self, error: Option<String>) {
         if let Some(e) = error {
-            // The first failure decides; later devices only count down.
-            self.tx.send_if_modified(|s| {
-                let first = *s == ReplicaStatus::Copying;
-                if first {
-                    *s = ReplicaStatus::Failed(e);
-                }
-                first
-            });
+            self.record(e);
+            self.abort.store(true, Ordering::Relaxed);
         }
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.finish(None);
+            self.finish();
         }
     }
 
-    fn finish(&self, _: Option<()>) {
-        self.tx.send_if_modified(|s| {
-            if *s == ReplicaStatus::Copying {
-                *s = ReplicaStatus::Done {
-                    bytes: self.bytes,
-                    seconds: self.started.elapsed().as_secs_f64(),
-                };
-                true
-            } else {
-                false
-            }
-        });
-        (self.on_done)(&self.tx.borrow());
+    /// Publishes the final status: only once no device thread is running.
+    fn finish(&self) {
+        let error = self
+            .first_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let status = match error {
+            Some(e) => ReplicaStatus::Failed(e),
+            None => ReplicaStatus::Done {
+                bytes: self.bytes,
+                seconds: self.started.elapsed().as_secs_f64(),
+            },
+        };
+        self.tx.send_replace(status.clone());
+        (self.on_done)(&status);
     }
 }
 
-fn run_device_copy(host: &HostCopy, mut copy: DeviceCopy) -> Result<(), String> {
+fn run_device_copy(
+    host: &HostCopy,
+    mut copy: DeviceCopy,
+    abort: &AtomicBool,
+) -> Result<(), String> {
+    let aborted = || "stopped (another device failed, or the replica was aborted)".to_owned();
     for (i, pieces) in copy.plan.per_chunk.iter().enumerate() {
         if pieces.is_empty() {
             continue;
         }
-        let chunk = host.wait_chunk(i).map_err(|e| e.to_string())?;
+        let chunk = host
+            .wait_chunk_or_abort(i, abort)
+            .map_err(|e| e.to_string())?;
         for p in pieces {
+            if abort.load(Ordering::Relaxed) {
+                return Err(aborted());
+            }
             copy.target
                 .copy(&chunk, p.chunk_offset, p.len, p.handle_idx, p.dst_offset)
                 .map_err(|e| e.to_string())?;

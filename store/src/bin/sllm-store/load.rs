@@ -70,12 +70,8 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
     let mut client = StoreClient::connect(&args.server).await?;
     let config = client.server_config().await?;
     match (args.device, config.device_backend.as_str()) {
-        (DeviceArg::Host | DeviceArg::Auto, "host") => {}
-        (DeviceArg::Auto | DeviceArg::Cuda, "cuda") => {
-            bail!(
-                "loading into CUDA memory from this command is not built yet; use the Python client"
-            )
-        }
+        (DeviceArg::Host | DeviceArg::Auto, "host")
+        | (DeviceArg::Cuda | DeviceArg::Auto, "cuda") => {}
         (wanted, served) => bail!(
             "the daemon at {} serves {served:?} devices, not {wanted:?}; restart it with --device {}",
             args.server,
