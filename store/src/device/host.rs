@@ -206,9 +206,15 @@ impl DeviceTarget for HostTarget {
             .files
             .get(handle_idx)
             .ok_or_else(|| copy_err(format!("no handle {handle_idx}")))?;
-        if dst_offset + len as u64 > self.sizes[handle_idx] {
+        // The size now, not at open: a client that shrank its file must not
+        // see the daemon grow it back.
+        let size = file.metadata().map_err(|e| copy_err(e.to_string()))?.len();
+        if dst_offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > size)
+        {
             return Err(copy_err(format!(
-                "destination {dst_offset}+{len} is past the buffer's end"
+                "destination {dst_offset}+{len} is past the buffer's end ({size})"
             )));
         }
         file.write_all_at(src, dst_offset)

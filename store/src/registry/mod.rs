@@ -228,9 +228,13 @@ impl ModelEntry {
             .any(|r| r.status() == ReplicaStatus::Copying)
     }
 
-    /// Resident, fully loaded (or failed), and no replica copying from it.
+    /// Resident, fully loaded (or failed), no replica copying from it, and
+    /// nothing but the registry holding it: evicting it frees its chunks now.
     fn evictable(&self) -> bool {
-        self.host.as_ref().is_some_and(|h| h.is_complete()) && !self.busy()
+        self.host
+            .as_ref()
+            .is_some_and(|h| h.is_complete() && Arc::strong_count(h) == 1)
+            && !self.busy()
     }
 }
 
@@ -616,6 +620,13 @@ impl Registry {
             });
         }
         let mut table = self.table();
+        // Forget finished replicas nobody confirmed, on every model.
+        let retention = self.cfg.limits.replica_retention;
+        for e in table.models.values_mut() {
+            e.replicas.retain(|_, r| {
+                r.status() == ReplicaStatus::Copying || r.started.elapsed() < retention
+            });
+        }
         let active: usize = table
             .models
             .values()
@@ -627,10 +638,6 @@ impl Registry {
         }
         let entry = table.entry_mut(model)?;
         entry.ensure_replica_free(replica_uuid, model)?;
-        let retention = self.cfg.limits.replica_retention;
-        entry
-            .replicas
-            .retain(|_, r| r.status() == ReplicaStatus::Copying || r.started.elapsed() < retention);
         let backend = self.backend.kind();
         let (name, uuid) = (model.to_owned(), replica_uuid.to_owned());
         let replica = Replica::start(replica_uuid.into(), host, device_copies, move |status| {
