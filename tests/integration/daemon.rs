@@ -752,3 +752,68 @@ fn load_without_a_daemon_is_one_line_and_a_failure() {
     );
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_across_two_devices() {
+    let tmp = tempfile::tempdir().unwrap();
+    let storage = tmp.path().join("models");
+    let tensors = tensors_of(2 << 20, 41);
+    save_model(tmp.path(), &storage, "o/m", &tensors, "1MiB");
+    let daemon = Daemon::start(
+        tmp.path(),
+        &storage,
+        &[
+            "--host-devices",
+            "2",
+            "--mem-pool-size",
+            "4MiB",
+            "--chunk-size",
+            "128KiB",
+        ],
+    );
+    let mut client = daemon.client().await;
+    let devices = client.server_config().await.unwrap().device_uuids;
+    assert_eq!(devices.len(), 2);
+    // The first half of the tensors on device 0, the rest on device 1.
+    let half = tensors.len() / 2;
+    let mut map = vec![(String::new(), devices[0].clone())];
+    map.extend(
+        tensors[half..]
+            .iter()
+            .map(|t| (t.name.clone(), devices[1].clone())),
+    );
+    let index = TensorIndex::read(&storage.join("o/m")).unwrap();
+    for layout in [Layout::Mirrored, Layout::Packed] {
+        let plan = plan(&index, &DeviceMap(map.clone()), layout).unwrap();
+        assert_eq!(plan.buffers.len(), 2);
+        let buffers: Vec<ShmBuffer> = plan
+            .buffers
+            .iter()
+            .map(|b| ShmBuffer::create(Path::new(SHM), b.size_bytes).unwrap())
+            .collect();
+        let handles = plan
+            .buffers
+            .iter()
+            .zip(&buffers)
+            .map(|(b, s)| (b.uuid.clone(), vec![s.handle()]))
+            .collect();
+        let replica = uuid::Uuid::new_v4().to_string();
+        client.load_to_host("o/m").await.unwrap();
+        client
+            .load_to_devices("o/m", &replica, plan.copies_by_device(), handles)
+            .await
+            .unwrap();
+        client.confirm("o/m", &replica).await.unwrap();
+        for t in &tensors {
+            let place = &plan.tensors[&t.name];
+            let i = plan
+                .buffers
+                .iter()
+                .position(|b| b.uuid == place.device)
+                .unwrap();
+            let mut got = vec![0u8; t.data.len()];
+            buffers[i].read_at(&mut got, place.offset).unwrap();
+            assert!(got == t.data, "tensor {} on {}", t.name, place.device);
+        }
+    }
+}
