@@ -6,6 +6,7 @@ mod common;
 mod daemon;
 mod hf_cache;
 mod kill;
+mod python;
 mod save_bad_input;
 mod save_roundtrip;
 mod verify;

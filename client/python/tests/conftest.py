@@ -1,0 +1,117 @@
+"""Fixtures: the real sllm-store binary (SLLM_STORE_BIN, else target/debug),
+a daemon on loopback with the host backend, and models made by `save`."""
+
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+
+
+def binary() -> str:
+    path = os.environ.get("SLLM_STORE_BIN") or os.path.join(ROOT, "target", "debug", "sllm-store")
+    if not os.path.exists(path):
+        pytest.fail(f"{path} not found: build it with `cargo build -p sllm-store` or set SLLM_STORE_BIN")
+    return path
+
+
+ST_DTYPES = {
+    "torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float32": "F32", "torch.float64": "F64",
+    "torch.int8": "I8", "torch.int16": "I16", "torch.int32": "I32", "torch.int64": "I64",
+    "torch.uint8": "U8", "torch.bool": "BOOL", "torch.float8_e4m3fn": "F8_E4M3", "torch.float8_e5m2": "F8_E5M2",
+}
+ITEM = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "I16": 2, "I32": 4, "I64": 8, "U8": 1, "BOOL": 1,
+        "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def write_safetensors(path, tensors):
+    """tensors: {name: (torch dtype name, shape, raw bytes)}; a plain writer of the format."""
+    header, data, offset = {}, bytearray(), 0
+    for name, (dtype, shape, raw) in tensors.items():
+        st = ST_DTYPES[dtype]
+        assert len(raw) == int(np.prod(shape, dtype=np.int64)) * ITEM[st]
+        header[name] = {"dtype": st, "shape": list(shape), "data_offsets": [offset, offset + len(raw)]}
+        data += raw
+        offset += len(raw)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + bytes(data))
+
+
+def random_tensors(seed, specs):
+    """specs: [(name, dtype, shape)] -> {name: (dtype, shape, bytes)}."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, dtype, shape in specs:
+        n = int(np.prod(shape, dtype=np.int64)) * ITEM[ST_DTYPES[dtype]]
+        raw = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        if dtype == "torch.bool":
+            raw = bytes(b & 1 for b in raw)
+        out[name] = (dtype, tuple(shape), raw)
+    return out
+
+
+@pytest.fixture
+def storage(tmp_path):
+    path = tmp_path / "models"
+    path.mkdir()
+    return path
+
+
+def save_model(tmp_path, storage, model, tensors, partition_size="1MiB", extra=None):
+    src = tmp_path / ("src-" + model.replace("/", "-"))
+    src.mkdir()
+    write_safetensors(src / "model.safetensors", tensors)
+    for name, text in (extra or {}).items():
+        (src / name).write_text(text)
+    subprocess.run(
+        [binary(), "save", "--model", model, "--local-model-path", str(src), "--storage-path", str(storage),
+         "--partition-size", partition_size],
+        check=True, capture_output=True, env={**os.environ, "RUST_LOG": "warn"},
+    )
+
+
+class Daemon:
+    def __init__(self, storage, *extra):
+        self.proc = subprocess.Popen(
+            [binary(), "start", "--port", "0", "--storage-path", str(storage), "--device", "host",
+             "--mem-pool-size", "64MiB", "--chunk-size", "256KiB", *extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"},
+        )
+        self.lines = []
+        ready = threading.Event()
+
+        def pump():
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                m = re.search(r"listening on (127\.0\.0\.1:\d+)", line)
+                if m:
+                    self.addr = m.group(1)
+                    ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if not ready.wait(30):
+            self.proc.kill()
+            pytest.fail("the daemon did not get ready: " + "".join(self.lines))
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture
+def daemon(storage):
+    d = Daemon(storage)
+    yield d
+    d.stop()

@@ -1,0 +1,76 @@
+"""load_dict_host against the real daemon: bytes, dtypes and shapes equal the source."""
+
+import concurrent.futures
+import socket
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import sllm_client
+from conftest import random_tensors, save_model
+from sllm_client.dtypes import numpy_dtype
+
+ALL = [
+    ("f16.odd", "torch.float16", (3, 5, 7)),
+    ("bf16", "torch.bfloat16", (4, 33)),
+    ("f32.scalar", "torch.float32", ()),
+    ("f64", "torch.float64", (9,)),
+    ("i8", "torch.int8", (1, 1, 13)),
+    ("i16", "torch.int16", (2, 3)),
+    ("i32", "torch.int32", (5000,)),
+    ("i64.empty", "torch.int64", (0, 4)),
+    ("u8", "torch.uint8", (4097,)),
+    ("bool", "torch.bool", (1,)),
+    ("f8_e4m3", "torch.float8_e4m3fn", (16, 3)),
+    ("f8_e5m2", "torch.float8_e5m2", (2, 2, 2, 2, 2)),
+]
+
+
+def check(loaded, tensors):
+    assert set(loaded) == set(tensors)
+    for name, (dtype, shape, raw) in tensors.items():
+        array = loaded[name]
+        assert array.shape == shape, name
+        assert array.dtype == numpy_dtype(dtype), name
+        assert array.tobytes() == raw, name
+
+
+@pytest.mark.parametrize("layout", ["mirrored", "packed"])
+def test_every_dtype_round_trips(tmp_path, storage, daemon, layout):
+    tensors = random_tensors(1, ALL)
+    save_model(tmp_path, storage, "org/all", tensors)
+    loaded = sllm_client.load_dict_host("org/all", storage_path=str(storage), server=daemon.addr, layout=layout)
+    check(loaded, tensors)
+    assert loaded["bf16"].dtype == ml_dtypes.bfloat16
+
+
+def test_environment_defaults_and_concurrent_clients(tmp_path, storage, daemon, monkeypatch):
+    models = {f"org/m{i}": random_tensors(10 + i, [(f"w{j}", "torch.float16", (97, 31 + j)) for j in range(9)])
+              for i in range(3)}
+    for name, tensors in models.items():
+        save_model(tmp_path, storage, name, tensors, partition_size="64KiB")
+    monkeypatch.setenv("SLLM_STORE_ADDR", daemon.addr)
+    monkeypatch.setenv("STORAGE_PATH", str(storage))
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        jobs = [(name, pool.submit(sllm_client.load_dict_host, name)) for name in list(models) * 2]
+        for name, job in jobs:
+            check(job.result(), models[name])
+
+
+def test_errors_say_what_to_do(tmp_path, storage, daemon):
+    with pytest.raises(sllm_client.SllmStoreError, match="sllm-store save"):
+        sllm_client.load_dict_host("org/absent", storage_path=str(storage), server=daemon.addr)
+    save_model(tmp_path, storage, "org/m", random_tensors(2, [("w", "torch.float32", (4,))]))
+    with pytest.raises(sllm_client.SllmStoreError, match="unknown layout"):
+        sllm_client.load_dict_host("org/m", storage_path=str(storage), server=daemon.addr, layout="diagonal")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(sllm_client.SllmStoreError, match="cannot reach the store daemon"):
+        sllm_client.load_dict_host("org/m", storage_path=str(storage), server=f"127.0.0.1:{port}")
+    with sllm_client.StoreClient(daemon.addr) as client:
+        with pytest.raises(sllm_client.SllmStoreError, match="INVALID_ARGUMENT"):
+            client.register("../escape")
+        assert client.register("org/m") > 0
+        assert client.model_status("org/m")["host_state"] in ("HOST_STATE_NOT_LOADED", "HOST_STATE_LOADED")
