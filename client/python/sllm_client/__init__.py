@@ -11,6 +11,7 @@ from .client import CopyChunk, ServerConfig, StoreClient
 from .errors import SllmStoreError
 from .host import load_dict_host, read_index
 from .plan import LoadPlan, plan
+from .torch import load_dict
 
 __all__ = [
     "CopyChunk",
@@ -18,6 +19,7 @@ __all__ = [
     "ServerConfig",
     "SllmStoreError",
     "StoreClient",
+    "load_dict",
     "load_dict_host",
     "plan",
     "read_index",
