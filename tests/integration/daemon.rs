@@ -16,8 +16,8 @@ use crate::common::*;
 
 const SHM: &str = "/dev/shm";
 
-/// Loads `model` through `client` into fresh buffers and checks every
-/// tensor against `tensors`.
+/// Loads `model` through `client` onto the daemon's first device into
+/// fresh buffers and checks every tensor against `tensors`.
 async fn load_and_check(
     client: &mut StoreClient,
     storage: &Path,
@@ -25,9 +25,29 @@ async fn load_and_check(
     tensors: &[Tensor],
     layout: Layout,
 ) {
-    let cfg = client.server_config().await.unwrap();
+    let first = client.server_config().await.unwrap().device_uuids[0].clone();
+    load_and_check_map(
+        client,
+        storage,
+        model,
+        tensors,
+        DeviceMap::single(&first),
+        layout,
+    )
+    .await;
+}
+
+/// Like `load_and_check`, with tensors placed by `map` (one buffer per device).
+async fn load_and_check_map(
+    client: &mut StoreClient,
+    storage: &Path,
+    model: &str,
+    tensors: &[Tensor],
+    map: DeviceMap,
+    layout: Layout,
+) {
     let index = TensorIndex::read(&storage.join(model)).unwrap();
-    let plan = plan(&index, &DeviceMap::single(&cfg.device_uuids[0]), layout).unwrap();
+    let plan = plan(&index, &map, layout).unwrap();
     let buffers: Vec<ShmBuffer> = plan
         .buffers
         .iter()
@@ -48,9 +68,19 @@ async fn load_and_check(
     client.confirm(model, &replica).await.unwrap();
     for t in tensors {
         let place = &plan.tensors[&t.name];
+        let i = plan
+            .buffers
+            .iter()
+            .position(|b| b.uuid == place.device)
+            .unwrap();
         let mut got = vec![0u8; t.data.len()];
-        buffers[0].read_at(&mut got, place.offset).unwrap();
-        assert!(got == t.data, "tensor {} of {model} differs", t.name);
+        buffers[i].read_at(&mut got, place.offset).unwrap();
+        assert!(
+            got == t.data,
+            "tensor {} of {model} differs on {}",
+            t.name,
+            place.device
+        );
     }
 }
 
@@ -782,38 +812,23 @@ async fn one_replica_across_two_devices() {
             .iter()
             .map(|t| (t.name.clone(), devices[1].clone())),
     );
-    let index = TensorIndex::read(&storage.join("o/m")).unwrap();
     for layout in [Layout::Mirrored, Layout::Packed] {
-        let plan = plan(&index, &DeviceMap(map.clone()), layout).unwrap();
-        assert_eq!(plan.buffers.len(), 2);
-        let buffers: Vec<ShmBuffer> = plan
-            .buffers
-            .iter()
-            .map(|b| ShmBuffer::create(Path::new(SHM), b.size_bytes).unwrap())
-            .collect();
-        let handles = plan
-            .buffers
-            .iter()
-            .zip(&buffers)
-            .map(|(b, s)| (b.uuid.clone(), vec![s.handle()]))
-            .collect();
-        let replica = uuid::Uuid::new_v4().to_string();
-        client.load_to_host("o/m").await.unwrap();
-        client
-            .load_to_devices("o/m", &replica, plan.copies_by_device(), handles)
-            .await
-            .unwrap();
-        client.confirm("o/m", &replica).await.unwrap();
-        for t in &tensors {
-            let place = &plan.tensors[&t.name];
-            let i = plan
+        let index = TensorIndex::read(&storage.join("o/m")).unwrap();
+        assert_eq!(
+            plan(&index, &DeviceMap(map.clone()), layout)
+                .unwrap()
                 .buffers
-                .iter()
-                .position(|b| b.uuid == place.device)
-                .unwrap();
-            let mut got = vec![0u8; t.data.len()];
-            buffers[i].read_at(&mut got, place.offset).unwrap();
-            assert!(got == t.data, "tensor {} on {}", t.name, place.device);
-        }
+                .len(),
+            2
+        );
+        load_and_check_map(
+            &mut client,
+            &storage,
+            "o/m",
+            &tensors,
+            DeviceMap(map.clone()),
+            layout,
+        )
+        .await;
     }
 }
