@@ -1,6 +1,7 @@
 """A thin, typed client of the store daemon's gRPC service."""
 
 import os
+import uuid as uuidlib
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
@@ -119,6 +120,22 @@ class StoreClient:
         for uuid, hs in handles.items():
             request.handles[uuid].handles.extend(messages["MemCopyHandle"](cuda_ipc_handle=h) for h in hs)
         self._call("LoadModelAsync", request)
+
+    def load_replica(
+        self,
+        model_path: str,
+        copies: Dict[str, Sequence[CopyChunk]],
+        handles: Dict[str, Sequence[bytes]],
+    ) -> None:
+        """Copies into the buffers behind `handles` as one new replica and
+        waits until it is done. Devices with nothing to copy are left out;
+        with nothing at all to copy, no request is sent."""
+        copies = {d: c for d, c in copies.items() if c}
+        if not copies:
+            return
+        replica = str(uuidlib.uuid4())
+        self.load_to_devices(model_path, replica, copies, {d: handles[d] for d in copies})
+        self.confirm(model_path, replica)
 
     def confirm(self, model_path: str, replica_uuid: str, timeout_s: float = 3600.0) -> None:
         self._call(

@@ -52,12 +52,8 @@ def load_dict_host(
                 buffers[b.device] = (path, fd)
                 # Allocate now, as cudaMalloc would: the daemon's copies only copy.
                 os.posix_fallocate(fd, 0, max(b.size, 1))
-            copies = p.copies_by_device()
-            if copies:
-                replica = str(uuidlib.uuid4())
-                handles = {d: [buffers[d][0].encode()] for d in copies}
-                client.load_to_devices(model_path, replica, copies, handles)
-                client.confirm(model_path, replica)
+            handles = {d: [path.encode()] for d, (path, _fd) in buffers.items()}
+            client.load_replica(model_path, p.copies_by_device(), handles)
             return {name: _tensor(entry, p.tensors[name], buffers) for name, entry in index.items()}
         finally:
             for path, fd in buffers.values():

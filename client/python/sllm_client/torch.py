@@ -7,7 +7,6 @@ Needs torch with CUDA and a daemon started with --device cuda on this
 machine. (Not yet run on a GPU: see the README.)
 """
 
-import uuid as uuidlib
 from typing import Dict, Union
 
 from .client import CopyChunk, StoreClient
@@ -65,11 +64,7 @@ def load_dict(
             handles[b.device] = [bytes(handle)]
             copies[b.device] = [CopyChunk(c.src_offset, c.size, c.dst_offset + offset) for c in b.copies]
         torch.cuda.synchronize()
-        replica = str(uuidlib.uuid4())
-        copies = {d: c for d, c in copies.items() if c}
-        if copies:
-            client.load_to_devices(model_path, replica, copies, {d: handles[d] for d in copies})
-            client.confirm(model_path, replica)
+        client.load_replica(model_path, copies, handles)
     out = {}
     for name, (_offset, size, shape, stride, dtype) in index.items():
         place = p.tensors[name]

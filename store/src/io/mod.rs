@@ -132,11 +132,6 @@ impl ModelFiles {
     pub fn total_size(&self) -> u64 {
         self.parts.last().map_or(0, |p| p.start + p.size)
     }
-
-    /// True when some partition is read through the page cache.
-    pub fn any_buffered_only(&self) -> bool {
-        self.parts.iter().any(|p| p.direct.is_none())
-    }
 }
 
 /// One read: `len` bytes of partition `part` at `file_offset` into the chunk
@@ -204,6 +199,28 @@ pub fn plan_chunk(files: &ModelFiles, span: &ChunkSpan, max_io: usize) -> Vec<Re
         &mut ops,
     );
     ops
+}
+
+/// Pairs each span with its lease (one per span, in order) and plans its
+/// reads: the work list an engine's `run` takes.
+pub fn chunk_reads(
+    files: &ModelFiles,
+    spans: &[ChunkSpan],
+    leases: Vec<ChunkLease>,
+    max_io: usize,
+) -> Vec<ChunkRead> {
+    debug_assert_eq!(spans.len(), leases.len());
+    spans
+        .iter()
+        .zip(leases)
+        .enumerate()
+        .map(|(chunk_no, (span, lease))| ChunkRead {
+            chunk_no,
+            lease,
+            len: span.len,
+            ops: plan_chunk(files, span, max_io),
+        })
+        .collect()
 }
 
 fn plan_segment(

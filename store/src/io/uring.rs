@@ -702,7 +702,7 @@ mod tests {
 
     use super::*;
     use crate::io::pread::PreadEngine;
-    use crate::io::{ChunkSpan, PartFile, chunk_spans, plan_chunk};
+    use crate::io::{ChunkSpan, PartFile, chunk_reads, chunk_spans};
     use crate::pool::{HostPool, SharedChunk};
 
     type Results = BTreeMap<usize, Vec<Result<SharedChunk, IoError>>>;
@@ -759,17 +759,7 @@ mod tests {
         let leases = pool
             .try_lease(spans.len())
             .expect("the pool holds the model");
-        spans
-            .iter()
-            .zip(leases)
-            .enumerate()
-            .map(|(chunk_no, (span, lease))| ChunkRead {
-                chunk_no,
-                lease,
-                len: span.len,
-                ops: plan_chunk(files, span, max_io),
-            })
-            .collect()
+        chunk_reads(files, &spans, leases, max_io)
     }
 
     fn collect(

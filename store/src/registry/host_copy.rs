@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use crate::io::{ChunkRead, ChunkSpan, IoEngine, IoError, ModelFiles, plan_chunk};
+use crate::io::{ChunkSpan, IoEngine, IoError, ModelFiles, chunk_reads};
 use crate::pool::{ChunkLease, SharedChunk};
 use sllm_format::partitions::Partitions;
 
@@ -122,17 +122,7 @@ impl HostCopy {
                 return;
             }
         };
-        let reads = spans
-            .iter()
-            .zip(leases)
-            .enumerate()
-            .map(|(chunk_no, (span, lease))| ChunkRead {
-                chunk_no,
-                lease,
-                len: span.len,
-                ops: plan_chunk(&files, span, max_io_bytes),
-            })
-            .collect();
+        let reads = chunk_reads(&files, spans, leases, max_io_bytes);
         engine.run(&files, reads, &self.cancel, &mut |chunk_no, result| {
             if result.is_err() {
                 // One failed chunk fails the load: stop reading the rest.

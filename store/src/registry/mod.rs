@@ -780,8 +780,3 @@ impl Registry {
         ((self.pool.total_chunks() - self.pool.free_chunks()) * self.pool.chunk_bytes()) as u64
     }
 }
-
-/// The storage root as the registry wants it: existing and canonical.
-pub fn canonical_storage_root(path: &Path) -> std::io::Result<PathBuf> {
-    path.canonicalize()
-}
