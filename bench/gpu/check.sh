@@ -7,7 +7,8 @@
 # Starts the daemon with --device cuda, loads a synthetic model into GPU
 # memory allocated by a separate client process (IPC handle), copies it back
 # and compares every byte with the files; records nvidia-smi and the figures
-# under $OUT (or ./gpu-check-out).
+# under $OUT (or ./gpu-check-out). Then the PCIe ceiling (h2d.py) and the
+# Python client's CUDA tests (load_dict, load_model against from_pretrained).
 set -euo pipefail
 size=${1:-4GiB}
 bin=${SLLM_BIN:-target/release}
@@ -31,4 +32,7 @@ for layout in mirrored packed; do
     done
 done
 kill -TERM $daemon; wait $daemon || true
+python3 "$(dirname "$0")/h2d.py" 1024 5 | tee "$out/h2d.json"
+SLLM_STORE_BIN="$(realpath "$bin")/sllm-store" PYTHONPATH="$(dirname "$0")/../../client/python" \
+    python3 -m pytest -q "$(dirname "$0")/../../client/python/tests" 2>&1 | tee "$out/pytest.log"
 echo "GPU check done: $out"

@@ -1,5 +1,6 @@
 """Fixtures: the real sllm-store binary (SLLM_STORE_BIN, else target/debug),
-a daemon on loopback with the host backend, and models made by `save`."""
+a daemon on loopback (host backend unless a test asks for cuda), and models
+made by `save`."""
 
 import json
 import os
@@ -28,6 +29,23 @@ ST_DTYPES = {
 }
 ITEM = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "I16": 2, "I32": 4, "I64": 8, "U8": 1, "BOOL": 1,
         "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+# One tensor of every dtype the format knows, with odd, empty and scalar shapes.
+ALL = [
+    ("f16.odd", "torch.float16", (3, 5, 7)),
+    ("bf16", "torch.bfloat16", (4, 33)),
+    ("f32.scalar", "torch.float32", ()),
+    ("f64", "torch.float64", (9,)),
+    ("i8", "torch.int8", (1, 1, 13)),
+    ("i16", "torch.int16", (2, 3)),
+    ("i32", "torch.int32", (5000,)),
+    ("i64.empty", "torch.int64", (0, 4)),
+    ("u8", "torch.uint8", (4097,)),
+    ("bool", "torch.bool", (1,)),
+    ("f8_e4m3", "torch.float8_e4m3fn", (16, 3)),
+    ("f8_e5m2", "torch.float8_e5m2", (2, 2, 2, 2, 2)),
+]
 
 
 def write_safetensors(path, tensors):
@@ -79,9 +97,9 @@ def save_model(tmp_path, storage, model, tensors, partition_size="1MiB", extra=N
 
 
 class Daemon:
-    def __init__(self, storage, *extra):
+    def __init__(self, storage, *extra, device="host"):
         self.proc = subprocess.Popen(
-            [binary(), "start", "--port", "0", "--storage-path", str(storage), "--device", "host",
+            [binary(), "start", "--port", "0", "--storage-path", str(storage), "--device", device,
              "--mem-pool-size", "64MiB", "--chunk-size", "256KiB", *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"},

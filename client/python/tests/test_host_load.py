@@ -8,23 +8,8 @@ import numpy as np
 import pytest
 
 import sllm_client
-from conftest import random_tensors, save_model
+from conftest import ALL, random_tensors, save_model
 from sllm_client.dtypes import numpy_dtype
-
-ALL = [
-    ("f16.odd", "torch.float16", (3, 5, 7)),
-    ("bf16", "torch.bfloat16", (4, 33)),
-    ("f32.scalar", "torch.float32", ()),
-    ("f64", "torch.float64", (9,)),
-    ("i8", "torch.int8", (1, 1, 13)),
-    ("i16", "torch.int16", (2, 3)),
-    ("i32", "torch.int32", (5000,)),
-    ("i64.empty", "torch.int64", (0, 4)),
-    ("u8", "torch.uint8", (4097,)),
-    ("bool", "torch.bool", (1,)),
-    ("f8_e4m3", "torch.float8_e4m3fn", (16, 3)),
-    ("f8_e5m2", "torch.float8_e5m2", (2, 2, 2, 2, 2)),
-]
 
 
 def check(loaded, tensors):
