@@ -3,18 +3,17 @@
 //! bytes with `cp` followed by an fsync of the copies (the save fsyncs too,
 //! so that is the fair floor), cold (page cache dropped) and warm.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
-use sllm_store::synth::{SynthSpec, write_synthetic};
 use sllm_store::units::{ByteSize, gib_per_s};
 
-use crate::cache::{drop_caches, files_under};
+use crate::cache::{drop_caches, files_under, warm_up};
+use crate::checkpoint::{ensure_checkpoint, sllm_store_binary};
 use crate::machine::{Machine, utc_now};
-use crate::report::{Sample, median, time_command, write_results};
+use crate::report::{OutputArgs, Sample, median, time_command};
 
 #[derive(Args, Debug)]
 pub struct ConvertArgs {
@@ -27,15 +26,8 @@ pub struct ConvertArgs {
     /// Runs per scenario; the median is reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// JSON output [default: bench/results/convert-<host>-<date>.json].
-    #[arg(long)]
-    json: Option<PathBuf>,
-    /// Markdown output [default: beside the JSON, .md].
-    #[arg(long)]
-    markdown: Option<PathBuf>,
-    /// The sllm-store binary [default: next to this one].
-    #[arg(long)]
-    sllm_store: Option<PathBuf>,
+    #[command(flatten)]
+    out: OutputArgs,
 }
 
 #[derive(Serialize)]
@@ -63,15 +55,7 @@ struct Results {
 
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
-    let sllm_store = match args.sllm_store.clone() {
-        Some(p) => p,
-        None => std::env::current_exe()?.with_file_name("sllm-store"),
-    };
-    anyhow::ensure!(
-        sllm_store.is_file(),
-        "{} not found: build it with `cargo build --release -p sllm-store` or pass --sllm-store",
-        sllm_store.display()
-    );
+    let sllm_store = sllm_store_binary(args.out.sllm_store.clone())?;
     std::fs::create_dir_all(&args.dir)?;
     let dir = std::fs::canonicalize(&args.dir)?;
     let source = dir.join(format!("checkpoint-{}", args.size));
@@ -135,53 +119,14 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
     };
     let markdown = markdown(&results);
     print!("{markdown}");
-    let stem = format!(
-        "convert-{}-{}",
-        results.machine.hostname,
-        &results.date[..10]
-    );
-    let results_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
-    let json = args
-        .json
-        .unwrap_or_else(|| results_dir.join(format!("{stem}.json")));
-    let md = args.markdown.unwrap_or_else(|| json.with_extension("md"));
-    write_results(&json, &md, &results, &markdown)?;
-    eprintln!("wrote {} and {}", json.display(), md.display());
+    args.out.save(
+        "convert",
+        &results.machine,
+        &results.date,
+        &results,
+        &markdown,
+    )?;
     Ok(())
-}
-
-/// Generates the checkpoint once; reuses it when already there.
-fn ensure_checkpoint(dir: &Path, size: u64) -> anyhow::Result<u64> {
-    let done = dir.join(".complete");
-    if !done.exists() {
-        let _ = std::fs::remove_dir_all(dir);
-        tracing::info!(dir = %dir.display(), size, "generating the checkpoint");
-        let shards = (size >> 32).max(2) as usize;
-        write_synthetic(
-            dir,
-            &SynthSpec {
-                target_bytes: size,
-                shards,
-                seed: 1,
-            },
-        )
-        .with_context(|| format!("generating {}", dir.display()))?;
-        std::fs::write(&done, "")?;
-    }
-    Ok(files_under(dir)
-        .iter()
-        .filter_map(|f| std::fs::metadata(f).ok())
-        .map(|m| m.len())
-        .sum())
-}
-
-/// Reads the files once so that a warm run finds them in the page cache.
-fn warm_up(files: &[PathBuf]) {
-    for f in files {
-        if let Ok(mut file) = std::fs::File::open(f) {
-            let _ = std::io::copy(&mut file, &mut std::io::sink());
-        }
-    }
 }
 
 fn summarize(samples: Vec<(String, &'static str, Vec<Sample>)>, bytes: u64) -> Vec<Scenario> {
@@ -210,23 +155,14 @@ fn summarize(samples: Vec<(String, &'static str, Vec<Sample>)>, bytes: u64) -> V
 }
 
 fn markdown(r: &Results) -> String {
-    let m = &r.machine;
     let mut out = format!(
         "# Conversion: `sllm-store save` against `cp` + fsync\n\n\
-         - date: {}\n- command: `{}`\n- machine: {} ({} CPUs, {}, {:.1} GiB RAM, kernel {})\n\
-         - data: {} on {} ({})\n- checkpoint: {:.2} GiB; cold runs drop the page cache with {}\n\n\
+         - date: {}\n- command: `{}`\n{}- checkpoint: {:.2} GiB; cold runs drop the page cache with {}\n\n\
          | scenario | cache | median s | GiB/s | ratio to cp | CPU s/GiB |\n\
          |---|---|---:|---:|---:|---:|\n",
         r.date,
         r.command,
-        m.hostname,
-        m.cpus,
-        m.cpu_model,
-        m.memory_gib,
-        m.kernel,
-        m.data_dir,
-        m.data_device,
-        m.data_filesystem,
+        r.machine.markdown(),
         r.checkpoint_bytes as f64 / (1u64 << 30) as f64,
         r.cold_method,
     );

@@ -55,6 +55,27 @@ impl Machine {
     }
 }
 
+impl Machine {
+    /// The machine and the data's home as markdown list items.
+    pub fn markdown(&self) -> String {
+        format!(
+            "- machine: {} ({} CPUs, {}, {:.1} GiB RAM, kernel {}{})\n- data: {} on {} ({})\n",
+            self.hostname,
+            self.cpus,
+            self.cpu_model,
+            self.memory_gib,
+            self.kernel,
+            self.gpu
+                .as_deref()
+                .map(|g| format!(", GPU {g}"))
+                .unwrap_or_default(),
+            self.data_dir,
+            self.data_device,
+            self.data_filesystem,
+        )
+    }
+}
+
 /// Filesystem type and source device of the mount holding `path`, from
 /// `/proc/self/mountinfo` (the longest mount point that prefixes it).
 fn mount_of(path: &Path) -> Option<(String, String)> {

@@ -3,9 +3,16 @@
 //! they came from (shared/DESIGN.md section 7).
 
 mod cache;
+mod checkpoint;
 mod convert;
+mod daemon;
+mod engines;
+mod fio;
+mod load;
 mod machine;
+mod peers;
 mod report;
+mod sweep;
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +27,10 @@ struct Cli {
 enum Command {
     /// Conversion speed of `sllm-store save` against `cp` + fsync of the same bytes.
     Convert(convert::ConvertArgs),
+    /// Load throughput against the disk's and the copy's limits and the peers, in one run.
+    Load(load::LoadArgs),
+    /// Our engines across chunk sizes, queue depths, read sizes and threads.
+    Sweep(sweep::SweepArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,5 +43,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Convert(args) => convert::run(args),
+        Command::Load(args) => load::run(args),
+        Command::Sweep(args) => sweep::run(args),
     }
 }

@@ -1,12 +1,15 @@
 //! Timing commands and writing results: medians, CPU seconds of children
 //! (from `/proc/self/stat`), and JSON + markdown files under bench/results/.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+use clap::Args;
 use serde::Serialize;
+
+use crate::machine::Machine;
 
 /// One timed run of a command.
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -18,6 +21,11 @@ pub struct Sample {
 
 /// Runs `cmd` to completion and times it.
 pub fn time_command(cmd: &mut Command) -> anyhow::Result<Sample> {
+    time_command_output(cmd).map(|(sample, _)| sample)
+}
+
+/// Runs `cmd` to completion, times it, and returns what it printed.
+pub fn time_command_output(cmd: &mut Command) -> anyhow::Result<(Sample, Vec<u8>)> {
     let cpu_before = children_cpu_s();
     let start = Instant::now();
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
@@ -25,22 +33,39 @@ pub fn time_command(cmd: &mut Command) -> anyhow::Result<Sample> {
     if !out.status.success() {
         bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    Ok(Sample {
+    let sample = Sample {
         wall_s,
         cpu_s: children_cpu_s() - cpu_before,
-    })
+    };
+    Ok((sample, out.stdout))
 }
 
 /// CPU seconds used by this process's waited-for children so far.
 fn children_cpu_s() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // After the parenthesised command name come fields 3 (state), 4, ...;
-    // cutime and cstime are fields 16 and 17 (proc(5)).
+    // cutime and cstime are fields 16 and 17 of /proc/<pid>/stat (proc(5)).
+    stat_cpu_s("/proc/self/stat", 16)
+}
+
+/// CPU seconds (user + system, all threads) this process has used so far.
+pub fn self_cpu_s() -> f64 {
+    // utime and stime are fields 14 and 15.
+    stat_cpu_s("/proc/self/stat", 14)
+}
+
+/// CPU seconds (user + system, all threads) process `pid` has used so far.
+pub fn pid_cpu_s(pid: u32) -> f64 {
+    stat_cpu_s(&format!("/proc/{pid}/stat"), 14)
+}
+
+/// The sum of fields `first` and `first + 1` of a stat file, in seconds.
+fn stat_cpu_s(path: &str, first: usize) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // After the parenthesised command name come fields 3 (state), 4, ...
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
     let ticks = rustix::param::clock_ticks_per_second() as f64;
-    match (field(16), field(17)) {
+    match (field(first), field(first + 1)) {
         (Some(u), Some(s)) => (u + s) as f64 / ticks,
         _ => 0.0,
     }
@@ -54,7 +79,7 @@ pub fn median(samples: &[Sample]) -> Sample {
 }
 
 /// Writes `value` as pretty JSON and `markdown` beside it.
-pub fn write_results(
+fn write_results(
     json_path: &Path,
     md_path: &Path,
     value: &impl Serialize,
@@ -69,4 +94,49 @@ pub fn write_results(
         .with_context(|| format!("writing {}", json_path.display()))?;
     std::fs::write(md_path, markdown).with_context(|| format!("writing {}", md_path.display()))?;
     Ok(())
+}
+
+/// Flags every benchmark takes: where results go and which binary to run.
+#[derive(Args, Debug)]
+pub struct OutputArgs {
+    /// JSON output [default: bench/results/<benchmark>-<host>-<date>.json].
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Markdown output [default: beside the JSON, .md].
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+    /// The sllm-store binary [default: next to this one].
+    #[arg(long)]
+    pub sllm_store: Option<PathBuf>,
+}
+
+impl OutputArgs {
+    /// Writes a benchmark's results where the flags say, else under
+    /// bench/results/ named by benchmark, host and date; says where.
+    pub fn save(
+        &self,
+        benchmark: &str,
+        machine: &Machine,
+        date: &str,
+        value: &impl Serialize,
+        markdown: &str,
+    ) -> anyhow::Result<()> {
+        let stem = format!(
+            "{benchmark}-{}-{}",
+            machine.hostname,
+            &date[..10.min(date.len())]
+        );
+        let results_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
+        let json = self
+            .json
+            .clone()
+            .unwrap_or_else(|| results_dir.join(format!("{stem}.json")));
+        let md = self
+            .markdown
+            .clone()
+            .unwrap_or_else(|| json.with_extension("md"));
+        write_results(&json, &md, value, markdown)?;
+        eprintln!("wrote {} and {}", json.display(), md.display());
+        Ok(())
+    }
 }
