@@ -7,6 +7,7 @@ use std::process::Command;
 
 use anyhow::Context;
 use sllm_store::synth::{SynthSpec, write_synthetic};
+use sllm_store::units::ByteSize;
 
 use crate::cache::files_under;
 
@@ -49,7 +50,7 @@ pub fn weight_files(dir: &Path) -> Vec<PathBuf> {
 /// Converts `source` into `<storage>/<model>` with `sllm-store save` unless
 /// it is there already (a save publishes atomically, so present = complete);
 /// returns the model's directory.
-pub fn ensure_converted(
+fn ensure_converted(
     sllm_store: &Path,
     source: &Path,
     storage: &Path,
@@ -77,10 +78,60 @@ pub fn ensure_converted(
 }
 
 /// The partition files (`tensor.data_<i>`) of a converted model, in order.
-pub fn partition_files(model_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+fn partition_files(model_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let partitions = sllm_store::format::partitions::Partitions::discover(model_dir)
         .with_context(|| format!("listing the partitions of {}", model_dir.display()))?;
     Ok(partitions.iter().map(|p| p.path.clone()).collect())
+}
+
+/// Creates the benchmark's working directory; its absolute path.
+pub fn work_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(std::fs::canonicalize(dir)?)
+}
+
+/// A checkpoint of one size, converted: what the load benchmarks read.
+pub struct BenchModel {
+    /// The benchmark's working directory (absolute).
+    pub dir: PathBuf,
+    /// The safetensors checkpoint.
+    pub source: PathBuf,
+    /// The storage path holding the converted model.
+    pub storage: PathBuf,
+    /// The model's id under `storage`.
+    pub name: String,
+    pub model_dir: PathBuf,
+    /// Its partition files, in order.
+    pub parts: Vec<PathBuf>,
+    /// Their total size.
+    pub bytes: u64,
+}
+
+impl BenchModel {
+    /// Makes (or reuses) the checkpoint of `size` under `dir` and its
+    /// converted copy under `<dir>/store`.
+    pub fn prepare(sllm_store: &Path, dir: &Path, size: ByteSize) -> anyhow::Result<Self> {
+        let dir = work_dir(dir)?;
+        let source = dir.join(format!("checkpoint-{size}"));
+        ensure_checkpoint(&source, size.bytes())?;
+        let storage = dir.join("store");
+        let name = format!("bench/load-{size}");
+        let model_dir = ensure_converted(sllm_store, &source, &storage, &name)?;
+        let parts = partition_files(&model_dir)?;
+        let bytes = parts
+            .iter()
+            .map(|p| std::fs::metadata(p).map(|m| m.len()))
+            .sum::<Result<_, _>>()?;
+        Ok(Self {
+            dir,
+            source,
+            storage,
+            name,
+            model_dir,
+            parts,
+            bytes,
+        })
+    }
 }
 
 /// Finds `sllm-store`: the flag, else next to this binary.

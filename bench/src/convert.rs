@@ -11,9 +11,9 @@ use serde::Serialize;
 use sllm_store::units::{ByteSize, gib_per_s};
 
 use crate::cache::{drop_caches, files_under, warm_up};
-use crate::checkpoint::{ensure_checkpoint, sllm_store_binary};
-use crate::machine::{Machine, utc_now};
-use crate::report::{OutputArgs, Sample, median, time_command};
+use crate::checkpoint::{ensure_checkpoint, sllm_store_binary, work_dir};
+use crate::machine::Machine;
+use crate::report::{Header, OutputArgs, Sample, median, time_command};
 
 #[derive(Args, Debug)]
 pub struct ConvertArgs {
@@ -44,10 +44,8 @@ struct Scenario {
 
 #[derive(Serialize)]
 struct Results {
-    benchmark: &'static str,
-    date: String,
-    command: String,
-    machine: Machine,
+    #[serde(flatten)]
+    header: Header,
     checkpoint_bytes: u64,
     cold_method: &'static str,
     scenarios: Vec<Scenario>,
@@ -56,14 +54,14 @@ struct Results {
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
     let sllm_store = sllm_store_binary(args.out.sllm_store.clone())?;
-    std::fs::create_dir_all(&args.dir)?;
-    let dir = std::fs::canonicalize(&args.dir)?;
+    let dir = work_dir(&args.dir)?;
     let source = dir.join(format!("checkpoint-{}", args.size));
     let bytes = ensure_checkpoint(&source, args.size.bytes())?;
     let source_files = files_under(&source);
 
     let cp_out = dir.join("copy");
-    let store = dir.join("store");
+    // Not "store": the load benchmarks keep their converted models there.
+    let store = dir.join("convert-store");
     let mut cold_method = "none";
     let mut samples: Vec<(String, &'static str, Vec<Sample>)> = Vec::new();
     for cold in [true, false] {
@@ -109,23 +107,13 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
 
     let scenarios = summarize(samples, bytes);
     let results = Results {
-        benchmark: "convert",
-        date: utc_now(),
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        machine: Machine::probe(&dir),
+        header: Header::new("convert", Machine::probe(&dir)),
         checkpoint_bytes: bytes,
         cold_method,
         scenarios,
     };
-    let markdown = markdown(&results);
-    print!("{markdown}");
-    args.out.save(
-        "convert",
-        &results.machine,
-        &results.date,
-        &results,
-        &markdown,
-    )?;
+    args.out
+        .save(&results.header, &results, &markdown(&results))?;
     Ok(())
 }
 
@@ -157,12 +145,10 @@ fn summarize(samples: Vec<(String, &'static str, Vec<Sample>)>, bytes: u64) -> V
 fn markdown(r: &Results) -> String {
     let mut out = format!(
         "# Conversion: `sllm-store save` against `cp` + fsync\n\n\
-         - date: {}\n- command: `{}`\n{}- checkpoint: {:.2} GiB; cold runs drop the page cache with {}\n\n\
+         {}- checkpoint: {:.2} GiB; cold runs drop the page cache with {}\n\n\
          | scenario | cache | median s | GiB/s | ratio to cp | CPU s/GiB |\n\
          |---|---|---:|---:|---:|---:|\n",
-        r.date,
-        r.command,
-        r.machine.markdown(),
+        r.header.markdown(),
         r.checkpoint_bytes as f64 / (1u64 << 30) as f64,
         r.cold_method,
     );

@@ -25,15 +25,13 @@ use sllm_store::device::host::DEFAULT_SHM_DIR;
 use sllm_store::units::{ByteSize, gib_per_s};
 
 use crate::cache::drop_caches;
-use crate::checkpoint::{
-    ensure_checkpoint, ensure_converted, partition_files, sllm_store_binary, weight_files,
-};
+use crate::checkpoint::{BenchModel, sllm_store_binary, weight_files};
 use crate::daemon::Daemon;
 use crate::engines::{EngineSettings, memcpy, our_engine, pwrite_shm, reference_pread_pool};
 use crate::fio::{self, FioJob};
-use crate::machine::{Machine, utc_now};
+use crate::machine::Machine;
 use crate::peers;
-use crate::report::{OutputArgs, Sample, median};
+use crate::report::{Header, OutputArgs, Sample, median};
 
 #[derive(Args, Debug)]
 pub struct LoadArgs {
@@ -115,10 +113,8 @@ struct FioTrial {
 
 #[derive(Serialize)]
 struct Results {
-    benchmark: &'static str,
-    date: String,
-    command: String,
-    machine: Machine,
+    #[serde(flatten)]
+    header: Header,
     model_bytes: u64,
     runs: usize,
     cold_method: &'static str,
@@ -146,19 +142,15 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
     let sllm_store = sllm_store_binary(args.out.sllm_store.clone())?;
     let fio_bin = fio::ensure_fio()?;
-    std::fs::create_dir_all(&args.dir)
-        .with_context(|| format!("creating {}", args.dir.display()))?;
-    let dir = std::fs::canonicalize(&args.dir)?;
-    let source = dir.join(format!("checkpoint-{}", args.size));
-    ensure_checkpoint(&source, args.size.bytes())?;
-    let storage = dir.join("store");
-    let model = format!("bench/load-{}", args.size);
-    let model_dir = ensure_converted(&sllm_store, &source, &storage, &model)?;
-    let parts = partition_files(&model_dir)?;
-    let bytes: u64 = parts
-        .iter()
-        .map(|p| std::fs::metadata(p).map(|m| m.len()))
-        .sum::<Result<_, _>>()?;
+    let BenchModel {
+        dir,
+        source,
+        storage,
+        name: model,
+        model_dir,
+        parts,
+        bytes,
+    } = BenchModel::prepare(&sllm_store, &args.dir, args.size)?;
     let sources = weight_files(&source);
     let machine = Machine::probe(&dir);
     let cuda = match args.device.as_str() {
@@ -405,10 +397,7 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
     )?);
 
     let results = Results {
-        benchmark: "load",
-        date: utc_now(),
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        machine,
+        header: Header::new("load", machine),
         model_bytes: bytes,
         runs: args.runs,
         cold_method,
@@ -419,10 +408,8 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
         pool_startup,
         skipped,
     };
-    let markdown = markdown(&results);
-    print!("{markdown}");
     args.out
-        .save("load", &results.machine, &results.date, &results, &markdown)?;
+        .save(&results.header, &results, &markdown(&results))?;
     Ok(())
 }
 
@@ -662,13 +649,11 @@ fn median_f64(values: &[f64]) -> f64 {
 fn markdown(r: &Results) -> String {
     let mut out = format!(
         "# Loads: disk, pool and device against the machine's limits\n\n\
-         - date: {}\n- command: `{}`\n{}- model: {:.2} GiB; medians of {} interleaved runs; cold runs drop the page cache with {}\n\
+         {}- model: {:.2} GiB; medians of {} interleaved runs; cold runs drop the page cache with {}\n\
          - ratio: throughput / the ceiling named (disk = the fio limit; best grid setting {})\n\n\
          | scenario | cache | median s | GiB/s | ratio | of | CPU s/GiB | how |\n\
          |---|---|---:|---:|---:|---|---:|---|\n",
-        r.date,
-        r.command,
-        r.machine.markdown(),
+        r.header.markdown(),
         r.model_bytes as f64 / (1u64 << 30) as f64,
         r.runs,
         r.cold_method,

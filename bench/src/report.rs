@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use serde::Serialize;
 
-use crate::machine::Machine;
+use crate::machine::{Machine, utc_now};
 
 /// One timed run of a command.
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -96,6 +96,38 @@ fn write_results(
     Ok(())
 }
 
+/// What every result file starts with: which benchmark, when, the command
+/// line, and the machine.
+#[derive(Debug, Serialize)]
+pub struct Header {
+    pub benchmark: &'static str,
+    pub date: String,
+    pub command: String,
+    pub machine: Machine,
+}
+
+impl Header {
+    /// Stamps `benchmark` with now, this process's command line and `machine`.
+    pub fn new(benchmark: &'static str, machine: Machine) -> Self {
+        Self {
+            benchmark,
+            date: utc_now(),
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            machine,
+        }
+    }
+
+    /// The date, command and machine as markdown list items.
+    pub fn markdown(&self) -> String {
+        format!(
+            "- date: {}\n- command: `{}`\n{}",
+            self.date,
+            self.command,
+            self.machine.markdown()
+        )
+    }
+}
+
 /// Flags every benchmark takes: where results go and which binary to run.
 #[derive(Args, Debug)]
 pub struct OutputArgs {
@@ -111,19 +143,20 @@ pub struct OutputArgs {
 }
 
 impl OutputArgs {
-    /// Writes a benchmark's results where the flags say, else under
-    /// bench/results/ named by benchmark, host and date; says where.
+    /// Prints the markdown and writes the results where the flags say,
+    /// else under bench/results/ named by benchmark, host and date.
     pub fn save(
         &self,
-        benchmark: &str,
-        machine: &Machine,
-        date: &str,
+        header: &Header,
         value: &impl Serialize,
         markdown: &str,
     ) -> anyhow::Result<()> {
+        print!("{markdown}");
+        let date = &header.date;
         let stem = format!(
-            "{benchmark}-{}-{}",
-            machine.hostname,
+            "{}-{}-{}",
+            header.benchmark,
+            header.machine.hostname,
             &date[..10.min(date.len())]
         );
         let results_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("results");

@@ -5,16 +5,15 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
 use sllm_store::units::{ByteSize, gib_per_s};
 
 use crate::cache::drop_caches;
-use crate::checkpoint::{ensure_checkpoint, ensure_converted, partition_files, sllm_store_binary};
+use crate::checkpoint::{BenchModel, sllm_store_binary};
 use crate::engines::{EngineSettings, our_engine};
-use crate::machine::{Machine, utc_now};
-use crate::report::{OutputArgs, Sample, median};
+use crate::machine::Machine;
+use crate::report::{Header, OutputArgs, Sample, median};
 
 #[derive(Args, Debug)]
 pub struct SweepArgs {
@@ -41,10 +40,8 @@ struct Trial {
 
 #[derive(Serialize)]
 struct Results {
-    benchmark: &'static str,
-    date: String,
-    command: String,
-    machine: Machine,
+    #[serde(flatten)]
+    header: Header,
     model_bytes: u64,
     cold_method: &'static str,
     trials: Vec<Trial>,
@@ -86,22 +83,13 @@ fn grid() -> Vec<EngineSettings> {
 pub fn run(args: SweepArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
     let sllm_store = sllm_store_binary(args.out.sllm_store.clone())?;
-    std::fs::create_dir_all(&args.dir)
-        .with_context(|| format!("creating {}", args.dir.display()))?;
-    let dir = std::fs::canonicalize(&args.dir)?;
-    let source = dir.join(format!("checkpoint-{}", args.size));
-    ensure_checkpoint(&source, args.size.bytes())?;
-    let model_dir = ensure_converted(
-        &sllm_store,
-        &source,
-        &dir.join("store"),
-        &format!("bench/load-{}", args.size),
-    )?;
-    let parts = partition_files(&model_dir)?;
-    let bytes: u64 = parts
-        .iter()
-        .map(|p| std::fs::metadata(p).map(|m| m.len()))
-        .sum::<Result<_, _>>()?;
+    let BenchModel {
+        dir,
+        model_dir,
+        parts,
+        bytes,
+        ..
+    } = BenchModel::prepare(&sllm_store, &args.dir, args.size)?;
     let gib = bytes as f64 / (1u64 << 30) as f64;
     let cold_method = drop_caches(&parts);
 
@@ -131,23 +119,13 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
     trials.sort_by(|a, b| b.gib_per_s.total_cmp(&a.gib_per_s));
 
     let results = Results {
-        benchmark: "sweep",
-        date: utc_now(),
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        machine: Machine::probe(&dir),
+        header: Header::new("sweep", Machine::probe(&dir)),
         model_bytes: bytes,
         cold_method,
         trials,
     };
-    let markdown = markdown(&results);
-    print!("{markdown}");
-    args.out.save(
-        "sweep",
-        &results.machine,
-        &results.date,
-        &results,
-        &markdown,
-    )?;
+    args.out
+        .save(&results.header, &results, &markdown(&results))?;
     Ok(())
 }
 
@@ -164,10 +142,8 @@ fn same(a: &EngineSettings, b: &EngineSettings) -> bool {
 fn markdown(r: &Results) -> String {
     let mut out = format!(
         "# Engine sweep: disk to pool, cold\n\n\
-         - date: {}\n- command: `{}`\n{}- model: {:.2} GiB; cold runs drop the page cache with {}\n\n",
-        r.date,
-        r.command,
-        r.machine.markdown(),
+         {}- model: {:.2} GiB; cold runs drop the page cache with {}\n\n",
+        r.header.markdown(),
         r.model_bytes as f64 / (1u64 << 30) as f64,
         r.cold_method,
     );
