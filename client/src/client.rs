@@ -66,6 +66,7 @@ pub struct ServerConfig {
 #[derive(Clone, Debug)]
 pub struct StoreClient {
     inner: StorageClient<Channel>,
+    channel: Channel,
 }
 
 impl StoreClient {
@@ -103,10 +104,10 @@ impl StoreClient {
                 .await
                 .map_err(connect_err)?
         };
-        let inner = StorageClient::new(channel)
+        let inner = StorageClient::new(channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Ok(Self { inner })
+        Ok(Self { inner, channel })
     }
 
     /// Indexes the model; returns its size in bytes.
@@ -201,6 +202,20 @@ impl StoreClient {
             .await
             .map_err(rpc("ClearMem"))?;
         Ok(())
+    }
+
+    /// Whether the daemon's standard gRPC health service reports
+    /// `storage.Storage` as serving (it stops doing so while shutting down).
+    pub async fn serving(&self) -> Result<bool, ClientError> {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        let r = tonic_health::pb::health_client::HealthClient::new(self.channel.clone())
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "storage.Storage".into(),
+            })
+            .await
+            .map_err(rpc("Health.Check"))?
+            .into_inner();
+        Ok(r.status == ServingStatus::Serving as i32)
     }
 
     /// The daemon's settings.

@@ -12,6 +12,7 @@ pub use sllm_format::{durable, progress, units};
 pub mod config;
 pub mod daemon;
 pub mod device;
+pub mod doctor;
 pub mod import;
 pub mod io;
 pub mod pool;

@@ -19,6 +19,8 @@ pub fn sllm_store(home: &Path) -> Command {
         "XDG_CACHE_HOME",
         "STORAGE_PATH",
         "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "SLLM_STORE_ADDR",
     ] {
         cmd.env_remove(var);
     }

@@ -7,12 +7,12 @@ use safetensors::Dtype;
 
 use crate::common::*;
 
-const MAIN: &str = "1111111111111111111111111111111111111111";
-const OLD: &str = "2222222222222222222222222222222222222222";
+pub const MAIN: &str = "1111111111111111111111111111111111111111";
+pub const OLD: &str = "2222222222222222222222222222222222222222";
 
 /// Adds snapshot `commit` of `org/model` to the cache at `hub`, files as
 /// symlinks into blobs/, and returns the tensors it holds.
-fn add_snapshot(hub: &Path, commit: &str, seed: u64) -> Vec<Tensor> {
+pub fn add_snapshot(hub: &Path, commit: &str, seed: u64) -> Vec<Tensor> {
     let repo = hub.join("models--org--model");
     let blobs = repo.join("blobs");
     let snap = repo.join("snapshots").join(commit);
@@ -39,7 +39,7 @@ fn add_snapshot(hub: &Path, commit: &str, seed: u64) -> Vec<Tensor> {
     tensors
 }
 
-fn cache_with_two_snapshots(root: &Path) -> (PathBuf, Vec<Tensor>, Vec<Tensor>) {
+pub fn cache_with_two_snapshots(root: &Path) -> (PathBuf, Vec<Tensor>, Vec<Tensor>) {
     let hub = root.join("hub");
     let main = add_snapshot(&hub, MAIN, 1);
     let old = add_snapshot(&hub, OLD, 2);

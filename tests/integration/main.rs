@@ -4,6 +4,7 @@
 
 mod common;
 mod daemon;
+mod doctor;
 mod hf_cache;
 mod kill;
 mod python;

@@ -67,9 +67,27 @@ impl VerifyReport {
     }
 }
 
-/// Checks the model in `model_dir`.
+/// How much of a model to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Depth {
+    /// Index, partitions, sizes and every checksum block (reads every byte).
+    Full,
+    /// Index, partitions and sizes only (reads no tensor bytes).
+    Structure,
+}
+
+/// Checks the model in `model_dir`, every byte.
 pub fn verify_model(
     model_dir: &Path,
+    progress: &dyn Progress,
+) -> Result<VerifyReport, VerifyError> {
+    verify_model_to(model_dir, Depth::Full, progress)
+}
+
+/// Checks the model in `model_dir` to `depth`.
+pub fn verify_model_to(
+    model_dir: &Path,
+    depth: Depth,
     progress: &dyn Progress,
 ) -> Result<VerifyReport, VerifyError> {
     if !model_dir.is_dir() {
@@ -118,6 +136,7 @@ pub fn verify_model(
                 &manifest,
                 &parts,
                 index.as_ref(),
+                depth,
                 progress,
                 &mut report,
             );
@@ -214,6 +233,7 @@ fn check_manifest(
     manifest: &Manifest,
     parts: &Partitions,
     index: Option<&TensorIndex>,
+    depth: Depth,
     progress: &dyn Progress,
     report: &mut VerifyReport,
 ) {
@@ -250,6 +270,9 @@ fn check_manifest(
                 part.size,
                 expected.size_bytes
             ));
+            continue;
+        }
+        if depth == Depth::Structure {
             continue;
         }
         let bad = match check_blocks(

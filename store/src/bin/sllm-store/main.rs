@@ -2,6 +2,8 @@
 //! the library, turn the outcome into output and an exit status.
 
 mod demo;
+mod doctor;
+mod health;
 mod load;
 mod progress;
 mod save;
@@ -41,6 +43,10 @@ enum Command {
     Start(start::StartArgs),
     /// Load a stored model through a running daemon and report each phase.
     Load(load::LoadArgs),
+    /// Check the machine, the storage path, the Hugging Face cache, a model and the services.
+    Doctor(doctor::DoctorArgs),
+    /// Exit 0 when the daemon answers and serves (for health probes).
+    Health(health::HealthArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +63,8 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Start(args) => start::run_start(args),
         Command::Load(args) => load::run_load(args),
+        Command::Doctor(args) => doctor::run(args),
+        Command::Health(args) => health::run(args),
     };
     match outcome {
         Ok(code) => code,

@@ -1,0 +1,367 @@
+//! The Hugging Face side: which settings are in force, where the cache is,
+//! and whether a model's snapshot is complete enough to start with the
+//! network off.
+//!
+//! The traps: `HF_HUB_OFFLINE=1` set globally so a model missing from the
+//! cache makes vLLM exit at start (a crash loop under a supervisor, a "hang"
+//! in a benchmark); a snapshot with interrupted downloads; a moving ref
+//! (`main`) where a pinned hash was meant; a baseline that silently
+//! downloads and so inflates every speed-up measured against it.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::path::Path;
+
+use super::Check;
+use crate::import::hf_cache::{HfCache, Snapshot, is_commit_hash};
+use crate::units::human_bytes;
+
+/// The variables the doctor reports, in this order.
+const VARS: [&str; 4] = [
+    "HF_HOME",
+    "HF_HUB_CACHE",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+];
+
+/// The Hugging Face settings as a process sees them.
+#[derive(Clone, Debug, Default)]
+pub struct HfEnv {
+    vars: Vec<(String, OsString)>,
+}
+
+impl HfEnv {
+    /// The settings of this process.
+    pub fn from_env() -> Self {
+        Self::from_vars(|name| std::env::var_os(name))
+    }
+
+    /// The settings `var` returns (for tests and for judging another
+    /// process's environment).
+    pub fn from_vars(var: impl Fn(&str) -> Option<OsString>) -> Self {
+        let names = VARS.iter().chain(&["XDG_CACHE_HOME", "HOME"]);
+        Self {
+            vars: names
+                .filter_map(|n| var(n).map(|v| ((*n).to_owned(), v)))
+                .collect(),
+        }
+    }
+
+    /// The same settings with offline mode on (`HF_HUB_OFFLINE=1`,
+    /// `TRANSFORMERS_OFFLINE=1`).
+    pub fn offline(mut self) -> Self {
+        self.vars
+            .retain(|(n, _)| n != "HF_HUB_OFFLINE" && n != "TRANSFORMERS_OFFLINE");
+        self.vars.push(("HF_HUB_OFFLINE".into(), "1".into()));
+        self.vars.push(("TRANSFORMERS_OFFLINE".into(), "1".into()));
+        self
+    }
+
+    fn get(&self, name: &str) -> Option<&OsString> {
+        self.vars.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    /// The cache these settings choose.
+    pub fn cache(&self) -> HfCache {
+        HfCache::from_vars(|n| self.get(n).cloned())
+    }
+
+    /// Offline mode as `huggingface_hub` and `transformers` read it: either
+    /// variable set to 1, ON, YES or TRUE (any case).
+    pub fn is_offline(&self) -> bool {
+        ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"]
+            .iter()
+            .any(|n| self.get(n).is_some_and(|v| truthy(&v.to_string_lossy())))
+    }
+}
+
+fn truthy(v: &str) -> bool {
+    matches!(
+        v.trim().to_ascii_uppercase().as_str(),
+        "1" | "ON" | "YES" | "TRUE"
+    )
+}
+
+/// The settings line, and for `model` the snapshot checks.
+pub fn checks(env: &HfEnv, model: Option<&str>, revision: &str) -> Vec<Check> {
+    let cache = env.cache();
+    let settings: Vec<String> = VARS
+        .iter()
+        .map(|n| match env.get(n) {
+            Some(v) => format!("{n}={}", v.to_string_lossy()),
+            None => format!("{n} unset"),
+        })
+        .collect();
+    let mode = if env.is_offline() {
+        "offline mode ON: nothing will be downloaded"
+    } else {
+        "online: missing files are downloaded at start"
+    };
+    let summary = format!(
+        "{}; cache {} (from {}); {mode}",
+        settings.join(", "),
+        cache.root.display(),
+        cache.chosen_by
+    );
+    let mut out = vec![if cache.root.is_dir() || model.is_some() {
+        Check::pass("hf.settings", summary)
+    } else {
+        Check::warn(
+            "hf.settings",
+            format!("{summary}; the cache directory does not exist"),
+            "set HF_HUB_CACHE or HF_HOME to where your models were downloaded",
+        )
+    }];
+    if let Some(model) = model {
+        out.extend(snapshot_checks(env, model, revision));
+    }
+    out
+}
+
+/// Is `model` at `revision` in the cache, complete, and pinned?
+pub fn snapshot_checks(env: &HfEnv, model: &str, revision: &str) -> Vec<Check> {
+    let offline = env.is_offline();
+    let snapshot = match env.cache().resolve(model, revision) {
+        Ok(s) => s,
+        Err(e) => {
+            return vec![if offline {
+                Check::stop(
+                    "hf.snapshot",
+                    format!(
+                        "{e}. With offline mode on, vLLM cannot download it and exits at start \
+                         (a crash loop under a supervisor)"
+                    ),
+                    format!(
+                        "download it while online (`hf download {model} --revision {revision}`), \
+                         or unset HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE"
+                    ),
+                )
+            } else {
+                Check::warn(
+                    "hf.snapshot",
+                    format!(
+                        "{e}. vLLM would download it at start, so a restart benchmark's \
+                         baseline would time the download"
+                    ),
+                    format!("download it first: `hf download {model} --revision {revision}`"),
+                )
+            }];
+        }
+    };
+    let mut out = vec![Check::pass(
+        "hf.snapshot",
+        format!(
+            "{model}@{revision} -> {} at {}",
+            snapshot.commit,
+            snapshot.dir.display()
+        ),
+    )];
+    out.push(files_check(&snapshot, model, offline));
+    out.push(if is_commit_hash(revision) {
+        Check::pass(
+            "hf.pinned",
+            format!("revision pinned to {}", snapshot.commit),
+        )
+    } else {
+        Check::warn(
+            "hf.pinned",
+            format!(
+                "revision {revision:?} is a moving ref; it resolves to {} today",
+                snapshot.commit
+            ),
+            format!(
+                "pin it on every command line: `vllm serve {model} --revision {c}` and \
+                 `sllm-store save --model {model} --revision {c}`",
+                c = snapshot.commit
+            ),
+        )
+    });
+    out
+}
+
+/// What is in a snapshot.
+#[derive(Debug, Default)]
+struct Contents {
+    has_config: bool,
+    /// Weight files named by the index (or found), and their total size.
+    weights: Vec<String>,
+    weight_bytes: u64,
+    /// Needed files that are absent or dangling symlinks (blob missing).
+    missing: Vec<String>,
+    has_tokenizer: bool,
+    /// Interrupted downloads among the repo's blobs.
+    incomplete_blobs: usize,
+}
+
+fn contents(snapshot: &Snapshot) -> Contents {
+    let dir = &snapshot.dir;
+    let mut c = Contents::default();
+    // `exists` follows symlinks, so a link whose blob is gone reads as missing.
+    let present = |name: &str| dir.join(name).exists();
+    c.has_config = present("config.json");
+    if !c.has_config {
+        c.missing.push("config.json".into());
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if let Some(map) = std::fs::read(&index)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+    {
+        let shards: BTreeSet<String> = map["weight_map"]
+            .as_object()
+            .map(|m| {
+                m.values()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        c.weights = shards.into_iter().collect();
+    } else {
+        let mut found: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".safetensors"))
+            .collect();
+        found.sort();
+        c.weights = found;
+    }
+    for w in &c.weights {
+        match std::fs::metadata(dir.join(w)) {
+            Ok(m) => c.weight_bytes += m.len(),
+            Err(_) => c.missing.push(w.clone()),
+        }
+    }
+    c.has_tokenizer = [
+        "tokenizer.json",
+        "tokenizer.model",
+        "vocab.json",
+        "tiktoken.model",
+    ]
+    .iter()
+    .any(|n| present(n));
+    let blobs = dir
+        .parent()
+        .and_then(Path::parent)
+        .map(|repo| repo.join("blobs"));
+    c.incomplete_blobs = blobs
+        .and_then(|b| std::fs::read_dir(b).ok())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".incomplete"))
+        .count();
+    c
+}
+
+fn files_check(snapshot: &Snapshot, model: &str, offline: bool) -> Check {
+    let name = "hf.files";
+    let c = contents(snapshot);
+    let redownload = format!(
+        "download it again while online: `hf download {model} --revision {}`",
+        snapshot.commit
+    );
+    if c.weights.is_empty() {
+        let summary = format!(
+            "{} has no .safetensors weights (sllm-store converts safetensors only)",
+            snapshot.dir.display()
+        );
+        return if offline {
+            Check::stop(name, summary, redownload)
+        } else {
+            Check::warn(name, summary, redownload)
+        };
+    }
+    if !c.missing.is_empty() {
+        let summary = format!(
+            "{} is incomplete: {} missing or dangling ({} interrupted download(s) in blobs/)",
+            snapshot.dir.display(),
+            c.missing.join(", "),
+            c.incomplete_blobs
+        );
+        return if offline {
+            Check::stop(
+                name,
+                format!("{summary}; offline, vLLM cannot fetch them and exits at start"),
+                redownload,
+            )
+        } else {
+            Check::warn(
+                name,
+                format!("{summary}; vLLM would download them at start"),
+                redownload,
+            )
+        };
+    }
+    let summary = format!(
+        "config.json and {} weight file(s), {}, all present",
+        c.weights.len(),
+        human_bytes(c.weight_bytes)
+    );
+    if !c.has_tokenizer {
+        return Check::warn(
+            name,
+            format!("{summary}; no tokenizer file (tokenizer.json, tokenizer.model, vocab.json)"),
+            "vLLM loads the tokenizer from the snapshot: download it, or start vLLM with \
+             --tokenizer <other> or --skip-tokenizer-init",
+        );
+    }
+    if c.incomplete_blobs > 0 {
+        return Check::warn(
+            name,
+            format!(
+                "{summary}; {} interrupted download(s) left in blobs/",
+                c.incomplete_blobs
+            ),
+            "harmless but wasted space: remove the *.incomplete files, or `hf cache scan`",
+        );
+    }
+    Check::pass(name, summary)
+}
+
+/// Total size of the snapshot's weight files, when it resolves.
+pub fn snapshot_weight_bytes(env: &HfEnv, model: &str, revision: &str) -> Option<u64> {
+    let snapshot = env.cache().resolve(model, revision).ok()?;
+    Some(contents(&snapshot).weight_bytes)
+}
+
+/// The commit `revision` resolves to, when the cache has it.
+pub fn resolve_commit(env: &HfEnv, model: &str, revision: &str) -> Option<String> {
+    env.cache().resolve(model, revision).ok().map(|s| s.commit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HfEnv {
+        HfEnv::from_vars(|n| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| OsString::from(v))
+        })
+    }
+
+    #[test]
+    fn offline_is_read_like_huggingface_hub() {
+        assert!(!env(&[]).is_offline());
+        assert!(env(&[("HF_HUB_OFFLINE", "1")]).is_offline());
+        assert!(env(&[("TRANSFORMERS_OFFLINE", "yes")]).is_offline());
+        assert!(env(&[("HF_HUB_OFFLINE", "True")]).is_offline());
+        assert!(!env(&[("HF_HUB_OFFLINE", "0")]).is_offline());
+        assert!(!env(&[("HF_HUB_OFFLINE", "")]).is_offline());
+        assert!(env(&[("HF_HUB_OFFLINE", "0")]).offline().is_offline());
+    }
+
+    #[test]
+    fn the_cache_follows_the_variables() {
+        let e = env(&[("HF_HOME", "/h"), ("HOME", "/home/u")]);
+        assert_eq!(e.cache().root, Path::new("/h/hub"));
+        assert_eq!(
+            env(&[("HOME", "/home/u")]).cache().root,
+            Path::new("/home/u/.cache/huggingface/hub")
+        );
+    }
+}

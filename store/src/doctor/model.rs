@@ -1,0 +1,164 @@
+//! The converted model in the storage path: present (plain layout, or the
+//! vLLM layout with `rank_<r>/` folders), passing `verify`, converted from
+//! the snapshot the Hugging Face ref points at today, and carrying the
+//! `config.json` vLLM reads.
+
+use std::path::{Path, PathBuf};
+
+use super::Check;
+use super::hf::{HfEnv, resolve_commit};
+use crate::format::verify::{Depth, verify_model_to};
+use crate::format::{INDEX_FILE, Manifest, ModelId};
+use crate::units::human_bytes;
+
+/// The folders holding a stored model: `<model>/` itself, or its `rank_<r>/`
+/// folders (vLLM's tensor-parallel layout). Empty when not converted.
+pub fn stored_dirs(model_dir: &Path) -> Vec<PathBuf> {
+    if model_dir.join(INDEX_FILE).is_file() {
+        return vec![model_dir.to_owned()];
+    }
+    let mut ranks: Vec<(u32, PathBuf)> = std::fs::read_dir(model_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let rank = name.strip_prefix("rank_")?.parse().ok()?;
+            let dir = e.path();
+            dir.join(INDEX_FILE).is_file().then_some((rank, dir))
+        })
+        .collect();
+    ranks.sort();
+    ranks.into_iter().map(|(_, d)| d).collect()
+}
+
+/// True when `model` has been converted into `storage`.
+pub fn is_converted(storage: &Path, model: &str) -> bool {
+    ModelId::parse(model).is_ok_and(|id| !stored_dirs(&id.dir_in(storage)).is_empty())
+}
+
+/// The converted-model checks. With `quick`, checksums are skipped (the
+/// index, partitions and sizes are still checked). A model not converted
+/// yet is a WARN for the doctor; [`super::offline_readiness`] asks for it
+/// as a STOP with `missing_is_stop`.
+pub fn checks(
+    storage: &Path,
+    model: &str,
+    revision: &str,
+    hf: &HfEnv,
+    quick: bool,
+    missing_is_stop: bool,
+) -> Vec<Check> {
+    let id = match ModelId::parse(model) {
+        Ok(id) => id,
+        Err(e) => {
+            return vec![Check::stop(
+                "model.converted",
+                e.to_string(),
+                "pass the model as org/name",
+            )];
+        }
+    };
+    let model_dir = id.dir_in(storage);
+    let dirs = stored_dirs(&model_dir);
+    let commit = resolve_commit(hf, model, revision);
+    if dirs.is_empty() {
+        let summary = format!(
+            "{model} is not converted: no {INDEX_FILE} in {} or its rank_<r>/ folders",
+            model_dir.display()
+        );
+        let fix = format!(
+            "sllm-store save --model {model} --revision {} --storage-path {}",
+            commit.as_deref().unwrap_or(revision),
+            storage.display()
+        );
+        return vec![if missing_is_stop {
+            Check::stop("model.converted", summary, fix)
+        } else {
+            Check::warn("model.converted", summary, fix)
+        }];
+    }
+    let mut out = vec![verify_check(model, &dirs, quick)];
+    if let Some(c) = stale_check(model, revision, &dirs, commit.as_deref()) {
+        out.push(c);
+    }
+    if !model_dir.join("config.json").is_file() {
+        out.push(Check::warn(
+            "model.config",
+            format!("{} has no config.json", model_dir.display()),
+            "vLLM reads the model's config from this folder: convert from the HF cache (which \
+             copies it), or copy config.json and the tokenizer files in",
+        ));
+    }
+    out
+}
+
+fn verify_check(model: &str, dirs: &[PathBuf], quick: bool) -> Check {
+    let name = "model.verify";
+    let depth = if quick { Depth::Structure } else { Depth::Full };
+    let mut problems = Vec::new();
+    let (mut bytes, mut tensors) = (0u64, 0usize);
+    for dir in dirs {
+        match verify_model_to(dir, depth, &()) {
+            Ok(report) => {
+                bytes += report.total_bytes;
+                tensors += report.tensors;
+                problems.extend(report.problems.iter().map(|p| p.to_string()));
+            }
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    let what = if quick {
+        "index and sizes checked"
+    } else {
+        "every checksum matches"
+    };
+    if problems.is_empty() {
+        return Check::pass(
+            name,
+            format!(
+                "{model}: {} folder(s), {tensors} tensors, {}; {what}",
+                dirs.len(),
+                human_bytes(bytes)
+            ),
+        );
+    }
+    let shown = problems.len().min(3);
+    Check::stop(
+        name,
+        format!(
+            "{model} fails verify with {} problem(s): {}{}",
+            problems.len(),
+            problems[..shown].join("; "),
+            if problems.len() > shown { "; ..." } else { "" }
+        ),
+        format!("see `sllm-store verify {model}`; re-create it with `sllm-store save --force`"),
+    )
+}
+
+/// A conversion from another commit than the one the ref points at now.
+fn stale_check(
+    model: &str,
+    revision: &str,
+    dirs: &[PathBuf],
+    commit: Option<&str>,
+) -> Option<Check> {
+    let commit = commit?;
+    let converted_from = dirs
+        .iter()
+        .find_map(|d| Manifest::read(d).ok().flatten()?.source?.commit)?;
+    if converted_from == commit {
+        return Some(Check::pass(
+            "model.source",
+            format!("converted from {commit}, the snapshot {revision:?} resolves to"),
+        ));
+    }
+    Some(Check::warn(
+        "model.source",
+        format!(
+            "converted from {converted_from}, but {revision:?} now resolves to {commit}: the \
+             stored model is stale"
+        ),
+        format!("re-convert: sllm-store save --force --model {model} --revision {commit}"),
+    ))
+}

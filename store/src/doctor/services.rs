@@ -1,0 +1,159 @@
+//! The running services: the store daemon (gRPC health and its settings)
+//! and vLLM's OpenAI server (`GET /v1/models`).
+
+use std::time::Duration;
+
+use sllm_client::StoreClient;
+
+use super::Check;
+use crate::units::human_bytes;
+
+/// How long each service gets to answer.
+const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+
+/// Is the daemon at `addr` up and serving, and with which settings? An
+/// unreachable daemon is a STOP when the user `named` the address, else a
+/// WARN (the doctor is also run before the daemon is started).
+pub fn daemon(addr: &str, named: bool) -> Check {
+    let name = "daemon";
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            return Check::warn(name, format!("cannot start an async runtime: {e}"), "retry");
+        }
+    };
+    let asked = runtime.block_on(async {
+        tokio::time::timeout(ANSWER_WITHIN, async {
+            let mut client = StoreClient::connect(addr).await?;
+            let serving = client.serving().await?;
+            let config = client.server_config().await?;
+            Ok::<_, sllm_client::ClientError>((serving, config))
+        })
+        .await
+    });
+    let (serving, config) = match asked {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(e)) => {
+            let reason = match e {
+                sllm_client::ClientError::Connect { reason, .. } => reason,
+                other => other.to_string(),
+            };
+            let summary = format!("no daemon answers at {addr}: {reason}");
+            let fix = "start it beside vLLM (`sllm-store start --storage-path <dir>`), or pass \
+                       --server <addr> where it listens";
+            return if named {
+                Check::stop(name, summary, fix)
+            } else {
+                Check::warn(name, summary, fix)
+            };
+        }
+        Err(_) => {
+            return Check::stop(
+                name,
+                format!(
+                    "the daemon at {addr} accepted a connection but did not answer within {ANSWER_WITHIN:?}"
+                ),
+                "check its log; a daemon stopped with SIGSTOP or overloaded past this limit needs a restart",
+            );
+        }
+    };
+    if !serving {
+        return Check::stop(
+            name,
+            format!("the daemon at {addr} reports NOT_SERVING: it is shutting down"),
+            "wait for it to exit and start it again",
+        );
+    }
+    let summary = format!(
+        "daemon {} at {addr} serving: {} backend ({} device(s)), {} engine, pool {} in {} chunks",
+        config.version,
+        config.device_backend,
+        config.device_uuids.len(),
+        config.io_engine,
+        human_bytes(config.mem_pool_size),
+        human_bytes(config.chunk_size)
+    );
+    if config.device_backend == "host" {
+        return Check::warn(
+            name,
+            format!("{summary}; the host backend copies into shared-memory files, not GPUs"),
+            "for vLLM, run the daemon on the GPU host with --device cuda (host is for tests)",
+        );
+    }
+    if config.io_engine != "io_uring" {
+        return Check::warn(
+            name,
+            format!("{summary}; not reading with io_uring"),
+            "see the system.io_uring check for why; cold loads are slower without it",
+        );
+    }
+    Check::pass(name, summary)
+}
+
+/// Does vLLM answer `GET <url>/v1/models`, and does it serve `model`?
+pub fn vllm(url: &str, model: Option<&str>) -> Check {
+    let name = "vllm";
+    let endpoint = format!("{}/v1/models", url.trim_end_matches('/'));
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(ANSWER_WITHIN))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut response = match agent.get(&endpoint).call() {
+        Ok(r) => r,
+        Err(e) => {
+            return Check::stop(
+                name,
+                format!("nothing answers at {endpoint}: {e}"),
+                "start vLLM (its OpenAI server), or fix --vllm-url (scheme, host and port)",
+            );
+        }
+    };
+    let status = response.status().as_u16();
+    if status != 200 {
+        return Check::stop(
+            name,
+            format!("{endpoint} answered HTTP {status}"),
+            "vLLM answers 200 once the model is loaded: wait, or check that this URL is vLLM's \
+             OpenAI server",
+        );
+    }
+    let ids: Vec<String> = response
+        .body_mut()
+        .read_json::<serde_json::Value>()
+        .ok()
+        .and_then(|v| {
+            v["data"].as_array().map(|models| {
+                models
+                    .iter()
+                    .filter_map(|m| m["id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+        })
+        .unwrap_or_default();
+    if ids.is_empty() {
+        return Check::stop(
+            name,
+            format!("{endpoint} answered 200 but lists no model (no data[].id)"),
+            "check that this URL is vLLM's OpenAI server",
+        );
+    }
+    let summary = format!("vLLM at {url} serves {}", ids.join(", "));
+    match model {
+        Some(m)
+            if !ids
+                .iter()
+                .any(|id| id == m || id.ends_with(&format!("/{m}"))) =>
+        {
+            Check::warn(
+                name,
+                format!("{summary}, not {m}"),
+                "check which model this vLLM was started with (or its --served-model-name)",
+            )
+        }
+        _ => Check::pass(name, summary),
+    }
+}
