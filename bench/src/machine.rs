@@ -76,22 +76,12 @@ impl Machine {
     }
 }
 
-/// Filesystem type and source device of the mount holding `path`, from
-/// `/proc/self/mountinfo` (the longest mount point that prefixes it).
+/// Filesystem type and source device (with the disks under it) of the
+/// mount holding `path`, as the doctor finds them.
 fn mount_of(path: &Path) -> Option<(String, String)> {
-    let path = std::fs::canonicalize(path).ok()?;
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mut best: Option<(usize, String, String)> = None;
-    for line in mountinfo.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let dash = fields.iter().position(|f| *f == "-")?;
-        let mount_point = fields.get(4)?;
-        let (fstype, source) = (fields.get(dash + 1)?, fields.get(dash + 2)?);
-        if path.starts_with(mount_point) && best.as_ref().is_none_or(|b| mount_point.len() >= b.0) {
-            best = Some((mount_point.len(), fstype.to_string(), source.to_string()));
-        }
-    }
-    best.map(|(_, fs, dev)| (fs, dev))
+    let loc = sllm_store::doctor::storage::Location::of(path).ok()?;
+    let device = format!("{} ({})", loc.source, loc.describe_disks());
+    Some((loc.fstype, device))
 }
 
 fn gpu_name() -> Option<String> {

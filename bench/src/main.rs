@@ -11,7 +11,9 @@ mod fio;
 mod load;
 mod machine;
 mod peers;
+mod pgroup;
 mod report;
+mod restart;
 mod sweep;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +31,9 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Load throughput against the disk's and the copy's limits and the peers, in one run.
     Load(load::LoadArgs),
+    /// vLLM's restart time, the usual start against the start through
+    /// sllm-store: launch to ready and the first completion, interleaved runs.
+    Restart(restart::RestartArgs),
     /// Our engines across chunk sizes, queue depths, read sizes and threads.
     Sweep(sweep::SweepArgs),
 }
@@ -44,6 +49,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Convert(args) => convert::run(args),
         Command::Load(args) => load::run(args),
+        Command::Restart(args) => restart::run(args),
         Command::Sweep(args) => sweep::run(args),
     }
 }
