@@ -353,3 +353,85 @@ fn an_unreachable_daemon_is_reported_before_anything_runs() {
     );
     assert!(!marker.exists(), "a command ran: {all}");
 }
+
+#[test]
+fn offline_runs_both_sides_with_the_hub_switched_off_once_both_can_start() {
+    use sllm_store::format::{ModelId, WriterOptions};
+    use sllm_store::import::hf_cache::HfCache;
+    use sllm_store::save::{SaveRequest, Source, save};
+    use sllm_store::synth::{SynthSpec, write_synthetic};
+
+    const HASH: &str = "3333333333333333333333333333333333333333";
+    let dir = tempfile::tempdir().unwrap();
+    // A complete snapshot in a Hugging Face cache, and its converted copy.
+    let hub = dir.path().join("hub");
+    let repo = hub.join("models--org--name");
+    let snapshot = repo.join("snapshots").join(HASH);
+    write_synthetic(
+        &snapshot,
+        &SynthSpec {
+            target_bytes: 1 << 20,
+            shards: 1,
+            seed: 7,
+        },
+    )
+    .unwrap();
+    std::fs::write(snapshot.join("tokenizer.json"), "{}").unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), HASH).unwrap();
+    let storage = dir.path().join("models");
+    save(
+        &SaveRequest {
+            model: ModelId::parse("org/name").unwrap(),
+            source: Source::HfCache {
+                cache: HfCache {
+                    root: hub.clone(),
+                    chosen_by: "the test".into(),
+                },
+                revision: HASH.into(),
+            },
+            storage_root: storage.clone(),
+            force: false,
+            writer: WriterOptions::default(),
+        },
+        &(),
+    )
+    .unwrap();
+
+    // Each side refuses to start unless both offline variables are set.
+    let port = free_port();
+    let offline_only = |delay: &str| {
+        format!(
+            "test \"$HF_HUB_OFFLINE\" = 1 && test \"$TRANSFORMERS_OFFLINE\" = 1 && exec {}",
+            fake(port, "ready", &format!("--delay {delay}"))
+        )
+    };
+    let mut a = args(
+        offline_only("0.3"),
+        offline_only("0.1"),
+        &[
+            "--runs",
+            "1",
+            "--timeout",
+            "30",
+            "--offline",
+            "--model",
+            "org/name",
+        ],
+    );
+    a.extend(["--revision".into(), HASH.into(), "--storage-path".into()]);
+    a.push(storage.display().to_string());
+    a.extend(common_args(port, dir.path()));
+    let (out, _) = bench(&a, &[("HF_HUB_CACHE", hub.as_path())]);
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("STOP "),
+        "{all}"
+    );
+    let r = results(dir.path());
+    assert_eq!(r["offline"], true, "{r}");
+    assert_eq!(r["environment"]["HF_HUB_OFFLINE"], "1", "{r}");
+    assert_eq!(r["baseline"]["runs"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(r["faststart"]["runs"].as_array().unwrap().len(), 1, "{r}");
+}

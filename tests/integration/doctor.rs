@@ -302,6 +302,10 @@ fn the_converted_model_is_verified_and_a_stale_one_is_named() {
     assert_eq!(st, "PASS", "{summary}");
     assert!(summary.contains("every checksum matches"), "{summary}");
     assert_eq!(status(&report, "model.source"), "PASS");
+    let (_, summary, _) = check(&report, "model.device");
+    assert!(summary.contains("tensor.data_0 is on"), "{summary}");
+    let (st, summary, _) = check(&report, "hf.device");
+    assert_eq!(st, "PASS", "cache and storage in one directory: {summary}");
 
     // One flipped byte: the full check catches it, the quick one does not read it.
     let part = storage.join("org/model/tensor.data_0");
@@ -445,4 +449,65 @@ fn vllm_is_asked_for_its_models() {
     let (st, summary, _) = check(&report, "vllm");
     assert_eq!(st, "STOP");
     assert!(summary.contains("nothing answers"), "{summary}");
+}
+
+#[test]
+fn a_model_linked_from_outside_the_storage_path_is_a_stop() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (hub, _, _) = cache_with_two_snapshots(tmp.path());
+    let elsewhere = tmp.path().join("elsewhere");
+    run_ok(
+        sllm_store(tmp.path())
+            .args([
+                "save",
+                "--model",
+                "org/model",
+                "--revision",
+                MAIN,
+                "--storage-path",
+            ])
+            .arg(&elsewhere)
+            .env("HF_HUB_CACHE", &hub),
+    );
+    let storage = tmp.path().join("models");
+    std::fs::create_dir_all(&storage).unwrap();
+    std::os::unix::fs::symlink(elsewhere.join("org"), storage.join("org")).unwrap();
+    let (code, report) = doctor(tmp.path(), &storage, |c| {
+        c.args(["--model", "org/model", "--revision", MAIN, "--quick"])
+            .env("HF_HUB_CACHE", &hub);
+    });
+    let (st, summary, fix) = check(&report, "model.device");
+    assert_eq!(st, "STOP", "{summary}");
+    assert!(
+        summary.contains("the daemon refuses to load it"),
+        "{summary}"
+    );
+    assert!(fix.contains("instead of linking"), "{fix}");
+    assert_eq!(code, 1);
+}
+
+#[test]
+fn a_cache_on_another_drive_than_the_storage_path_is_named() {
+    let Some(shm) = dir_on_tmpfs() else {
+        eprintln!("skipped: /dev/shm is not tmpfs here");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let same_fs = std::fs::metadata(tmp.path()).unwrap().dev()
+        == std::fs::metadata(shm.path()).unwrap().dev();
+    if same_fs {
+        eprintln!("skipped: the temp dir is on /dev/shm's filesystem");
+        return;
+    }
+    let (hub, _, _) = cache_with_two_snapshots(shm.path());
+    let (_, report) = doctor(tmp.path(), tmp.path(), |c| {
+        c.args(["--model", "org/model"]).env("HF_HUB_CACHE", &hub);
+    });
+    let (st, summary, fix) = check(&report, "hf.device");
+    assert_eq!(st, "WARN", "{summary}");
+    assert!(
+        summary.contains("tmpfs") && summary.contains("compare the two drives"),
+        "{summary}"
+    );
+    assert!(fix.contains("HF_HUB_CACHE"), "{fix}");
 }

@@ -71,74 +71,105 @@ struct CudaInner {
 }
 
 impl CudaBackend {
-    /// Finds the driver and the devices; an error says why CUDA cannot be used.
+    /// Finds the driver and the devices, and holds each device's primary
+    /// context; an error says why CUDA cannot be used.
     pub fn probe() -> Result<Self, DeviceError> {
-        // SAFETY: only tries to dlopen the driver library's usual names.
-        if !unsafe { cu::is_culib_present() } {
-            return Err(DeviceError::Unavailable(
-                "no CUDA driver library (libcuda.so.1) on this machine".into(),
-            ));
-        }
-        // cudarc panics when a driver lacks an entry point it binds; turn
-        // that into an error, since nothing may panic for lack of CUDA.
-        std::panic::catch_unwind(Self::probe_devices).unwrap_or_else(|_| {
-            Err(DeviceError::Unavailable(
-                "the CUDA driver lacks an entry point this build needs; update the NVIDIA driver"
-                    .into(),
-            ))
-        })
+        guarded(Self::probe_devices)
+    }
+
+    /// The devices the driver sees, without creating a context on any: safe
+    /// to call beside a running inference process (the doctor does), also
+    /// on GPUs in exclusive-process mode.
+    pub fn list_devices() -> Result<Vec<DeviceInfo>, DeviceError> {
+        guarded(|| Ok(enumerate()?.into_iter().map(|(_, info)| info).collect()))
     }
 
     fn probe_devices() -> Result<Self, DeviceError> {
-        let unavailable = |e: String| DeviceError::Unavailable(format!("CUDA: {e}"));
-        // SAFETY: plain driver calls with valid out-pointers to locals.
-        unsafe {
-            check("cuInit", cu::cuInit(0)).map_err(unavailable)?;
-            let mut count = 0;
-            check("cuDeviceGetCount", cu::cuDeviceGetCount(&mut count)).map_err(unavailable)?;
-            if count <= 0 {
-                return Err(unavailable(
-                    "the driver sees no device (check CUDA_VISIBLE_DEVICES)".into(),
-                ));
-            }
-            let mut backend = CudaInner {
-                devices: Vec::new(),
-                handles: Vec::new(),
-                contexts: Vec::new(),
-                registered: Mutex::new((Vec::new(), None)),
-            };
-            for ordinal in 0..count {
-                let mut dev = 0;
-                check("cuDeviceGet", cu::cuDeviceGet(&mut dev, ordinal)).map_err(unavailable)?;
-                let mut name = [0 as std::ffi::c_char; 256];
-                check(
-                    "cuDeviceGetName",
-                    cu::cuDeviceGetName(name.as_mut_ptr(), name.len() as i32, dev),
-                )
+        let mut backend = CudaInner {
+            devices: Vec::new(),
+            handles: Vec::new(),
+            contexts: Vec::new(),
+            registered: Mutex::new((Vec::new(), None)),
+        };
+        for (dev, info) in enumerate()? {
+            let mut ctx = std::ptr::null_mut();
+            // SAFETY: a plain driver call with a valid out-pointer to a local,
+            // on a device handle the driver gave.
+            check("cuDevicePrimaryCtxRetain", unsafe {
+                cu::cuDevicePrimaryCtxRetain(&mut ctx, dev)
+            })
+            .map_err(unavailable)?;
+            backend.handles.push(dev);
+            backend.contexts.push(Context(ctx));
+            backend.devices.push(info);
+        }
+        Ok(Self {
+            inner: Arc::new(backend),
+        })
+    }
+}
+
+fn unavailable(e: String) -> DeviceError {
+    DeviceError::Unavailable(format!("CUDA: {e}"))
+}
+
+/// Runs `f` if the driver library is present, turning the panic cudarc
+/// raises when a driver lacks an entry point it binds into an error: nothing
+/// may panic for lack of CUDA.
+fn guarded<T>(
+    f: impl FnOnce() -> Result<T, DeviceError> + std::panic::UnwindSafe,
+) -> Result<T, DeviceError> {
+    // SAFETY: only tries to dlopen the driver library's usual names.
+    if !unsafe { cu::is_culib_present() } {
+        return Err(DeviceError::Unavailable(
+            "no CUDA driver library (libcuda.so.1) on this machine".into(),
+        ));
+    }
+    std::panic::catch_unwind(f).unwrap_or_else(|_| {
+        Err(DeviceError::Unavailable(
+            "the CUDA driver lacks an entry point this build needs; update the NVIDIA driver"
+                .into(),
+        ))
+    })
+}
+
+/// Initializes the driver and describes every device it sees (no contexts).
+fn enumerate() -> Result<Vec<(cu::CUdevice, DeviceInfo)>, DeviceError> {
+    // SAFETY: plain driver calls with valid out-pointers to locals.
+    unsafe {
+        check("cuInit", cu::cuInit(0)).map_err(unavailable)?;
+        let mut count = 0;
+        check("cuDeviceGetCount", cu::cuDeviceGetCount(&mut count)).map_err(unavailable)?;
+        if count <= 0 {
+            return Err(unavailable(
+                "the driver sees no device (check CUDA_VISIBLE_DEVICES)".into(),
+            ));
+        }
+        let mut out = Vec::with_capacity(count as usize);
+        for ordinal in 0..count {
+            let mut dev = 0;
+            check("cuDeviceGet", cu::cuDeviceGet(&mut dev, ordinal)).map_err(unavailable)?;
+            let mut name = [0 as std::ffi::c_char; 256];
+            check(
+                "cuDeviceGetName",
+                cu::cuDeviceGetName(name.as_mut_ptr(), name.len() as i32, dev),
+            )
+            .map_err(unavailable)?;
+            let mut uuid = cu::CUuuid { bytes: [0; 16] };
+            check("cuDeviceGetUuid_v2", cu::cuDeviceGetUuid_v2(&mut uuid, dev))
                 .map_err(unavailable)?;
-                let mut uuid = cu::CUuuid { bytes: [0; 16] };
-                check("cuDeviceGetUuid_v2", cu::cuDeviceGetUuid_v2(&mut uuid, dev))
-                    .map_err(unavailable)?;
-                let mut ctx = std::ptr::null_mut();
-                check(
-                    "cuDevicePrimaryCtxRetain",
-                    cu::cuDevicePrimaryCtxRetain(&mut ctx, dev),
-                )
-                .map_err(unavailable)?;
-                backend.handles.push(dev);
-                backend.contexts.push(Context(ctx));
-                backend.devices.push(DeviceInfo {
+            out.push((
+                dev,
+                DeviceInfo {
                     uuid: sllm_proto::device_uuid_string(&uuid.bytes.map(|b| b as u8)),
                     // SAFETY: cuDeviceGetName wrote a NUL-terminated name
                     // into the zeroed buffer, which it cannot overrun.
                     name: CStr::from_ptr(name.as_ptr()).to_string_lossy().into_owned(),
                     index: ordinal as usize,
-                });
-            }
-            Ok(Self {
-                inner: Arc::new(backend),
-            })
+                },
+            ));
         }
+        Ok(out)
     }
 }
 

@@ -320,6 +320,45 @@ fn files_check(snapshot: &Snapshot, model: &str, offline: bool) -> Check {
     Check::pass(name, summary)
 }
 
+/// Is the snapshot on the same drive as the storage path? If not, a
+/// restart comparison also compares two drives.
+pub fn device_check(env: &HfEnv, model: &str, revision: &str, storage: &Path) -> Option<Check> {
+    let snapshot = env.cache().resolve(model, revision).ok()?;
+    let weight = contents(&snapshot).weights.into_iter().next()?;
+    // The snapshot's files are links into blobs/: judge where the bytes are.
+    let data = std::fs::canonicalize(snapshot.dir.join(weight)).ok()?;
+    let (same, cache, store) = super::storage::same_disks(&data, storage)?;
+    let describe = |l: &super::storage::Location| {
+        format!(
+            "{} ({}, mounted at {})",
+            l.describe_disks(),
+            l.fstype,
+            l.mount_point.display()
+        )
+    };
+    Some(if same {
+        Check::pass(
+            "hf.device",
+            format!(
+                "the snapshot's weights and the storage path share {}",
+                describe(&cache)
+            ),
+        )
+    } else {
+        Check::warn(
+            "hf.device",
+            format!(
+                "the snapshot's weights are on {}, the storage path on {}: a restart comparison \
+                 would also compare the two drives",
+                describe(&cache),
+                describe(&store)
+            ),
+            "for a like-for-like benchmark put HF_HUB_CACHE on the storage path's drive, or \
+             report both drives with the result",
+        )
+    })
+}
+
 /// Total size of the snapshot's weight files, when it resolves.
 pub fn snapshot_weight_bytes(env: &HfEnv, model: &str, revision: &str) -> Option<u64> {
     let snapshot = env.cache().resolve(model, revision).ok()?;

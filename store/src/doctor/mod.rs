@@ -132,13 +132,18 @@ pub fn run(req: &DoctorRequest) -> Vec<Check> {
     checks.extend(system::checks(req.pool_bytes));
     checks.extend(hf::checks(&req.hf, req.model.as_deref(), &req.revision));
     if let Some(model) = &req.model {
+        checks.extend(hf::device_check(
+            &req.hf,
+            model,
+            &req.revision,
+            &req.storage_path,
+        ));
         checks.extend(model::checks(
             &req.storage_path,
             model,
             &req.revision,
             &req.hf,
-            req.quick,
-            false,
+            model::Purpose::Doctor { quick: req.quick },
         ));
     }
     checks.push(services::daemon(&req.server, req.server_named));
@@ -174,8 +179,7 @@ pub fn offline_readiness(
         model,
         revision,
         &hf,
-        true,
-        true,
+        model::Purpose::OfflineReadiness,
     ));
     checks
 }

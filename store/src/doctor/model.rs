@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use super::Check;
 use super::hf::{HfEnv, resolve_commit};
+use super::storage::{self, Location};
 use crate::format::verify::{Depth, verify_model_to};
 use crate::format::{INDEX_FILE, Manifest, ModelId};
 use crate::units::human_bytes;
@@ -37,18 +38,29 @@ pub fn is_converted(storage: &Path, model: &str) -> bool {
     ModelId::parse(model).is_ok_and(|id| !stored_dirs(&id.dir_in(storage)).is_empty())
 }
 
-/// The converted-model checks. With `quick`, checksums are skipped (the
-/// index, partitions and sizes are still checked). A model not converted
-/// yet is a WARN for the doctor; [`super::offline_readiness`] asks for it
-/// as a STOP with `missing_is_stop`.
+/// What the model checks are for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// The doctor's verdict: a model not converted yet is a WARN, its drive
+    /// is judged like the storage path's; `quick` skips the checksums (the
+    /// index, partitions and sizes are still checked).
+    Doctor { quick: bool },
+    /// Can the fast start start offline? Only what stops it counts: a model
+    /// not converted, broken, or out of the daemon's reach is a STOP; its
+    /// drive is not judged. Checksums are skipped.
+    OfflineReadiness,
+}
+
+/// The converted-model checks, for `purpose`.
 pub fn checks(
     storage: &Path,
     model: &str,
     revision: &str,
     hf: &HfEnv,
-    quick: bool,
-    missing_is_stop: bool,
+    purpose: Purpose,
 ) -> Vec<Check> {
+    let readiness = purpose == Purpose::OfflineReadiness;
+    let quick = purpose != Purpose::Doctor { quick: false };
     let id = match ModelId::parse(model) {
         Ok(id) => id,
         Err(e) => {
@@ -72,13 +84,14 @@ pub fn checks(
             commit.as_deref().unwrap_or(revision),
             storage.display()
         );
-        return vec![if missing_is_stop {
+        return vec![if readiness {
             Check::stop("model.converted", summary, fix)
         } else {
             Check::warn("model.converted", summary, fix)
         }];
     }
     let mut out = vec![verify_check(model, &dirs, quick)];
+    out.extend(device_check(storage, &dirs[0], !readiness));
     if let Some(c) = stale_check(model, revision, &dirs, commit.as_deref()) {
         out.push(c);
     }
@@ -91,6 +104,53 @@ pub fn checks(
         ));
     }
     out
+}
+
+/// Where the model's bytes really are. The daemon refuses a model whose
+/// folder leads out of the storage path or whose partitions are symlinks,
+/// so those are STOPs; a filesystem mounted inside the storage path is
+/// allowed, and named. With `judge_drive`, the drive gets the storage
+/// path's verdict (OS disk, tmpfs, not NVMe...).
+fn device_check(storage: &Path, dir: &Path, judge_drive: bool) -> Option<Check> {
+    let name = "model.device";
+    let root = std::fs::canonicalize(storage).ok()?;
+    let real = std::fs::canonicalize(dir).ok()?;
+    let data = dir.join("tensor.data_0");
+    let linked = std::fs::symlink_metadata(&data).is_ok_and(|m| m.file_type().is_symlink());
+    if !real.starts_with(&root) || linked {
+        return Some(Check::stop(
+            name,
+            format!(
+                "{} leads out of the storage path {} through a symlink: the daemon refuses to \
+                 load it",
+                if linked { &data } else { dir }.display(),
+                root.display()
+            ),
+            "move the model's files into the storage path (or point --storage-path at where \
+             they are) instead of linking them",
+        ));
+    }
+    if !judge_drive {
+        return None;
+    }
+    let loc = Location::of(&data).ok()?;
+    let check = storage::device_check(name, &data, &loc);
+    match Location::of(&root) {
+        Ok(outer) if outer.dev != loc.dev && check.status == super::Status::Pass => {
+            Some(Check::warn(
+                name,
+                format!(
+                    "{}; another filesystem than the storage path's ({} on {})",
+                    check.summary,
+                    outer.fstype,
+                    outer.describe_disks()
+                ),
+                "a filesystem is mounted inside the storage path: make sure it is the drive you \
+                 meant",
+            ))
+        }
+        _ => Some(check),
+    }
 }
 
 fn verify_check(model: &str, dirs: &[PathBuf], quick: bool) -> Check {

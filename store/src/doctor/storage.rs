@@ -255,7 +255,7 @@ pub fn checks(storage: &Path, needed_bytes: Option<u64>) -> Vec<Check> {
     }
     match Location::of(storage) {
         Ok(loc) => {
-            out.push(device_check(storage, &loc));
+            out.push(device_check("storage.device", storage, &loc));
             out.push(free_space_check(&loc, needed_bytes));
         }
         Err(e) => out.push(Check::warn(
@@ -270,12 +270,11 @@ pub fn checks(storage: &Path, needed_bytes: Option<u64>) -> Vec<Check> {
     out
 }
 
-/// The verdict on where the data lives.
-fn device_check(storage: &Path, loc: &Location) -> Check {
-    let name = "storage.device";
+/// The verdict on where the data at `path` (found at `loc`) lives.
+pub fn device_check(name: &'static str, path: &Path, loc: &Location) -> Check {
     let place = format!(
         "{} is on {} ({}, mounted at {}, from {})",
-        storage.display(),
+        path.display(),
         loc.describe_disks(),
         loc.fstype,
         loc.mount_point.display(),
@@ -335,6 +334,14 @@ fn device_check(storage: &Path, loc: &Location) -> Check {
         );
     }
     Check::pass(name, format!("{place}: NVMe"))
+}
+
+/// Do the files at `a` and `b` sit on the same disks? `None` when either
+/// cannot be located.
+pub fn same_disks(a: &Path, b: &Path) -> Option<(bool, Location, Location)> {
+    let (la, lb) = (Location::of(a).ok()?, Location::of(b).ok()?);
+    let same = la.dev == lb.dev || (!la.disks.is_empty() && la.disks == lb.disks);
+    Some((same, la, lb))
 }
 
 fn free_space_check(loc: &Location, needed: Option<u64>) -> Check {

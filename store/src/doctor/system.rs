@@ -208,7 +208,6 @@ fn huge_pages_check(meminfo: &str, pool: u64) -> Check {
 }
 
 fn gpu_check() -> Check {
-    use crate::device::DeviceBackend;
     let name = "system.gpu";
     let driver = std::fs::read_to_string("/proc/driver/nvidia/version")
         .ok()
@@ -218,10 +217,11 @@ fn gpu_check() -> Check {
             let after = line.split("Kernel Module").nth(1)?;
             after.split_whitespace().next().map(str::to_owned)
         });
-    match crate::device::cuda::CudaBackend::probe() {
-        Ok(backend) => {
-            let devices: Vec<String> = backend
-                .devices()
+    // Listing only: a context per GPU would cost GPU memory beside a running
+    // vLLM, and fail on GPUs in exclusive-process mode.
+    match crate::device::cuda::CudaBackend::list_devices() {
+        Ok(list) => {
+            let devices: Vec<String> = list
                 .iter()
                 .map(|d| format!("{} {} (GPU-{})", d.index, d.name, d.uuid))
                 .collect();
