@@ -281,6 +281,13 @@ pub fn run(args: RestartArgs) -> anyhow::Result<()> {
              left from an earlier run?) or pass the --url your commands serve at"
         );
     }
+    if args.drop_caches && args.model.is_none() && !rustix::process::geteuid().is_root() {
+        tracing::warn!(
+            "--drop-caches without root and without --model drops nothing: only root can drop \
+             the whole page cache, and without --model no files are known to evict; starts \
+             will be warm"
+        );
+    }
     let cache_files = match (&args.model, args.drop_caches) {
         (Some(model), true) => model_files(&storage_path, model, &args.revision),
         _ => Vec::new(),
@@ -391,6 +398,13 @@ fn validate(args: &RestartArgs) -> anyhow::Result<()> {
         !args.baseline.trim().is_empty() && !args.faststart.trim().is_empty(),
         "--baseline and --faststart must be shell commands that start vLLM"
     );
+    let host_part = args.url.strip_prefix("http://").unwrap_or("");
+    ensure!(
+        !host_part.trim_end_matches('/').contains('/'),
+        "--url {:?}: give the base URL without a path (http://host:port, not .../v1): the \
+         benchmark asks <url>/v1/models and <url>/v1/completions",
+        args.url
+    );
     ensure!(
         args.url.starts_with("http://") && args.url.len() > "http://".len(),
         "--url {:?}: give the base URL vLLM serves at as http://host:port (https is not supported)",
@@ -430,10 +444,24 @@ fn clear_pool(addr: &str) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting a runtime for the daemon client")?;
-    runtime.block_on(async {
-        let mut client = sllm_client::StoreClient::connect(addr).await?;
-        client.clear().await
-    })?;
+    // Bounded: a stopped or wedged daemon must not hang the benchmark.
+    let limit = Duration::from_secs(30);
+    runtime
+        .block_on(async {
+            // Created inside the runtime: a timer needs its context.
+            tokio::time::timeout(limit, async {
+                let mut client = sllm_client::StoreClient::connect(addr).await?;
+                client.clear().await
+            })
+            .await
+        })
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the daemon at {addr} did not empty its pool within {} s: check that it runs \
+                 (not stopped, not wedged), or leave --server out",
+                limit.as_secs()
+            )
+        })??;
     Ok(())
 }
 

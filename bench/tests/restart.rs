@@ -435,3 +435,22 @@ fn offline_runs_both_sides_with_the_hub_switched_off_once_both_can_start() {
     assert_eq!(r["baseline"]["runs"].as_array().unwrap().len(), 1, "{r}");
     assert_eq!(r["faststart"]["runs"].as_array().unwrap().len(), 1, "{r}");
 }
+
+#[test]
+fn a_url_with_a_path_is_refused_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("started");
+    let touch = format!("touch '{}'", marker.display());
+    let a = args(
+        touch.clone(),
+        touch,
+        &["--url", "http://127.0.0.1:8000/v1", "--json"],
+    );
+    let mut a = a;
+    a.push(dir.path().join("r.json").display().to_string());
+    let (out, _) = bench(&a, &[]);
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("without a path"), "{all}");
+    assert!(!marker.exists(), "a command ran: {all}");
+}

@@ -196,7 +196,7 @@ fn a_cached_snapshot_is_offline_ready_and_its_hash_is_given_to_pin() {
         "{fix}"
     );
 
-    // Without a tokenizer vLLM cannot start offline either.
+    // Without a tokenizer file vLLM needs --tokenizer or --skip-tokenizer-init: a WARN.
     std::fs::remove_file(snap.join("tokenizer.json")).unwrap();
     let (_, report) = doctor(tmp.path(), &storage, |c| {
         c.args(["--model", "org/model", "--revision", MAIN])
@@ -419,8 +419,13 @@ fn vllm_is_asked_for_its_models() {
     let tmp = tempfile::tempdir().unwrap();
     let storage = tmp.path().join("models");
     let url = http_stand_in("200 OK", r#"{"object":"list","data":[{"id":"org/model"}]}"#);
+    // A proxy meant for the internet must not reroute the local check, and
+    // a URL without a scheme or with a trailing slash is understood.
+    let bare = format!("{}/", url.trim_start_matches("http://"));
     let (_, report) = doctor(tmp.path(), &storage, |c| {
-        c.args(["--vllm-url", &url]);
+        c.args(["--vllm-url", &bare])
+            .env("HTTP_PROXY", "http://127.0.0.1:1")
+            .env("http_proxy", "http://127.0.0.1:1");
     });
     let (st, summary, _) = check(&report, "vllm");
     assert_eq!(st, "PASS", "{summary}");

@@ -24,6 +24,14 @@ const VARS: [&str; 4] = [
     "TRANSFORMERS_OFFLINE",
 ];
 
+/// Files of which a model folder needs one for vLLM to build a tokenizer.
+pub const TOKENIZER_FILES: [&str; 4] = [
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "tiktoken.model",
+];
+
 /// The Hugging Face settings as a process sees them.
 #[derive(Clone, Debug, Default)]
 pub struct HfEnv {
@@ -66,12 +74,14 @@ impl HfEnv {
         HfCache::from_vars(|n| self.get(n).cloned())
     }
 
-    /// Offline mode as `huggingface_hub` and `transformers` read it: either
-    /// variable set to 1, ON, YES or TRUE (any case).
+    /// Offline mode as `huggingface_hub` reads it (and `transformers`
+    /// through it): `HF_HUB_OFFLINE` when set and not empty, else
+    /// `TRANSFORMERS_OFFLINE`; true for 1, ON, YES or TRUE (any case).
     pub fn is_offline(&self) -> bool {
-        ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"]
-            .iter()
-            .any(|n| self.get(n).is_some_and(|v| truthy(&v.to_string_lossy())))
+        let set = |n: &str| self.get(n).filter(|v| !v.is_empty());
+        set("HF_HUB_OFFLINE")
+            .or_else(|| set("TRANSFORMERS_OFFLINE"))
+            .is_some_and(|v| truthy(&v.to_string_lossy()))
     }
 }
 
@@ -233,14 +243,7 @@ fn contents(snapshot: &Snapshot) -> Contents {
             Err(_) => c.missing.push(w.clone()),
         }
     }
-    c.has_tokenizer = [
-        "tokenizer.json",
-        "tokenizer.model",
-        "vocab.json",
-        "tiktoken.model",
-    ]
-    .iter()
-    .any(|n| present(n));
+    c.has_tokenizer = TOKENIZER_FILES.iter().any(|n| present(n));
     let blobs = dir
         .parent()
         .and_then(Path::parent)
@@ -302,7 +305,10 @@ fn files_check(snapshot: &Snapshot, model: &str, offline: bool) -> Check {
     if !c.has_tokenizer {
         return Check::warn(
             name,
-            format!("{summary}; no tokenizer file (tokenizer.json, tokenizer.model, vocab.json)"),
+            format!(
+                "{summary}; no tokenizer file ({})",
+                TOKENIZER_FILES.join(", ")
+            ),
             "vLLM loads the tokenizer from the snapshot: download it, or start vLLM with \
              --tokenizer <other> or --skip-tokenizer-init",
         );
@@ -391,6 +397,11 @@ mod tests {
         assert!(env(&[("HF_HUB_OFFLINE", "True")]).is_offline());
         assert!(!env(&[("HF_HUB_OFFLINE", "0")]).is_offline());
         assert!(!env(&[("HF_HUB_OFFLINE", "")]).is_offline());
+        assert!(env(&[("HF_HUB_OFFLINE", ""), ("TRANSFORMERS_OFFLINE", "1")]).is_offline());
+        assert!(
+            !env(&[("HF_HUB_OFFLINE", "0"), ("TRANSFORMERS_OFFLINE", "1")]).is_offline(),
+            "HF_HUB_OFFLINE wins when set"
+        );
         assert!(env(&[("HF_HUB_OFFLINE", "0")]).offline().is_offline());
     }
 

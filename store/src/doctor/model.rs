@@ -95,12 +95,27 @@ pub fn checks(
     if let Some(c) = stale_check(model, revision, &dirs, commit.as_deref()) {
         out.push(c);
     }
+    let fix = "vLLM reads the model's config and tokenizer from this folder: convert from the \
+               HF cache (which copies them), or copy config.json and the tokenizer files in";
     if !model_dir.join("config.json").is_file() {
+        let summary = format!("{} has no config.json", model_dir.display());
+        out.push(if readiness {
+            Check::stop("model.config", format!("{summary}: vLLM cannot start"), fix)
+        } else {
+            Check::warn("model.config", summary, fix)
+        });
+    } else if !super::hf::TOKENIZER_FILES
+        .iter()
+        .any(|f| model_dir.join(f).is_file())
+    {
         out.push(Check::warn(
             "model.config",
-            format!("{} has no config.json", model_dir.display()),
-            "vLLM reads the model's config from this folder: convert from the HF cache (which \
-             copies it), or copy config.json and the tokenizer files in",
+            format!(
+                "{} has config.json but no tokenizer file ({})",
+                model_dir.display(),
+                super::hf::TOKENIZER_FILES.join(", ")
+            ),
+            format!("{fix}; or start vLLM with --tokenizer <other> or --skip-tokenizer-init"),
         ));
     }
     out
@@ -116,14 +131,19 @@ fn device_check(storage: &Path, dir: &Path, judge_drive: bool) -> Option<Check> 
     let root = std::fs::canonicalize(storage).ok()?;
     let real = std::fs::canonicalize(dir).ok()?;
     let data = dir.join("tensor.data_0");
-    let linked = std::fs::symlink_metadata(&data).is_ok_and(|m| m.file_type().is_symlink());
-    if !real.starts_with(&root) || linked {
+    // The daemon refuses any partition that is a symlink.
+    let linked = (0..)
+        .map(|i| dir.join(format!("tensor.data_{i}")))
+        .map_while(|p| std::fs::symlink_metadata(&p).ok().map(|m| (p, m)))
+        .find(|(_, m)| m.file_type().is_symlink())
+        .map(|(p, _)| p);
+    if !real.starts_with(&root) || linked.is_some() {
         return Some(Check::stop(
             name,
             format!(
                 "{} leads out of the storage path {} through a symlink: the daemon refuses to \
                  load it",
-                if linked { &data } else { dir }.display(),
+                linked.as_deref().unwrap_or(dir).display(),
                 root.display()
             ),
             "move the model's files into the storage path (or point --storage-path at where \

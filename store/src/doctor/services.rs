@@ -53,9 +53,7 @@ pub fn daemon(addr: &str, named: bool) -> Check {
         Err(_) => {
             return Check::stop(
                 name,
-                format!(
-                    "the daemon at {addr} accepted a connection but did not answer within {ANSWER_WITHIN:?}"
-                ),
+                format!("the daemon at {addr} did not connect and answer within {ANSWER_WITHIN:?}"),
                 "check its log; a daemon stopped with SIGSTOP or overloaded past this limit needs a restart",
             );
         }
@@ -96,10 +94,17 @@ pub fn daemon(addr: &str, named: bool) -> Check {
 /// Does vLLM answer `GET <url>/v1/models`, and does it serve `model`?
 pub fn vllm(url: &str, model: Option<&str>) -> Check {
     let name = "vllm";
-    let endpoint = format!("{}/v1/models", url.trim_end_matches('/'));
+    let base = if url.contains("://") {
+        url.trim_end_matches('/').to_owned()
+    } else {
+        format!("http://{}", url.trim_end_matches('/'))
+    };
+    let endpoint = format!("{base}/v1/models");
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(ANSWER_WITHIN))
         .http_status_as_error(false)
+        // vLLM is local: an HTTP_PROXY meant for the internet must not reroute it.
+        .proxy(None)
         .build()
         .into();
     let mut response = match agent.get(&endpoint).call() {
@@ -113,6 +118,14 @@ pub fn vllm(url: &str, model: Option<&str>) -> Check {
         }
     };
     let status = response.status().as_u16();
+    if status == 401 || status == 403 {
+        return Check::stop(
+            name,
+            format!("{endpoint} answered HTTP {status}: vLLM was started with --api-key"),
+            "the doctor sends no key: check this endpoint with curl -H 'Authorization: Bearer \
+             <key>', or run vLLM without --api-key on a private network",
+        );
+    }
     if status != 200 {
         return Check::stop(
             name,

@@ -236,6 +236,21 @@ fn leaf_disks(node: &Path, depth: usize, out: &mut Vec<Disk>) {
 /// The storage checks. `needed_bytes` is what a pending conversion needs.
 pub fn checks(storage: &Path, needed_bytes: Option<u64>) -> Vec<Check> {
     let mut out = Vec::new();
+    match std::fs::metadata(storage) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            out.push(Check::stop(
+                "storage.path",
+                format!(
+                    "cannot access {} as uid {}: {e}",
+                    storage.display(),
+                    rustix::process::geteuid().as_raw()
+                ),
+                "fix the permissions of the path and its parents for the user the daemon runs as",
+            ));
+            return out;
+        }
+        _ => {}
+    }
     if !storage.exists() {
         out.push(Check::warn(
             "storage.path",
@@ -387,7 +402,7 @@ fn direct_io_check(dir: &Path) -> Check {
         .prefix(".sllm-doctor-")
         .tempfile_in(dir)
         .and_then(|mut f| {
-            f.write_all(&[0x5a; 8192])?;
+            f.write_all(&[0x5a; 8192])?; // two pages: the second is read back
             f.as_file().sync_all()?;
             Ok(f)
         });

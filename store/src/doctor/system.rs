@@ -12,7 +12,7 @@ pub fn checks(pool_bytes: u64) -> Vec<Check> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     vec![
         io_uring_check(),
-        memory_check(&meminfo, pool_bytes),
+        memory_check(&meminfo, cgroup_memory_max(), pool_bytes),
         memlock_check(pool_bytes),
         huge_pages_check(&meminfo, pool_bytes),
         gpu_check(),
@@ -72,7 +72,18 @@ fn meminfo_field(meminfo: &str, key: &str) -> Option<u64> {
     })
 }
 
-fn memory_check(meminfo: &str, pool: u64) -> Check {
+/// This process's cgroup v2 memory limit (`memory.max`), when it has one:
+/// in a container, the pool must fit under it, not under the host's RAM.
+fn cgroup_memory_max() -> Option<u64> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let file = std::path::Path::new("/sys/fs/cgroup")
+        .join(path.trim_start_matches('/'))
+        .join("memory.max");
+    std::fs::read_to_string(file).ok()?.trim().parse().ok()
+}
+
+fn memory_check(meminfo: &str, cgroup_max: Option<u64>, pool: u64) -> Check {
     let name = "system.memory";
     let (Some(total), Some(available)) = (
         meminfo_field(meminfo, "MemTotal"),
@@ -84,8 +95,13 @@ fn memory_check(meminfo: &str, pool: u64) -> Check {
             "check that /proc is mounted",
         );
     };
+    let (total, within) = match cgroup_max {
+        Some(limit) if limit < total => (limit, "this cgroup's memory.max"),
+        _ => (total, "RAM"),
+    };
+    let available = available.min(total);
     let summary = format!(
-        "pool {} of {} RAM ({} available now)",
+        "pool {} of {} {within} ({} available now)",
         human_bytes(pool),
         human_bytes(total),
         human_bytes(available)
@@ -94,7 +110,8 @@ fn memory_check(meminfo: &str, pool: u64) -> Check {
         return Check::stop(
             name,
             format!("{summary}: the pool does not fit in memory"),
-            "start the daemon with a smaller --mem-pool-size (or $MEM_POOL_SIZE)",
+            "start the daemon with a smaller --mem-pool-size (or $MEM_POOL_SIZE), or raise the \
+             container's memory limit",
         );
     }
     if pool > total / 10 * 8 {
@@ -133,7 +150,11 @@ fn has_ipc_lock() -> bool {
 fn memlock_check(pool: u64) -> Check {
     let name = "system.memlock";
     if has_ipc_lock() {
-        return Check::pass(name, "CAP_IPC_LOCK held: the pool can be locked in RAM");
+        return Check::pass(
+            name,
+            "CAP_IPC_LOCK held by this process (run the doctor as the daemon's user to judge \
+             the daemon's): the pool can be locked in RAM",
+        );
     }
     let limit = rustix::process::getrlimit(rustix::process::Resource::Memlock).current;
     match limit {
@@ -165,8 +186,17 @@ fn memlock_check(pool: u64) -> Check {
 
 fn huge_pages_check(meminfo: &str, pool: u64) -> Check {
     let name = "system.huge_pages";
-    let page = meminfo_field(meminfo, "Hugepagesize").unwrap_or(2 << 20);
-    let free = meminfo_field(meminfo, "HugePages_Free").unwrap_or(0);
+    // The pool asks for 2 MiB pages whatever the default huge page size is.
+    let page: u64 = 2 << 20;
+    let free = std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .or_else(|| {
+            (meminfo_field(meminfo, "Hugepagesize") == Some(page))
+                .then(|| meminfo_field(meminfo, "HugePages_Free"))
+                .flatten()
+        })
+        .unwrap_or(0);
     let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
         .ok()
         .and_then(|s| {
@@ -179,10 +209,7 @@ fn huge_pages_check(meminfo: &str, pool: u64) -> Check {
     if free * page >= pool {
         return Check::pass(
             name,
-            format!(
-                "{free} huge pages of {} free: the pool takes {pages_needed} of them",
-                human_bytes(page)
-            ),
+            format!("{free} huge pages of 2 MiB free: the pool takes {pages_needed} of them"),
         );
     }
     if thp == "never" {
@@ -271,9 +298,14 @@ mod tests {
     fn judges_the_pool_against_memory() {
         use super::super::Status;
         let gib = 1u64 << 30;
-        assert_eq!(memory_check(MEMINFO, 4 * gib).status, Status::Pass);
-        assert_eq!(memory_check(MEMINFO, 15 * gib).status, Status::Warn);
-        assert_eq!(memory_check(MEMINFO, 20 * gib).status, Status::Stop);
+        assert_eq!(memory_check(MEMINFO, None, 4 * gib).status, Status::Pass);
+        assert_eq!(memory_check(MEMINFO, None, 15 * gib).status, Status::Warn);
+        assert_eq!(memory_check(MEMINFO, None, 20 * gib).status, Status::Stop);
+        assert_eq!(
+            memory_check(MEMINFO, Some(2 * gib), 4 * gib).status,
+            Status::Stop,
+            "a container's limit counts"
+        );
         assert_eq!(huge_pages_check(MEMINFO, 8 << 20).status, Status::Pass);
     }
 }
