@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use clap::Args;
 use serde::Serialize;
+use sllm_store::doctor::services::local_agent;
 use sllm_store::doctor::{self, Check, HfEnv, Status};
 use sllm_store::import::hf_cache::HfCache;
 
@@ -594,7 +595,7 @@ impl Bench<'_> {
         started: Instant,
     ) -> Result<(f64, f64, String), (FailureKind, String)> {
         let timeout = Duration::from_secs(self.args.timeout);
-        let poller = agent(POLL_TIMEOUT);
+        let poller = local_agent(POLL_TIMEOUT);
         let mut last: String;
         let (ready_s, listed) = loop {
             let tick = Instant::now();
@@ -632,7 +633,7 @@ impl Bench<'_> {
             )
         })?;
         let completion = first_completion(
-            &agent(timeout),
+            &local_agent(timeout),
             &self.url,
             &model,
             &self.args.prompt,
@@ -674,18 +675,6 @@ fn crash(status: ExitStatus, started: Instant) -> (FailureKind, String) {
     )
 }
 
-/// An HTTP client whose every request gives up after `timeout`, which
-/// reports HTTP errors as responses, and which ignores proxy settings (the
-/// server is local).
-fn agent(timeout: Duration) -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .timeout_global(Some(timeout))
-        .http_status_as_error(false)
-        .proxy(None)
-        .build()
-        .into()
-}
-
 /// `Ok` with the first model id when `GET /v1/models` answers 200, else
 /// why not.
 fn probe_models(agent: &ureq::Agent, url: &str) -> Result<Option<String>, String> {
@@ -715,7 +704,10 @@ fn first_model_id(models: &serde_json::Value) -> Option<String> {
 
 /// When a server already answers at `url`, what it said.
 fn port_taken(url: &str) -> Option<String> {
-    match agent(POLL_TIMEOUT).get(format!("{url}/v1/models")).call() {
+    match local_agent(POLL_TIMEOUT)
+        .get(format!("{url}/v1/models"))
+        .call()
+    {
         Ok(response) => Some(format!(
             "GET /v1/models: HTTP {}",
             response.status().as_u16()

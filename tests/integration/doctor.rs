@@ -271,24 +271,23 @@ fn an_incomplete_snapshot_stops_offline() {
     assert_eq!(code, 1);
 }
 
+/// Converts snapshot MAIN of org/model from the cache `hub` into `storage`.
+fn save_main(home: &Path, hub: &Path, storage: &Path) {
+    run_ok(
+        sllm_store(home)
+            .args(["save", "--model", "org/model", "--revision", MAIN])
+            .arg("--storage-path")
+            .arg(storage)
+            .env("HF_HUB_CACHE", hub),
+    );
+}
+
 #[test]
 fn the_converted_model_is_verified_and_a_stale_one_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let (hub, _, _) = cache_with_two_snapshots(tmp.path());
     let storage = tmp.path().join("models");
-    run_ok(
-        sllm_store(tmp.path())
-            .args([
-                "save",
-                "--model",
-                "org/model",
-                "--revision",
-                MAIN,
-                "--storage-path",
-            ])
-            .arg(&storage)
-            .env("HF_HUB_CACHE", &hub),
-    );
+    save_main(tmp.path(), &hub, &storage);
     let ask = |extra: &[&str]| {
         doctor(tmp.path(), &storage, |c| {
             c.args(["--model", "org/model", "--revision", MAIN])
@@ -461,19 +460,7 @@ fn a_model_linked_from_outside_the_storage_path_is_a_stop() {
     let tmp = tempfile::tempdir().unwrap();
     let (hub, _, _) = cache_with_two_snapshots(tmp.path());
     let elsewhere = tmp.path().join("elsewhere");
-    run_ok(
-        sllm_store(tmp.path())
-            .args([
-                "save",
-                "--model",
-                "org/model",
-                "--revision",
-                MAIN,
-                "--storage-path",
-            ])
-            .arg(&elsewhere)
-            .env("HF_HUB_CACHE", &hub),
-    );
+    save_main(tmp.path(), &hub, &elsewhere);
     let storage = tmp.path().join("models");
     std::fs::create_dir_all(&storage).unwrap();
     std::os::unix::fs::symlink(elsewhere.join("org"), storage.join("org")).unwrap();

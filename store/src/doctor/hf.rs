@@ -13,7 +13,7 @@ use std::ffi::OsString;
 use std::path::Path;
 
 use super::Check;
-use crate::import::hf_cache::{HfCache, Snapshot, is_commit_hash};
+use crate::import::hf_cache::{HfCache, ResolveError, Snapshot, is_commit_hash};
 use crate::units::human_bytes;
 
 /// The variables the doctor reports, in this order.
@@ -92,8 +92,13 @@ fn truthy(v: &str) -> bool {
     )
 }
 
-/// The settings line, and for `model` the snapshot checks.
-pub fn checks(env: &HfEnv, model: Option<&str>, revision: &str) -> Vec<Check> {
+/// The settings line, and for a model (with its snapshot as [`find`]
+/// found it) the snapshot checks.
+pub fn checks(
+    env: &HfEnv,
+    model: Option<(&str, &Result<CachedSnapshot, ResolveError>)>,
+    revision: &str,
+) -> Vec<Check> {
     let cache = env.cache();
     let settings: Vec<String> = VARS
         .iter()
@@ -122,17 +127,50 @@ pub fn checks(env: &HfEnv, model: Option<&str>, revision: &str) -> Vec<Check> {
             "set HF_HUB_CACHE or HF_HOME to where your models were downloaded",
         )
     }];
-    if let Some(model) = model {
-        out.extend(snapshot_checks(env, model, revision));
+    if let Some((model, found)) = model {
+        out.extend(snapshot_checks(env, model, revision, found));
     }
     out
 }
 
-/// Is `model` at `revision` in the cache, complete, and pinned?
-pub fn snapshot_checks(env: &HfEnv, model: &str, revision: &str) -> Vec<Check> {
+/// A model's snapshot in the cache and what is in it, read once per run.
+#[derive(Debug)]
+pub struct CachedSnapshot {
+    pub snapshot: Snapshot,
+    contents: Contents,
+}
+
+impl CachedSnapshot {
+    /// The commit the revision resolved to.
+    pub fn commit(&self) -> &str {
+        &self.snapshot.commit
+    }
+
+    /// Total size of the weight files.
+    pub fn weight_bytes(&self) -> u64 {
+        self.contents.weight_bytes
+    }
+}
+
+/// Resolves `revision` of `model` in the cache `env` chooses, and reads
+/// what the snapshot holds.
+pub fn find(env: &HfEnv, model: &str, revision: &str) -> Result<CachedSnapshot, ResolveError> {
+    let snapshot = env.cache().resolve(model, revision)?;
+    let contents = contents(&snapshot);
+    Ok(CachedSnapshot { snapshot, contents })
+}
+
+/// Is `model` at `revision` (`found` by [`find`]) in the cache, complete,
+/// and pinned? Offline mode is judged from `env`.
+pub fn snapshot_checks(
+    env: &HfEnv,
+    model: &str,
+    revision: &str,
+    found: &Result<CachedSnapshot, ResolveError>,
+) -> Vec<Check> {
     let offline = env.is_offline();
-    let snapshot = match env.cache().resolve(model, revision) {
-        Ok(s) => s,
+    let cached = match found {
+        Ok(c) => c,
         Err(e) => {
             return vec![if offline {
                 Check::stop(
@@ -158,6 +196,7 @@ pub fn snapshot_checks(env: &HfEnv, model: &str, revision: &str) -> Vec<Check> {
             }];
         }
     };
+    let snapshot = &cached.snapshot;
     let mut out = vec![Check::pass(
         "hf.snapshot",
         format!(
@@ -166,7 +205,7 @@ pub fn snapshot_checks(env: &HfEnv, model: &str, revision: &str) -> Vec<Check> {
             snapshot.dir.display()
         ),
     )];
-    out.push(files_check(&snapshot, model, offline));
+    out.push(files_check(snapshot, &cached.contents, model, offline));
     out.push(if is_commit_hash(revision) {
         Check::pass(
             "hf.pinned",
@@ -258,9 +297,8 @@ fn contents(snapshot: &Snapshot) -> Contents {
     c
 }
 
-fn files_check(snapshot: &Snapshot, model: &str, offline: bool) -> Check {
+fn files_check(snapshot: &Snapshot, c: &Contents, model: &str, offline: bool) -> Check {
     let name = "hf.files";
-    let c = contents(snapshot);
     let redownload = format!(
         "download it again while online: `hf download {model} --revision {}`",
         snapshot.commit
@@ -328,11 +366,10 @@ fn files_check(snapshot: &Snapshot, model: &str, offline: bool) -> Check {
 
 /// Is the snapshot on the same drive as the storage path? If not, a
 /// restart comparison also compares two drives.
-pub fn device_check(env: &HfEnv, model: &str, revision: &str, storage: &Path) -> Option<Check> {
-    let snapshot = env.cache().resolve(model, revision).ok()?;
-    let weight = contents(&snapshot).weights.into_iter().next()?;
+pub fn device_check(cached: &CachedSnapshot, storage: &Path) -> Option<Check> {
+    let weight = cached.contents.weights.first()?;
     // The snapshot's files are links into blobs/: judge where the bytes are.
-    let data = std::fs::canonicalize(snapshot.dir.join(weight)).ok()?;
+    let data = std::fs::canonicalize(cached.snapshot.dir.join(weight)).ok()?;
     let (same, cache, store) = super::storage::same_disks(&data, storage)?;
     let describe = |l: &super::storage::Location| {
         format!(
@@ -363,17 +400,6 @@ pub fn device_check(env: &HfEnv, model: &str, revision: &str, storage: &Path) ->
              report both drives with the result",
         )
     })
-}
-
-/// Total size of the snapshot's weight files, when it resolves.
-pub fn snapshot_weight_bytes(env: &HfEnv, model: &str, revision: &str) -> Option<u64> {
-    let snapshot = env.cache().resolve(model, revision).ok()?;
-    Some(contents(&snapshot).weight_bytes)
-}
-
-/// The commit `revision` resolves to, when the cache has it.
-pub fn resolve_commit(env: &HfEnv, model: &str, revision: &str) -> Option<String> {
-    env.cache().resolve(model, revision).ok().map(|s| s.commit)
 }
 
 #[cfg(test)]

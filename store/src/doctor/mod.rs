@@ -128,21 +128,33 @@ pub struct DoctorRequest {
 
 /// Runs every check, in the order they are printed.
 pub fn run(req: &DoctorRequest) -> Vec<Check> {
-    let mut checks = storage::checks(&req.storage_path, needed_bytes(req));
+    // The model's snapshot is resolved and read once, for every check.
+    let model = req
+        .model
+        .as_deref()
+        .map(|m| (m, hf::find(&req.hf, m, &req.revision)));
+    // Space a conversion would still need, when known.
+    let needed_bytes = match &model {
+        Some((m, Ok(cached))) if !model::is_converted(&req.storage_path, m) => {
+            Some(cached.weight_bytes())
+        }
+        _ => None,
+    };
+    let mut checks = storage::checks(&req.storage_path, needed_bytes);
     checks.extend(system::checks(req.pool_bytes));
-    checks.extend(hf::checks(&req.hf, req.model.as_deref(), &req.revision));
-    if let Some(model) = &req.model {
-        checks.extend(hf::device_check(
-            &req.hf,
-            model,
-            &req.revision,
-            &req.storage_path,
-        ));
+    checks.extend(hf::checks(
+        &req.hf,
+        model.as_ref().map(|(m, found)| (*m, found)),
+        &req.revision,
+    ));
+    if let Some((m, found)) = &model {
+        let cached = found.as_ref().ok();
+        checks.extend(cached.and_then(|c| hf::device_check(c, &req.storage_path)));
         checks.extend(model::checks(
             &req.storage_path,
-            model,
+            m,
             &req.revision,
-            &req.hf,
+            cached.map(hf::CachedSnapshot::commit),
             model::Purpose::Doctor { quick: req.quick },
         ));
     }
@@ -151,15 +163,6 @@ pub fn run(req: &DoctorRequest) -> Vec<Check> {
         checks.push(services::vllm(url, req.model.as_deref()));
     }
     checks
-}
-
-/// Bytes a conversion of the requested model would still need, when known.
-fn needed_bytes(req: &DoctorRequest) -> Option<u64> {
-    let model = req.model.as_deref()?;
-    if model::is_converted(&req.storage_path, model) {
-        return None;
-    }
-    hf::snapshot_weight_bytes(&req.hf, model, &req.revision)
 }
 
 /// Can both sides of a restart comparison start with the network off? The
@@ -173,12 +176,13 @@ pub fn offline_readiness(
     revision: &str,
 ) -> Vec<Check> {
     let hf = hf.clone().offline();
-    let mut checks = hf::snapshot_checks(&hf, model, revision);
+    let found = hf::find(&hf, model, revision);
+    let mut checks = hf::snapshot_checks(&hf, model, revision, &found);
     checks.extend(model::checks(
         storage_path,
         model,
         revision,
-        &hf,
+        found.as_ref().ok().map(hf::CachedSnapshot::commit),
         model::Purpose::OfflineReadiness,
     ));
     checks

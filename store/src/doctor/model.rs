@@ -6,7 +6,6 @@
 use std::path::{Path, PathBuf};
 
 use super::Check;
-use super::hf::{HfEnv, resolve_commit};
 use super::storage::{self, Location};
 use crate::format::verify::{Depth, verify_model_to};
 use crate::format::{INDEX_FILE, Manifest, ModelId};
@@ -51,12 +50,13 @@ pub enum Purpose {
     OfflineReadiness,
 }
 
-/// The converted-model checks, for `purpose`.
+/// The converted-model checks, for `purpose`. `commit` is what `revision`
+/// resolves to in the Hugging Face cache, when it is there.
 pub fn checks(
     storage: &Path,
     model: &str,
     revision: &str,
-    hf: &HfEnv,
+    commit: Option<&str>,
     purpose: Purpose,
 ) -> Vec<Check> {
     let readiness = purpose == Purpose::OfflineReadiness;
@@ -73,7 +73,6 @@ pub fn checks(
     };
     let model_dir = id.dir_in(storage);
     let dirs = stored_dirs(&model_dir);
-    let commit = resolve_commit(hf, model, revision);
     if dirs.is_empty() {
         let summary = format!(
             "{model} is not converted: no {INDEX_FILE} in {} or its rank_<r>/ folders",
@@ -81,7 +80,7 @@ pub fn checks(
         );
         let fix = format!(
             "sllm-store save --model {model} --revision {} --storage-path {}",
-            commit.as_deref().unwrap_or(revision),
+            commit.unwrap_or(revision),
             storage.display()
         );
         return vec![if readiness {
@@ -92,7 +91,7 @@ pub fn checks(
     }
     let mut out = vec![verify_check(model, &dirs, quick)];
     out.extend(device_check(storage, &dirs[0], !readiness));
-    if let Some(c) = stale_check(model, revision, &dirs, commit.as_deref()) {
+    if let Some(c) = stale_check(model, revision, &dirs, commit) {
         out.push(c);
     }
     let fix = "vLLM reads the model's config and tokenizer from this folder: convert from the \

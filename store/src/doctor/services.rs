@@ -91,6 +91,19 @@ pub fn daemon(addr: &str, named: bool) -> Check {
     Check::pass(name, summary)
 }
 
+/// An HTTP client for a local server (vLLM's OpenAI API): every request
+/// gives up after `timeout`, HTTP errors come back as responses, and proxy
+/// settings are ignored (an `HTTP_PROXY` meant for the internet must not
+/// reroute a request to loopback).
+pub fn local_agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .proxy(None)
+        .build()
+        .into()
+}
+
 /// Does vLLM answer `GET <url>/v1/models`, and does it serve `model`?
 pub fn vllm(url: &str, model: Option<&str>) -> Check {
     let name = "vllm";
@@ -100,13 +113,7 @@ pub fn vllm(url: &str, model: Option<&str>) -> Check {
         format!("http://{}", url.trim_end_matches('/'))
     };
     let endpoint = format!("{base}/v1/models");
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(ANSWER_WITHIN))
-        .http_status_as_error(false)
-        // vLLM is local: an HTTP_PROXY meant for the internet must not reroute it.
-        .proxy(None)
-        .build()
-        .into();
+    let agent = local_agent(ANSWER_WITHIN);
     let mut response = match agent.get(&endpoint).call() {
         Ok(r) => r,
         Err(e) => {
