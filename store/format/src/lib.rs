@@ -31,6 +31,31 @@ pub fn is_store_file_name(name: &str) -> bool {
     name == INDEX_FILE || name == MANIFEST_FILE || partitions::partition_number(name).is_some()
 }
 
+/// `text` cut to at most `max_bytes` (at a character boundary) with a note of
+/// how much was left out: errors that repeat what a client sent stay short
+/// whatever it sent.
+pub fn elide(text: &str, max_bytes: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max_bytes {
+        return text.into();
+    }
+    let mut end = max_bytes;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} more bytes)", &text[..end], text.len() - end).into()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn elide_cuts_at_a_character_boundary() {
+        assert_eq!(super::elide("short", 10), "short");
+        assert_eq!(super::elide("abcdef", 3), "abc... (3 more bytes)");
+        // 'é' is two bytes: never cut in half.
+        assert_eq!(super::elide("aéb", 2), "a... (3 more bytes)");
+    }
+}
+
 #[cfg(test)]
 mod randomized_tests {
     //! Random models through the writer, read back through the reader and

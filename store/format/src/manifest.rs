@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3;
 
+use crate::index::INDEX_FILE;
+use crate::partitions::Partitions;
+
 /// File name of the manifest inside a model directory.
 pub const MANIFEST_FILE: &str = "sllm_manifest.json";
 /// Value of the `format` field; bump the number on incompatible changes.
@@ -125,6 +128,62 @@ impl Manifest {
             });
         }
         Ok(Some(manifest))
+    }
+
+    /// Where this manifest and the files beside it disagree, without reading
+    /// a tensor byte: the index (`index_bytes`, the content of
+    /// `tensor_index.json`) against its recorded size and checksum, the
+    /// number of partitions, and each partition's size and count of checksum
+    /// blocks. One line per disagreement, each naming the file; empty when
+    /// they agree. Checking the blocks themselves is the reader's job.
+    pub fn mismatches(
+        &self,
+        model_dir: &Path,
+        parts: &Partitions,
+        index_bytes: Option<&[u8]>,
+    ) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(bytes) = index_bytes {
+            let sum = checksum_hex(checksum(bytes));
+            if bytes.len() as u64 != self.index.size_bytes || sum != self.index.xxh3 {
+                out.push(format!(
+                    "{} changed since it was written: {} bytes with checksum {sum}, the \
+                     manifest says {} bytes with {}",
+                    model_dir.join(INDEX_FILE).display(),
+                    bytes.len(),
+                    self.index.size_bytes,
+                    self.index.xxh3
+                ));
+            }
+        }
+        if self.partitions.len() != parts.len() {
+            out.push(format!(
+                "{} lists {} partitions but {} are on disk",
+                model_dir.join(MANIFEST_FILE).display(),
+                self.partitions.len(),
+                parts.len()
+            ));
+        }
+        for (expected, part) in self.partitions.iter().zip(parts.iter()) {
+            if part.size != expected.size_bytes {
+                out.push(format!(
+                    "{} is {} bytes but the manifest says {}: the file was truncated or replaced",
+                    part.path.display(),
+                    part.size,
+                    expected.size_bytes
+                ));
+            } else if expected.blocks.len() as u64 != part.size.div_ceil(self.block_bytes) {
+                out.push(format!(
+                    "{} lists {} checksum blocks for {}, which has {} of {} bytes",
+                    model_dir.join(MANIFEST_FILE).display(),
+                    expected.blocks.len(),
+                    part.path.display(),
+                    part.size.div_ceil(self.block_bytes),
+                    self.block_bytes
+                ));
+            }
+        }
+        out
     }
 
     /// Pretty JSON, for people who open the file.

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 pub const MAX_MODEL_ID_BYTES: usize = 1024;
 /// Longest path component accepted (the Linux `NAME_MAX`).
 pub const MAX_COMPONENT_BYTES: usize = 255;
+/// Bytes of a refused id that its error repeats.
+const SHOWN_ID_BYTES: usize = 200;
 
 /// A relative model path that stays inside the storage path: `/`-separated,
 /// no empty, `.` or `..` components, no hidden components (the store keeps its
@@ -31,7 +33,7 @@ impl ModelId {
     /// Validates `id`.
     pub fn parse(id: &str) -> Result<Self, ModelIdError> {
         let err = |reason: String| ModelIdError {
-            id: id.to_owned(),
+            id: crate::elide(id, SHOWN_ID_BYTES).into_owned(),
             reason,
         };
         if id.is_empty() {

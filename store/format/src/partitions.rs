@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 /// Prefix of partition file names.
@@ -27,6 +27,30 @@ pub fn partition_number(name: &str) -> Option<usize> {
     digits.parse().ok()
 }
 
+/// What tells one version of a file from another: a file replaced (a
+/// re-save swaps in new inodes) or written in place (a new mtime, usually a
+/// new size) differs from its old stamp in at least one field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FileStamp {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i128,
+}
+
+impl FileStamp {
+    /// The stamp of the file `meta` describes.
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        }
+    }
+}
+
 /// One partition file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Partition {
@@ -34,6 +58,8 @@ pub struct Partition {
     pub size: u64,
     /// Global offset of the partition's first byte.
     pub start: u64,
+    /// The file as it was when discovered.
+    pub stamp: FileStamp,
 }
 
 /// A model's partitions, in order.
@@ -66,6 +92,7 @@ impl Partitions {
                 path,
                 size: meta.len(),
                 start,
+                stamp: FileStamp::of(&meta),
             });
             start += meta.len();
         }

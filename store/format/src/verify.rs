@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::index::{INDEX_FILE, TensorIndex};
-use crate::manifest::{MANIFEST_FILE, Manifest, checksum, checksum_hex};
+use crate::manifest::{Manifest, checksum_hex};
 use crate::partitions::Partitions;
 use crate::progress::Progress;
 use crate::units::human_bytes;
@@ -237,42 +237,20 @@ fn check_manifest(
     progress: &dyn Progress,
     report: &mut VerifyReport,
 ) {
-    let index_path = model_dir.join(INDEX_FILE);
-    if let Ok(bytes) = std::fs::read(&index_path) {
-        let sum = checksum_hex(checksum(&bytes));
-        if bytes.len() as u64 != manifest.index.size_bytes || sum != manifest.index.xxh3 {
-            report.problem(format!(
-                "{} changed since it was written: {} bytes with checksum {sum}, the manifest \
-                 says {} bytes with {}",
-                index_path.display(),
-                bytes.len(),
-                manifest.index.size_bytes,
-                manifest.index.xxh3
-            ));
-        }
-    }
-    if manifest.partitions.len() != parts.len() {
-        report.problem(format!(
-            "{} lists {} partitions but {} are on disk",
-            MANIFEST_FILE,
-            manifest.partitions.len(),
-            parts.len()
-        ));
+    let index_bytes = std::fs::read(model_dir.join(INDEX_FILE)).ok();
+    for problem in manifest.mismatches(model_dir, parts, index_bytes.as_deref()) {
+        report.problem(problem);
     }
     let total: u64 = manifest.partitions.iter().map(|p| p.size_bytes).sum();
     progress.begin("verifying", total);
     let mut buf = vec![0u8; READ_BYTES];
     for (expected, part) in manifest.partitions.iter().zip(parts.iter()) {
-        if part.size != expected.size_bytes {
-            report.problem(format!(
-                "{} is {} bytes but the manifest says {}: the file was truncated or replaced",
-                part.path.display(),
-                part.size,
-                expected.size_bytes
-            ));
-            continue;
-        }
-        if depth == Depth::Structure {
+        // Sizes and block counts that disagree were reported above.
+        let blocks = part.size.div_ceil(manifest.block_bytes);
+        if part.size != expected.size_bytes
+            || expected.blocks.len() as u64 != blocks
+            || depth == Depth::Structure
+        {
             continue;
         }
         let bad = match check_blocks(
