@@ -298,6 +298,31 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
                 ])
             }),
         });
+        // What checking every block against the manifest costs a cold load.
+        steps.push(Step {
+            name: format!("checksums off: daemon end to end ({backend})"),
+            cache: "cold",
+            ceiling: Ceiling::Disk,
+            note: "the same cold load with `start --skip-checksums`".into(),
+            run: Box::new(move || {
+                drop_caches(parts);
+                let daemon = Daemon::start(
+                    sllm_store,
+                    storage,
+                    pool,
+                    &["--device", backend, "--skip-checksums"],
+                )?;
+                let (cold, cold_cpu) = daemon.load(model)?;
+                daemon.stop()?;
+                Ok(vec![(
+                    String::new(),
+                    Sample {
+                        wall_s: cold.device_copy_s,
+                        cpu_s: cold_cpu.cpu_s,
+                    },
+                )])
+            }),
+        });
     }
     steps.push(Step {
         name: "memcpy of the same bytes".into(),
@@ -560,6 +585,14 @@ fn targets(scenarios: &[Scenario]) -> Vec<Target> {
                 0.9,
             );
         }
+        let unchecked = find(&format!("checksums off: {name}"), "cold");
+        check(
+            &format!("daemon cold load ({backend}): checksums on / off (time)"),
+            cold.zip(unchecked)
+                .map(|(on, off)| on.median_wall_s / off.median_wall_s),
+            false,
+            1.10,
+        );
         let disk = find("limit: fio", "cold").map(|s| s.median_wall_s);
         if let (Some(cold), Some(warm), Some(disk)) = (cold, warm, disk) {
             check(

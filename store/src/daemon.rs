@@ -18,6 +18,7 @@ use crate::device::host::HostBackend;
 use crate::device::{BackendKind, DeviceBackend, DeviceError};
 use crate::io::{EngineKind, IoError, make_engine};
 use crate::pool::{HostPool, PoolError};
+use crate::registry::checksums::HashPool;
 use crate::registry::{Limits, Registry, RegistryConfig};
 use crate::server::StorageService;
 
@@ -60,6 +61,10 @@ pub struct DaemonConfig {
     pub queue_depth: u32,
     pub max_io_bytes: usize,
     pub metrics_port: Option<u16>,
+    /// Check reads against the manifest's checksums.
+    pub verify_checksums: bool,
+    /// Threads hashing blocks as they are read.
+    pub checksum_threads: usize,
     pub limits: Limits,
 }
 
@@ -86,6 +91,8 @@ pub enum DaemonError {
         listen: Listen,
         source: std::io::Error,
     },
+    #[error("cannot start the checksum threads: {0}; the machine is out of threads or memory")]
+    Threads(std::io::Error),
     #[error("cannot start the metrics endpoint on port {port}: {reason}")]
     Metrics { port: u16, reason: String },
     #[error("the server failed: {0}")]
@@ -129,16 +136,19 @@ pub async fn serve(
             "pool page-locked for DMA"
         );
     }
+    let hashers = HashPool::new(cfg.checksum_threads).map_err(DaemonError::Threads)?;
     let registry = Registry::new(
         RegistryConfig {
             storage_root: storage_root.clone(),
             registration_required: cfg.registration_required,
             max_io_bytes: cfg.max_io_bytes,
+            verify_checksums: cfg.verify_checksums,
             limits: cfg.limits.clone(),
         },
         pool.clone(),
         engine,
         backend,
+        hashers,
     );
     if let Some(port) = cfg.metrics_port {
         start_metrics(port, Arc::clone(&registry))?;
@@ -181,7 +191,7 @@ pub async fn serve(
         on_ready(listen);
         let b = registry.backend();
         tracing::info!(
-            "listening on {listen}: backend {} ({} device(s)), io engine {} ({engine_reason}), pool {} in {} chunks of {}{}, storage {}, started in {:.2} s",
+            "listening on {listen}: backend {} ({} device(s)), io engine {} ({engine_reason}), pool {} in {} chunks of {}{}, checksums {}, storage {}, started in {:.2} s",
             b.kind(),
             b.devices().len(),
             registry.engine_name(),
@@ -192,6 +202,11 @@ pub async fn serve(
                 " (huge pages)"
             } else {
                 ""
+            },
+            if cfg.verify_checksums {
+                format!("checked on {} thread(s)", cfg.checksum_threads)
+            } else {
+                "not checked (--skip-checksums)".into()
             },
             storage_root.display(),
             started.elapsed().as_secs_f64()

@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::device::DeviceError;
 use crate::registry::copy_plan::RequestedCopy;
+use crate::registry::on_disk::OnDiskError;
 use crate::registry::{HostState, Registry, RegistryError};
 
 /// The service.
@@ -46,9 +47,14 @@ impl StorageService {
     }
 }
 
+/// Longest status message sent. gRPC carries it in a header, percent-encoded
+/// (up to 3 bytes per byte), and clients refuse headers past 16 KiB: a longer
+/// message would reach the client as a transport error instead of ours.
+pub const MAX_STATUS_MESSAGE_BYTES: usize = 4096;
+
 /// Maps a registry error to the gRPC status a client can act on.
 pub fn to_status(e: RegistryError) -> Status {
-    let message = e.to_string();
+    let message = sllm_format::elide(&e.to_string(), MAX_STATUS_MESSAGE_BYTES).into_owned();
     metrics::counter!("sllm_errors_total", "kind" => "request").increment(1);
     match e {
         RegistryError::BadModelId(_)
@@ -62,7 +68,13 @@ pub fn to_status(e: RegistryError) -> Status {
         | RegistryError::UnknownModel { .. }
         | RegistryError::UnknownDevice { .. }
         | RegistryError::ReplicaUnknown { .. } => Status::not_found(message),
-        RegistryError::ModelChanged { .. } => Status::aborted(message),
+        RegistryError::ModelChanged { .. }
+        | RegistryError::OnDisk {
+            source: OnDiskError::KeptChanging { .. },
+            ..
+        } => Status::aborted(message),
+        RegistryError::OnDisk { .. } => Status::data_loss(message),
+        RegistryError::TooMuchWork { .. } => Status::resource_exhausted(message),
         RegistryError::NoThread(_) => Status::resource_exhausted(message),
         RegistryError::Unreadable { ref source, .. } if out_of_descriptors(source) => {
             Status::resource_exhausted(message)

@@ -505,7 +505,8 @@ async fn a_truncated_partition_fails_that_load_only() {
     );
     let mut client = daemon.client().await;
     let size = client.register("o/bad").await.unwrap();
-    // Truncated after registration: the daemon expects the old size.
+    // Truncated after registration: the daemon sees the file changed, reads
+    // the model again and finds it no longer agrees with its manifest.
     let part = storage.join("o/bad/tensor.data_1");
     let len = std::fs::metadata(&part).unwrap().len();
     std::fs::OpenOptions::new()
@@ -517,21 +518,23 @@ async fn a_truncated_partition_fails_that_load_only() {
 
     let dev = client.server_config().await.unwrap().device_uuids[0].clone();
     let buf = ShmBuffer::create(Path::new(SHM), size).unwrap();
-    client.load_to_host("o/bad").await.unwrap();
-    client
-        .load_to_devices(
-            "o/bad",
-            "r",
-            one(&dev, mc(0, size, 0, 0)),
-            HashMap::from([(dev.clone(), vec![buf.handle()])]),
-        )
-        .await
-        .unwrap();
-    let e = client.confirm("o/bad", "r").await.unwrap_err();
-    assert_eq!(e.code(), Some(Code::Internal));
-    assert!(e.to_string().contains("ended early"), "{e}");
-    let st = client.model_status("o/bad").await.unwrap();
-    assert!(st.error.contains("tensor.data_1"), "{st:?}");
+    let e = client.load_to_host("o/bad").await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::DataLoss), "{e}");
+    assert!(
+        e.to_string().contains("tensor.data_1") && e.to_string().contains("manifest says"),
+        "{e}"
+    );
+    let (code, message) = gpu_code(
+        &mut client,
+        "o/bad",
+        "r",
+        one(&dev, mc(0, size, 0, 0)),
+        HashMap::from([(dev.clone(), vec![buf.handle()])]),
+    )
+    .await;
+    assert_eq!(code, Code::DataLoss, "{message}");
+    let e = client.model_status("o/bad").await.unwrap_err();
+    assert!(e.to_string().contains("tensor.data_1"), "{e}");
     // Unloading a model mid-load gives its chunks back at once: a reload
     // (of the whole pool's worth) is not refused.
     client.clear().await.unwrap();

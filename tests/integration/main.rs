@@ -10,4 +10,5 @@ mod kill;
 mod python;
 mod save_bad_input;
 mod save_roundtrip;
+mod trust;
 mod verify;

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use sllm_format::partitions::Partitions;
+use sllm_format::partitions::{FileStamp, Partitions};
 
 use crate::pool::{ChunkLease, SharedChunk};
 
@@ -66,6 +66,25 @@ pub enum IoError {
         offset: u64,
         expected: usize,
     },
+    #[error(
+        "{path} changed on disk after the model was registered (re-saved, replaced or edited); \
+         nothing was read from it: load the model again"
+    )]
+    Changed { path: PathBuf },
+    #[error(
+        "{path} is damaged: block {block} (file bytes {start}..{end}) has xxh3 {found}, \
+         sllm_manifest.json says {expected}; nothing from it was copied to a device. Check the \
+         disk (`sllm-store verify` names the damaged tensors), then re-create the model with \
+         `sllm-store save --force`"
+    )]
+    Checksum {
+        path: PathBuf,
+        block: usize,
+        start: u64,
+        end: u64,
+        expected: String,
+        found: String,
+    },
     #[error("the load was cancelled")]
     Cancelled,
     #[error("the io engine failed: {0}")]
@@ -91,7 +110,11 @@ pub struct ModelFiles {
 }
 
 impl ModelFiles {
-    /// Opens every partition, with `O_DIRECT` where the filesystem accepts it.
+    /// Opens every partition, with `O_DIRECT` where the filesystem accepts it,
+    /// and checks that each opened file is the one `partitions` describes
+    /// ([`FileStamp`]): a partition replaced or rewritten since it was
+    /// discovered fails with [`IoError::Changed`] before a byte is read, so a
+    /// load never mixes two versions of a model's files.
     pub fn open(partitions: &Partitions) -> Result<Self, IoError> {
         let mut parts = Vec::with_capacity(partitions.len());
         for p in partitions.iter() {
@@ -106,12 +129,27 @@ impl ModelFiles {
                 .custom_flags(nofollow)
                 .open(&p.path)
                 .map_err(open_err)?;
+            let meta = buffered.metadata().map_err(open_err)?;
+            if FileStamp::of(&meta) != p.stamp {
+                return Err(IoError::Changed {
+                    path: p.path.clone(),
+                });
+            }
             let direct = match std::fs::OpenOptions::new()
                 .read(true)
                 .custom_flags(nofollow | rustix::fs::OFlags::DIRECT.bits() as i32)
                 .open(&p.path)
             {
-                Ok(f) => Some(f),
+                Ok(f) => {
+                    // Opened by path a second time: it must still be the same file.
+                    let same = f.metadata().is_ok_and(|m| FileStamp::of(&m) == p.stamp);
+                    if !same {
+                        return Err(IoError::Changed {
+                            path: p.path.clone(),
+                        });
+                    }
+                    Some(f)
+                }
                 Err(e) => {
                     tracing::debug!(path = %p.path.display(), error = %e, "O_DIRECT refused; reading through the page cache");
                     None

@@ -98,6 +98,16 @@ pub fn plan_copies(
         per_chunk: vec![Vec::new(); spans.len()],
         bytes: 0,
     };
+    let limit = model_size.saturating_mul(MAX_COPY_AMPLIFICATION);
+    // Checked before anything is planned: a request over the cap costs
+    // one pass over its list, nothing more.
+    let total = copies
+        .iter()
+        .try_fold(0u64, |sum, c| sum.checked_add(c.size))
+        .unwrap_or(u64::MAX);
+    if total > limit {
+        return Err(PlanError::TooMuch { limit });
+    }
     for (index, c) in copies.iter().enumerate() {
         let src_end = c
             .src_offset
@@ -230,6 +240,35 @@ mod tests {
             assert!(err.contains(why), "{why}: {err}");
         }
         assert_eq!(plan_copies(&spans, 8192, &[], &[100]).unwrap().pieces(), 0);
+    }
+
+    #[test]
+    fn refuses_more_than_twice_the_model_before_planning_anything() {
+        let spans = chunk_spans([8192], 4096);
+        // Twice the model is fine (tensors sharing storage, copied twice).
+        let twice = [copy(0, 8192, 0, 0), copy(0, 8192, 8192, 0)];
+        assert_eq!(
+            plan_copies(&spans, 8192, &twice, &[16384]).unwrap().bytes,
+            16384
+        );
+        // One byte more is not.
+        let over = [copy(0, 8192, 0, 0), copy(0, 8192, 0, 0), copy(0, 1, 0, 0)];
+        let err = plan_copies(&spans, 8192, &over, &[16384]).unwrap_err();
+        assert_eq!(err, PlanError::TooMuch { limit: 16384 });
+        assert!(err.to_string().contains("copy each tensor once"), "{err}");
+        // A million copies of the whole model: refused without a piece
+        // being made (the cap is checked first).
+        let many = vec![copy(0, 8192, 0, 0); 1 << 20];
+        assert!(matches!(
+            plan_copies(&spans, 8192, &many, &[8192]),
+            Err(PlanError::TooMuch { .. })
+        ));
+        // Sizes that overflow when summed.
+        let huge = [copy(0, u64::MAX, 0, 0), copy(0, 2, 0, 0)];
+        assert!(matches!(
+            plan_copies(&spans, 8192, &huge, &[8192]),
+            Err(PlanError::TooMuch { .. })
+        ));
     }
 
     proptest! {

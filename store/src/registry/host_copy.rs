@@ -1,12 +1,15 @@
 //! One copy of a model in the host pool: its chunks, each pending, landed or
 //! failed, filled by an io engine on a thread of its own. Replicas wait on
 //! individual chunks, so device copies start as soon as a chunk lands rather
-//! than when the whole model has.
+//! than when the whole model has. With the manifest's checksums, a chunk
+//! counts as landed only once its blocks matched ([`super::checksums`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
+use super::checksums::{LoadCheck, Released};
+use super::lock;
 use crate::io::{ChunkSpan, IoEngine, IoError, ModelFiles, chunk_reads};
 use crate::pool::{ChunkLease, SharedChunk};
 use sllm_format::partitions::Partitions;
@@ -31,6 +34,8 @@ pub struct LoadOutcome {
 pub struct HostCopy {
     /// The layout this copy was made from (replicas must plan against it).
     spans: Arc<[ChunkSpan]>,
+    /// Checks chunks against the manifest before they count as landed.
+    check: Option<LoadCheck>,
     slots: Mutex<Vec<Slot>>,
     changed: Condvar,
     cancel: AtomicBool,
@@ -42,20 +47,23 @@ pub struct HostCopy {
 
 impl HostCopy {
     /// Starts reading `spans` of the model in `partitions` into `leases`
-    /// (one per span) with `engine`; `on_done` runs on the io thread when
-    /// every chunk has landed or failed. Fails only if no thread can be
-    /// started (the leases then return to the pool).
+    /// (one per span) with `engine`, checking them with `check` when given
+    /// (made for the same spans); `on_done` runs on the io thread when every
+    /// chunk has landed or failed. Fails only if no thread can be started
+    /// (the leases then return to the pool).
     pub fn start(
         partitions: Partitions,
         spans: Arc<[ChunkSpan]>,
         leases: Vec<ChunkLease>,
         engine: Arc<dyn IoEngine>,
         max_io_bytes: usize,
+        check: Option<LoadCheck>,
         on_done: impl FnOnce(&Arc<HostCopy>, LoadOutcome) + Send + 'static,
     ) -> std::io::Result<Arc<Self>> {
         debug_assert_eq!(spans.len(), leases.len());
         let copy = Arc::new(Self {
             spans: Arc::clone(&spans),
+            check,
             slots: Mutex::new(vec![Slot::Pending; spans.len()]),
             changed: Condvar::new(),
             cancel: AtomicBool::new(false),
@@ -70,7 +78,14 @@ impl HostCopy {
                 let started = Instant::now();
                 let bytes = spans.iter().map(|s| s.len as u64).sum();
                 let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    this.read_all(&partitions, &spans, leases, engine.as_ref(), max_io_bytes)
+                    Self::read_all(
+                        &this,
+                        &partitions,
+                        &spans,
+                        leases,
+                        engine.as_ref(),
+                        max_io_bytes,
+                    )
                 }));
                 if read.is_err() {
                     // Nobody may wait forever on a chunk the engine dropped.
@@ -106,7 +121,7 @@ impl HostCopy {
     }
 
     fn read_all(
-        &self,
+        this: &Arc<Self>,
         partitions: &Partitions,
         spans: &[ChunkSpan],
         leases: Vec<ChunkLease>,
@@ -117,19 +132,43 @@ impl HostCopy {
             Ok(files) => files,
             Err(e) => {
                 for i in 0..spans.len() {
-                    self.settle(i, Err(e.clone()));
+                    this.settle(i, Err(e.clone()));
                 }
                 return;
             }
         };
         let reads = chunk_reads(&files, spans, leases, max_io_bytes);
-        engine.run(&files, reads, &self.cancel, &mut |chunk_no, result| {
-            if result.is_err() {
-                // One failed chunk fails the load: stop reading the rest.
-                self.cancel.store(true, Ordering::Relaxed);
-            }
+        engine.run(
+            &files,
+            reads,
+            &this.cancel,
+            &mut |chunk_no, result| match &this.check {
+                None => this.settle(chunk_no, result),
+                Some(check) => this.release(check.land(chunk_no, result)),
+            },
+        );
+        if let Some(check) = &this.check {
+            let why = this.error().unwrap_or(IoError::Cancelled);
+            this.release(check.finish(why));
+        }
+    }
+
+    /// Settles what a check released and hands the blocks it made ready to
+    /// the hashing threads.
+    fn release(self: &Arc<Self>, released: Released) {
+        for (chunk_no, result) in released.chunks {
             self.settle(chunk_no, result);
-        });
+        }
+        let Some(check) = &self.check else { return };
+        for block in released.blocks {
+            let this = Arc::clone(self);
+            check.submit(move || {
+                if let Some(check) = &this.check {
+                    let released = check.hash_block(block);
+                    this.release(released);
+                }
+            });
+        }
     }
 
     fn settle(&self, chunk_no: usize, result: Result<SharedChunk, IoError>) {
@@ -140,6 +179,8 @@ impl HostCopy {
         *slot = match result {
             Ok(chunk) => Slot::Landed(chunk),
             Err(e) => {
+                // One failed chunk fails the load: stop reading the rest.
+                self.cancel.store(true, Ordering::Relaxed);
                 let mut failed = lock(&self.failed);
                 // Keep the first real error, not the cancellations it caused.
                 if failed.is_none() || matches!(*failed, Some(IoError::Cancelled)) {
@@ -156,19 +197,22 @@ impl HostCopy {
     }
 
     /// Waits for chunk `i`, giving up when `abort` is set (checked every
-    /// 50 ms while waiting). A chunk cancelled because another one failed
-    /// reports that first failure, the cause worth telling.
+    /// 50 ms while waiting) or at `deadline`. A chunk cancelled because
+    /// another one failed reports that first failure, the cause worth telling.
     pub fn wait_chunk_or_abort(
         &self,
         i: usize,
         abort: &AtomicBool,
+        deadline: Instant,
     ) -> Result<SharedChunk, IoError> {
         let mut slots = lock(&self.slots);
         loop {
             match slots.get(i) {
                 Some(Slot::Landed(chunk)) => return Ok(Arc::clone(chunk)),
                 Some(Slot::Failed(e)) => return Err(self.error().unwrap_or_else(|| e.clone())),
-                Some(Slot::Pending) if abort.load(Ordering::Relaxed) => {
+                Some(Slot::Pending)
+                    if abort.load(Ordering::Relaxed) || Instant::now() >= deadline =>
+                {
                     return Err(IoError::Cancelled);
                 }
                 Some(Slot::Pending) => {
@@ -216,10 +260,4 @@ impl HostCopy {
     pub fn error(&self) -> Option<IoError> {
         lock(&self.failed).clone()
     }
-}
-
-/// Locks, ignoring poisoning: the data stays consistent (every update is a
-/// single assignment), and one panicked thread must not wedge the daemon.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -8,16 +8,25 @@
 //! chunks. A failed load gives its chunks back and leaves the model
 //! registered, so the next load retries from disk.
 //!
+//! Every request that names a model first checks that its files are still
+//! the ones the registry read ([`on_disk::ModelStamp`]): a model re-saved or
+//! edited on disk is read again, and the copy of its old bytes in the pool is
+//! dropped once no replica reads from it. Bytes read from disk are checked
+//! against the manifest's checksums before any replica may copy them
+//! ([`checksums`]).
+//!
 //! Locking: one mutex over the model table, held only for bookkeeping (never
 //! across I/O or waits). Loads and copies run on threads of their own.
 
+pub mod checksums;
 pub mod copy_plan;
 pub mod host_copy;
+pub mod on_disk;
 pub mod replica;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use sllm_format::ModelId;
@@ -25,8 +34,10 @@ use sllm_format::model_id::ModelIdError;
 use sllm_format::partitions::Partitions;
 use sllm_format::units::{gib_per_s, human_bytes};
 
+use self::checksums::{HashPool, LoadCheck};
 use self::copy_plan::{PlanError, RequestedCopy, plan_copies};
 use self::host_copy::{HostCopy, LoadOutcome};
+use self::on_disk::{BlockSums, ModelStamp, OnDisk, OnDiskError};
 use self::replica::{DeviceCopy, Replica, ReplicaStatus};
 use crate::device::{DeviceBackend, DeviceError};
 use crate::io::{ChunkSpan, IoEngine, IoError, chunk_spans};
@@ -45,9 +56,16 @@ pub struct Limits {
     pub max_handles_per_device: usize,
     /// Replicas copying at once, all models together.
     pub max_active_replicas: usize,
+    /// Bytes that the replicas copying at once may still have to copy, all
+    /// together: the whole work the daemon accepts at a time.
+    pub max_active_copy_bytes: u64,
+    /// Pieces (copies after splitting per chunk) of the replicas copying at
+    /// once: the memory their plans take.
+    pub max_active_pieces: usize,
     /// How long ConfirmModel waits for a replica it has not heard of.
     pub unknown_replica_wait: Duration,
-    /// How long ConfirmModel waits for a replica to finish.
+    /// How long ConfirmModel waits for a replica to finish, and how long a
+    /// replica may copy at all, confirmed or not.
     pub confirm_timeout: Duration,
     /// Finished, unconfirmed replicas are forgotten after this long.
     pub replica_retention: Duration,
@@ -59,6 +77,10 @@ impl Default for Limits {
             max_copies_per_request: 1 << 20,
             max_handles_per_device: 64,
             max_active_replicas: 256,
+            // Four times the memory of eight 141 GiB GPUs: more than any one
+            // host can take in at once, and a bound on what requests can queue.
+            max_active_copy_bytes: 4 << 40,
+            max_active_pieces: 8 << 20,
             unknown_replica_wait: Duration::from_millis(500),
             confirm_timeout: Duration::from_secs(1800),
             replica_retention: Duration::from_secs(600),
@@ -72,6 +94,9 @@ pub struct RegistryConfig {
     pub storage_root: PathBuf,
     pub registration_required: bool,
     pub max_io_bytes: usize,
+    /// Check bytes read from disk against the manifest's checksums, and the
+    /// index against the manifest (`--skip-checksums` turns it off).
+    pub verify_checksums: bool,
     pub limits: Limits,
 }
 
@@ -157,6 +182,17 @@ pub enum RegistryError {
     },
     #[error("model {model} changed on disk while this request was being planned; send it again")]
     ModelChanged { model: String },
+    #[error("model {model}: {source}")]
+    OnDisk { model: String, source: OnDiskError },
+    #[error(
+        "the replicas being copied already hold {what}; this request adds {adding} more, past \
+         the limit of {limit}: retry when some finish"
+    )]
+    TooMuchWork {
+        what: String,
+        adding: String,
+        limit: String,
+    },
     #[error("cannot start a worker thread: {0}; the machine is out of threads or memory")]
     NoThread(std::io::Error),
     #[error("the daemon is shutting down")]
@@ -183,11 +219,13 @@ pub enum HostState {
     Failed(String),
 }
 
-/// A registered model's layout.
+/// A registered model's layout, as read from one version of its files.
 struct ModelInfo {
+    stamp: ModelStamp,
     partitions: Partitions,
     spans: Arc<[ChunkSpan]>,
     size: u64,
+    checksums: Option<Arc<BlockSums>>,
 }
 
 struct ModelEntry {
@@ -263,12 +301,20 @@ impl Table {
     }
 }
 
+/// Locks, ignoring poisoning: every update under the registry's locks
+/// leaves the data consistent, and one panicked thread must not wedge the
+/// daemon.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The daemon's state.
 pub struct Registry {
     cfg: RegistryConfig,
     pool: HostPool,
     engine: Arc<dyn IoEngine>,
     backend: Arc<dyn DeviceBackend>,
+    hashers: HashPool,
     table: Mutex<Table>,
     this: Weak<Registry>,
 }
@@ -279,12 +325,14 @@ impl Registry {
         pool: HostPool,
         engine: Arc<dyn IoEngine>,
         backend: Arc<dyn DeviceBackend>,
+        hashers: HashPool,
     ) -> Arc<Self> {
         Arc::new_cyclic(|this| Self {
             cfg,
             pool,
             engine,
             backend,
+            hashers,
             table: Mutex::new(Table::default()),
             this: this.clone(),
         })
@@ -302,36 +350,61 @@ impl Registry {
         self.engine.name()
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
-        // Tolerate poisoning: every update of the table is a plain field
-        // assignment, and one panicked thread must not wedge the daemon.
-        self.table
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn table(&self) -> MutexGuard<'_, Table> {
+        lock(&self.table)
     }
 
     /// Indexes the model's partitions; returns its size. Idempotent; a
-    /// model not in host memory is re-indexed (it may have been re-saved).
+    /// model whose files changed since is read again.
     pub fn register(&self, model: &str) -> Result<u64, RegistryError> {
+        self.refresh(model).map(|info| info.size)
+    }
+
+    /// The model's info, read again when its files are no longer the ones
+    /// last read (re-saved, replaced, edited): then the copy of the old bytes
+    /// in the pool is dropped (a load still reading them is cancelled;
+    /// replicas copying from it finish with the old bytes, whole).
+    fn refresh(&self, model: &str) -> Result<Arc<ModelInfo>, RegistryError> {
         let id = ModelId::parse(model)?;
-        {
-            let table = self.table();
-            if let Some(entry) = table.models.get(model).filter(|e| e.host.is_some()) {
-                return Ok(entry.info.size);
+        let stamp = self
+            .model_dir(&id)
+            .and_then(|real| ModelStamp::read(&real).map_err(|e| self.unreadable(&id, &real, e)));
+        let stamp = match stamp {
+            Ok(stamp) => stamp,
+            Err(e) => {
+                // Gone from disk (or unreadable): stop serving its old bytes.
+                if let Some(entry) = self.table().models.get_mut(model) {
+                    entry.drop_host_copy();
+                }
+                return Err(e);
             }
+        };
+        if let Some(entry) = self.table().models.get(model)
+            && entry.info.stamp == stamp
+        {
+            return Ok(Arc::clone(&entry.info));
         }
-        let info = Arc::new(self.index_model(id)?);
-        let size = info.size;
+        let info = Arc::new(self.index_model(&id, stamp.real_dir())?);
         let mut table = self.table();
         let clock = table.clock;
         match table.models.get_mut(model) {
-            Some(entry) if entry.host.is_none() => entry.info = info,
-            Some(_) => {}
+            Some(entry) if entry.info.stamp == info.stamp => return Ok(Arc::clone(&entry.info)),
+            Some(entry) => {
+                if entry.host.is_some() {
+                    tracing::info!(
+                        model,
+                        "changed on disk: reading it again; the old copy leaves the pool once no replica reads it"
+                    );
+                }
+                entry.drop_host_copy();
+                entry.last_error = None;
+                entry.info = Arc::clone(&info);
+            }
             None => {
                 table.models.insert(
                     model.to_owned(),
                     ModelEntry {
-                        info,
+                        info: Arc::clone(&info),
                         host: None,
                         last_used: clock,
                         replicas: HashMap::new(),
@@ -340,72 +413,105 @@ impl Registry {
                 );
             }
         }
-        Ok(size)
+        Ok(info)
     }
 
-    fn index_model(&self, id: ModelId) -> Result<ModelInfo, RegistryError> {
+    /// The model's directory, symlinks resolved, checked to lie inside the
+    /// storage path (the id has no `..`, but a symlink could lead out).
+    fn model_dir(&self, id: &ModelId) -> Result<PathBuf, RegistryError> {
         let root = &self.cfg.storage_root;
         let dir = id.dir_in(root);
-        let not_found = || RegistryError::NotFound {
-            model: id.to_string(),
-            path: dir.clone(),
-            root: root.clone(),
-        };
-        // The id has no `..`, but a symlink inside the storage path could
-        // still lead out of it.
-        let unreadable = |path: &Path, source: std::io::Error| {
-            if source.kind() == std::io::ErrorKind::NotFound {
-                not_found()
-            } else {
-                RegistryError::Unreadable {
-                    model: id.to_string(),
-                    path: path.to_owned(),
-                    source,
-                }
-            }
-        };
-        let escapes = |path: &Path| RegistryError::Escapes {
-            model: id.to_string(),
-            path: path.to_owned(),
-            root: root.clone(),
-        };
-        let real = dir.canonicalize().map_err(|e| unreadable(&dir, e))?;
+        let real = dir
+            .canonicalize()
+            .map_err(|e| self.unreadable(id, &dir, e))?;
         if !real.starts_with(root) {
-            return Err(escapes(&dir));
+            return Err(RegistryError::Escapes {
+                model: id.to_string(),
+                path: dir,
+                root: root.clone(),
+            });
         }
-        let partitions = Partitions::discover(&real).map_err(|e| unreadable(&real, e))?;
+        Ok(real)
+    }
+
+    fn not_found(&self, id: &ModelId) -> RegistryError {
+        RegistryError::NotFound {
+            model: id.to_string(),
+            path: id.dir_in(&self.cfg.storage_root),
+            root: self.cfg.storage_root.clone(),
+        }
+    }
+
+    fn unreadable(&self, id: &ModelId, path: &Path, source: std::io::Error) -> RegistryError {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            self.not_found(id)
+        } else {
+            RegistryError::Unreadable {
+                model: id.to_string(),
+                path: path.to_owned(),
+                source,
+            }
+        }
+    }
+
+    /// Reads the model in `real` (its canonical directory).
+    fn index_model(&self, id: &ModelId, real: &Path) -> Result<ModelInfo, RegistryError> {
+        let on_disk = OnDisk::read(real, self.cfg.verify_checksums).map_err(|e| match e {
+            OnDiskError::Io { path, source } => self.unreadable(id, &path, source),
+            source => RegistryError::OnDisk {
+                model: id.to_string(),
+                source,
+            },
+        })?;
+        let OnDisk {
+            stamp,
+            partitions,
+            checksums,
+        } = on_disk;
         if partitions.is_empty() {
-            return Err(not_found());
+            return Err(self.not_found(id));
         }
         // A partition that is a symlink could lead anywhere; they are also
         // opened with O_NOFOLLOW at load time, so a later swap fails too.
         for p in partitions.iter() {
-            let meta = std::fs::symlink_metadata(&p.path).map_err(|e| unreadable(&p.path, e))?;
+            let meta =
+                std::fs::symlink_metadata(&p.path).map_err(|e| self.unreadable(id, &p.path, e))?;
             if meta.file_type().is_symlink() {
-                return Err(escapes(&p.path));
+                return Err(RegistryError::Escapes {
+                    model: id.to_string(),
+                    path: p.path.clone(),
+                    root: self.cfg.storage_root.clone(),
+                });
             }
+        }
+        if self.cfg.verify_checksums && checksums.is_none() {
+            tracing::warn!(
+                model = %id,
+                "no sllm_manifest.json (written by the reference tools?): its bytes are not \
+                 checked when loaded; convert it with `sllm-store save` to have them checked"
+            );
         }
         let spans: Arc<[ChunkSpan]> =
             chunk_spans(partitions.iter().map(|p| p.size), self.pool.chunk_bytes()).into();
         Ok(ModelInfo {
+            stamp,
             size: partitions.total_size(),
             partitions,
             spans,
+            checksums,
         })
     }
 
-    /// Registers `model` unless registration is required (then it must be).
-    fn ensure_registered(&self, model: &str) -> Result<(), RegistryError> {
-        if self.table().models.contains_key(model) {
-            return Ok(());
-        }
-        if self.cfg.registration_required {
+    /// The model's current info, registering it first unless registration
+    /// is required (then it must have been registered).
+    fn ensure_registered(&self, model: &str) -> Result<Arc<ModelInfo>, RegistryError> {
+        if self.cfg.registration_required && !self.table().models.contains_key(model) {
             ModelId::parse(model)?;
             return Err(RegistryError::NotRegistered {
                 model: model.into(),
             });
         }
-        self.register(model).map(|_| ())
+        self.refresh(model)
     }
 
     /// Starts loading `model` into the pool (no-op when loading or loaded).
@@ -481,12 +587,21 @@ impl Registry {
         };
         let this = self.this.clone();
         let name = model.to_owned();
+        let check = info.checksums.as_ref().map(|sums| {
+            LoadCheck::new(
+                Arc::clone(sums),
+                Arc::clone(&info.spans),
+                info.partitions.iter().map(|p| p.path.clone()).collect(),
+                self.hashers.clone(),
+            )
+        });
         let host = HostCopy::start(
             info.partitions.clone(),
             Arc::clone(&info.spans),
             leases,
             Arc::clone(&self.engine),
             self.cfg.max_io_bytes,
+            check,
             move |copy, outcome| {
                 if let Some(registry) = this.upgrade() {
                     registry.load_finished(&name, copy, outcome);
@@ -558,13 +673,10 @@ impl Registry {
                 self.cfg.limits.max_copies_per_request
             )));
         }
-        self.ensure_registered(model)?;
-        let info = {
-            let table = self.table();
-            let entry = table.entry(model)?;
-            entry.ensure_replica_free(replica_uuid, model)?;
-            Arc::clone(&entry.info)
-        };
+        let info = self.ensure_registered(model)?;
+        self.table()
+            .entry(model)?
+            .ensure_replica_free(replica_uuid, model)?;
 
         let mut device_copies = Vec::with_capacity(chunks.len());
         for (uuid, list) in &chunks {
@@ -627,20 +739,13 @@ impl Registry {
                 r.status() == ReplicaStatus::Copying || r.started.elapsed() < retention
             });
         }
-        let active: usize = table
-            .models
-            .values()
-            .flat_map(|e| e.replicas.values())
-            .filter(|r| r.status() == ReplicaStatus::Copying)
-            .count();
-        if active >= self.cfg.limits.max_active_replicas {
-            return Err(RegistryError::TooManyReplicas(active));
-        }
+        self.check_work(&table, &device_copies)?;
         let entry = table.entry_mut(model)?;
         entry.ensure_replica_free(replica_uuid, model)?;
         let backend = self.backend.kind();
         let (name, uuid) = (model.to_owned(), replica_uuid.to_owned());
-        let replica = Replica::start(replica_uuid.into(), host, device_copies, move |status| {
+        let deadline = Instant::now() + self.cfg.limits.confirm_timeout;
+        let replica = Replica::start(replica_uuid.into(), host, device_copies, deadline, move |status| {
             match status {
                 ReplicaStatus::Done { bytes, seconds } => {
                     tracing::info!(model = %name, replica = %uuid, bytes, seconds, gib_per_s = gib_per_s(*bytes, *seconds), backend, "copied to the devices");
@@ -657,6 +762,40 @@ impl Registry {
         })
         .map_err(RegistryError::NoThread)?;
         entry.replicas.insert(replica_uuid.into(), replica);
+        Ok(())
+    }
+
+    /// Refuses a replica that would take the work of the replicas copying
+    /// now past the limits: their number, their bytes, their pieces.
+    fn check_work(&self, table: &Table, adding: &[DeviceCopy]) -> Result<(), RegistryError> {
+        let limits = &self.cfg.limits;
+        let active: Vec<&Arc<Replica>> = table
+            .models
+            .values()
+            .flat_map(|e| e.replicas.values())
+            .filter(|r| r.status() == ReplicaStatus::Copying)
+            .collect();
+        if active.len() >= limits.max_active_replicas {
+            return Err(RegistryError::TooManyReplicas(active.len()));
+        }
+        let bytes: u64 = active.iter().map(|r| r.bytes()).sum();
+        let new_bytes: u64 = adding.iter().map(|c| c.plan.bytes).sum();
+        if bytes.saturating_add(new_bytes) > limits.max_active_copy_bytes {
+            return Err(RegistryError::TooMuchWork {
+                what: human_bytes(bytes),
+                adding: human_bytes(new_bytes),
+                limit: human_bytes(limits.max_active_copy_bytes),
+            });
+        }
+        let pieces: usize = active.iter().map(|r| r.pieces()).sum();
+        let new_pieces: usize = adding.iter().map(|c| c.plan.pieces()).sum();
+        if pieces.saturating_add(new_pieces) > limits.max_active_pieces {
+            return Err(RegistryError::TooMuchWork {
+                what: format!("{pieces} copy pieces"),
+                adding: format!("{new_pieces}"),
+                limit: format!("{} pieces", limits.max_active_pieces),
+            });
+        }
         Ok(())
     }
 

@@ -5,9 +5,9 @@
 //!
 //! A replica's final status is published only once every device thread has
 //! finished (and so synchronized its copies and released its buffers): a
-//! client told "failed" may free its memory at once. The first error, or an
-//! abort (ConfirmModel timing out, shutdown), stops the other devices at
-//! their next piece.
+//! client told "failed" may free its memory at once. The first error, an
+//! abort (ConfirmModel timing out, shutdown) or the replica's deadline
+//! passing stops the other devices at their next piece.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use super::copy_plan::CopyPlan;
 use super::host_copy::HostCopy;
+use super::lock;
 use crate::device::{DeviceInfo, DeviceTarget};
 
 /// Where a replica stands.
@@ -43,13 +44,15 @@ pub struct Replica {
 }
 
 impl Replica {
-    /// Starts copying from `host` to every device of `copies`. Fails only
-    /// if a thread cannot be started (then nothing was copied by it, and
-    /// the devices already started are aborted).
+    /// Starts copying from `host` to every device of `copies`; copies still
+    /// running at `deadline` stop and fail the replica. Fails only if a
+    /// thread cannot be started (then nothing was copied by it, and the
+    /// devices already started are aborted).
     pub fn start(
         uuid: String,
         host: Arc<HostCopy>,
         copies: Vec<DeviceCopy>,
+        deadline: Instant,
         on_done: impl Fn(&ReplicaStatus) + Send + Sync + 'static,
     ) -> std::io::Result<Arc<Self>> {
         let (tx, rx) = watch::channel(ReplicaStatus::Copying);
@@ -58,6 +61,7 @@ impl Replica {
             tx,
             remaining: AtomicUsize::new(copies.len()),
             bytes: copies.iter().map(|c| c.plan.bytes).sum(),
+            pieces: copies.iter().map(|c| c.plan.pieces()).sum(),
             on_done: Box::new(on_done),
             started,
             abort: AtomicBool::new(false),
@@ -79,7 +83,7 @@ impl Replica {
                 .name("sllm-copy".into())
                 .spawn(move || {
                     let device = copy.device.uuid.clone();
-                    let result = run_device_copy(&host, copy, &worker.abort);
+                    let result = run_device_copy(&host, copy, &worker.abort, deadline);
                     drop(host);
                     worker.device_done(result.err().map(|e| format!("device {device}: {e}")));
                 });
@@ -93,6 +97,16 @@ impl Replica {
             }
         }
         Ok(replica)
+    }
+
+    /// Bytes this replica copies, all devices together.
+    pub fn bytes(&self) -> u64 {
+        self.shared.bytes
+    }
+
+    /// Pieces this replica copies, all devices together.
+    pub fn pieces(&self) -> usize {
+        self.shared.pieces
     }
 
     /// The current status.
@@ -119,6 +133,7 @@ struct Shared {
     tx: watch::Sender<ReplicaStatus>,
     remaining: AtomicUsize,
     bytes: u64,
+    pieces: usize,
     on_done: Box<dyn Fn(&ReplicaStatus) + Send + Sync>,
     started: Instant,
     abort: AtomicBool,
@@ -127,11 +142,7 @@ struct Shared {
 
 impl Shared {
     fn record(&self, error: String) {
-        let mut first = self
-            .first_error
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        first.get_or_insert(error);
+        lock(&self.first_error).get_or_insert(error);
     }
 
     fn abort(&self, why: &str) {
@@ -151,11 +162,7 @@ impl Shared {
 
     /// Publishes the final status: only once no device thread is running.
     fn finish(&self) {
-        let error = self
-            .first_error
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let error = lock(&self.first_error).clone();
         let status = match error {
             Some(e) => ReplicaStatus::Failed(e),
             None => ReplicaStatus::Done {
@@ -172,18 +179,28 @@ fn run_device_copy(
     host: &HostCopy,
     mut copy: DeviceCopy,
     abort: &AtomicBool,
+    deadline: Instant,
 ) -> Result<(), String> {
     let aborted = || "stopped (another device failed, or the replica was aborted)".to_owned();
+    let late = || {
+        abort.store(true, Ordering::Relaxed);
+        "still copying at the replica's deadline (the daemon's confirm timeout); load it \
+         again with fewer replicas at once"
+            .to_owned()
+    };
     for (i, pieces) in copy.plan.per_chunk.iter().enumerate() {
         if pieces.is_empty() {
             continue;
         }
         let chunk = host
-            .wait_chunk_or_abort(i, abort)
+            .wait_chunk_or_abort(i, abort, deadline)
             .map_err(|e| e.to_string())?;
         for p in pieces {
             if abort.load(Ordering::Relaxed) {
                 return Err(aborted());
+            }
+            if Instant::now() >= deadline {
+                return Err(late());
             }
             copy.target
                 .copy(&chunk, p.chunk_offset, p.len, p.handle_idx, p.dst_offset)

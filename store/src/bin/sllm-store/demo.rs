@@ -162,6 +162,8 @@ fn serve_and_load(
         queue_depth: 64,
         max_io_bytes: 4 << 20,
         metrics_port: None,
+        verify_checksums: true,
+        checksum_threads: 2,
         limits: Limits::default(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -63,6 +63,13 @@ pub struct StartArgs {
     /// Serve Prometheus metrics on 127.0.0.1:<port>/metrics.
     #[arg(long)]
     metrics_port: Option<u16>,
+    /// Don't check bytes read from disk against the checksums in sllm_manifest.json, nor the
+    /// index against the manifest (checked by default; `sllm-bench load` reports the cost).
+    #[arg(long)]
+    skip_checksums: bool,
+    /// Threads that checksum blocks as they are read [default: the CPUs, at most 8].
+    #[arg(long)]
+    checksum_threads: Option<usize>,
 }
 
 pub fn run_start(args: StartArgs) -> anyhow::Result<ExitCode> {
@@ -94,6 +101,11 @@ pub fn run_start(args: StartArgs) -> anyhow::Result<ExitCode> {
             args.io_size
         );
     }
+    let checksum_threads = match args.checksum_threads {
+        Some(n) if (1..=256).contains(&n) => n,
+        Some(n) => bail!("--checksum-threads must be between 1 and 256, got {n}"),
+        None => std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
+    };
     let cfg = DaemonConfig {
         storage_root: resolve_storage_path(args.storage_path.as_deref()),
         listen,
@@ -108,6 +120,8 @@ pub fn run_start(args: StartArgs) -> anyhow::Result<ExitCode> {
         queue_depth: args.queue_depth,
         max_io_bytes: io_size as usize,
         metrics_port: args.metrics_port,
+        verify_checksums: !args.skip_checksums,
+        checksum_threads,
         limits: Limits::default(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
