@@ -5,7 +5,7 @@ shared-memory file the daemon writes into (its path is the handle)."""
 import json
 import os
 import uuid as uuidlib
-from typing import Dict
+from typing import Callable, Dict, TypeVar
 
 import numpy as np
 
@@ -14,17 +14,55 @@ from .dtypes import numpy_dtype
 from .errors import SllmStoreError
 from .plan import plan
 
+T = TypeVar("T")
+
 
 def read_index(model_path: str, storage_path: "str | None" = None) -> Dict[str, list]:
-    path = os.path.join(resolve_storage_path(storage_path), model_path, "tensor_index.json")
+    """The model's tensor_index.json."""
+    return _read_index_stamped(model_path, storage_path)[0]
+
+
+def _index_path(model_path: str, storage_path: "str | None") -> str:
+    return os.path.join(resolve_storage_path(storage_path), model_path, "tensor_index.json")
+
+
+def _stamp(st: os.stat_result) -> tuple:
+    """What tells one version of a file from another (a re-save makes a new inode)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _read_index_stamped(model_path: str, storage_path: "str | None"):
+    path = _index_path(model_path, storage_path)
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, "rb") as f:
+            stamp = _stamp(os.fstat(f.fileno()))
+            return json.loads(f.read()), stamp
     except FileNotFoundError:
         raise SllmStoreError(
             f"{path} not found: convert the model with `sllm-store save --model {model_path}` or pass "
             "storage_path (or set STORAGE_PATH) to where the daemon keeps models"
         ) from None
+
+
+def load_consistently(model_path: str, storage_path: "str | None", load_once: Callable[[dict], T]) -> T:
+    """Runs `load_once(index)` and returns its result if the model's index is
+    the same file after the load as before it. The daemon serves the files
+    on disk when it is asked, so an unchanged index means the bytes loaded
+    match the index the tensors are built from; a model re-saved meanwhile
+    (`sllm-store save --force`) is loaded once more, then refused."""
+    for _attempt in range(2):
+        index, before = _read_index_stamped(model_path, storage_path)
+        result = load_once(index)
+        try:
+            after = _stamp(os.stat(_index_path(model_path, storage_path)))
+        except FileNotFoundError:
+            after = None
+        if after == before:
+            return result
+    raise SllmStoreError(
+        f"{model_path} changed on disk during two loads in a row (a `sllm-store save --force` "
+        "running?); wait for it to finish, then load again"
+    )
 
 
 def load_dict_host(
@@ -34,7 +72,12 @@ def load_dict_host(
     layout: str = "mirrored",
 ) -> Dict[str, np.ndarray]:
     """Loads every tensor of `model_path` through the daemon's host backend."""
-    index = read_index(model_path, storage_path)
+    return load_consistently(
+        model_path, storage_path, lambda index: _load_dict_host(model_path, index, server, layout)
+    )
+
+
+def _load_dict_host(model_path: str, index: dict, server: "str | None", layout: str) -> Dict[str, np.ndarray]:
     with StoreClient(server) as client:
         config = client.server_config()
         if config.device_backend != "host":

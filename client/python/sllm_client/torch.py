@@ -12,7 +12,7 @@ from typing import Dict, Union
 from .client import CopyChunk, StoreClient
 from .dtypes import torch_dtype
 from .errors import SllmStoreError
-from .host import read_index
+from .host import load_consistently
 from .plan import plan
 
 
@@ -38,7 +38,14 @@ def load_dict(
     if not torch.cuda.is_available():
         raise SllmStoreError("load_dict needs CUDA; on a machine without a GPU use load_dict_host")
     device_map = {"": 0} if device_map is None else device_map
-    index = read_index(model_path, storage_path)
+    return load_consistently(
+        model_path, storage_path, lambda index: _load_dict(model_path, index, device_map, server, layout)
+    )
+
+
+def _load_dict(model_path: str, index: dict, device_map, server: "str | None", layout: str):
+    import torch
+
     indices = {prefix: int(str(d).removeprefix("cuda:")) for prefix, d in device_map.items()}
     uuids = {i: device_uuid(i) for i in set(indices.values())}
     with StoreClient(server) as client:

@@ -83,15 +83,17 @@ def storage(tmp_path):
     return path
 
 
-def save_model(tmp_path, storage, model, tensors, partition_size="1MiB", extra=None):
-    src = tmp_path / ("src-" + model.replace("/", "-"))
+def save_model(tmp_path, storage, model, tensors, partition_size="1MiB", extra=None, force=False, tag=""):
+    """`sllm-store save` of `tensors` as `model` (`force`: replace it; `tag`
+    names the source directory of a second save of one model)."""
+    src = tmp_path / ("src-" + model.replace("/", "-") + tag)
     src.mkdir()
     write_safetensors(src / "model.safetensors", tensors)
     for name, text in (extra or {}).items():
         (src / name).write_text(text)
     subprocess.run(
         [binary(), "save", "--model", model, "--local-model-path", str(src), "--storage-path", str(storage),
-         "--partition-size", partition_size],
+         "--partition-size", partition_size] + (["--force"] if force else []),
         check=True, capture_output=True, env={**os.environ, "RUST_LOG": "warn"},
     )
 

@@ -10,6 +10,7 @@ import pytest
 import sllm_client
 from conftest import ALL, random_tensors, save_model
 from sllm_client.dtypes import numpy_dtype
+from sllm_client.host import _load_dict_host, load_consistently
 
 
 def check(loaded, tensors):
@@ -59,3 +60,34 @@ def test_errors_say_what_to_do(tmp_path, storage, daemon):
             client.register("../escape")
         assert client.register("org/m") > 0
         assert client.model_status("org/m")["host_state"] in ("HOST_STATE_NOT_LOADED", "HOST_STATE_LOADED")
+
+
+def test_a_resaved_model_loads_its_new_bytes(tmp_path, storage, daemon):
+    """The adversarial case: a model loaded (so resident in the daemon's
+    pool), then replaced with other weights by `save --force`."""
+    specs = [(f"w{j}", "torch.float16", (64, 33 + j)) for j in range(10)]
+    old, new = random_tensors(20, specs), random_tensors(21, specs)
+    save_model(tmp_path, storage, "org/c1", old)
+    load = lambda: sllm_client.load_dict_host("org/c1", storage_path=str(storage), server=daemon.addr)
+    check(load(), old)
+    save_model(tmp_path, storage, "org/c1", new, force=True, tag="-new")
+    check(load(), new)
+
+
+def test_a_resave_during_a_load_is_loaded_again_or_refused(tmp_path, storage, daemon):
+    specs = [(f"w{j}", "torch.float32", (128, 40 + j)) for j in range(6)]
+    versions = [random_tensors(30 + v, specs) for v in range(3)]
+    save_model(tmp_path, storage, "org/r", versions[0])
+    resaves = iter(range(1, 3))
+
+    def load_while_resaving(index):
+        # A save --force lands between reading the index and the load.
+        v = next(resaves, None)
+        if v is not None:
+            save_model(tmp_path, storage, "org/r", versions[v], force=True, tag=f"-{v}")
+        return _load_dict_host("org/r", index, daemon.addr, "mirrored")
+
+    with pytest.raises(sllm_client.SllmStoreError, match="changed on disk during two loads in a row"):
+        load_consistently("org/r", str(storage), load_while_resaving)
+    # Once the saves stop, the next attempt of a load is consistent.
+    check(load_consistently("org/r", str(storage), load_while_resaving), versions[2])

@@ -14,8 +14,8 @@ use sllm_client::plan::{DeviceMap, Layout, LoadPlan, plan};
 use sllm_client::shm::ShmBuffer;
 use sllm_client::{ServerConfig, StoreClient, client::DEFAULT_ADDR};
 use sllm_store::config::resolve_storage_path;
-use sllm_store::format::partitions::Partitions;
-use sllm_store::format::{ModelId, TensorIndex};
+use sllm_store::format::partitions::{FileStamp, Partitions};
+use sllm_store::format::{INDEX_FILE, ModelId, TensorIndex};
 use sllm_store::units::{gib_per_s, human_bytes};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -212,6 +212,12 @@ pub async fn load_model(
     let model_size = client.register(model.as_str()).await?;
     let register_s = t.elapsed().as_secs_f64();
 
+    let index_stamp = || {
+        std::fs::metadata(model_dir.join(INDEX_FILE))
+            .ok()
+            .map(|m| FileStamp::of(&m))
+    };
+    let stamp_before = index_stamp();
     let index = TensorIndex::read(model_dir).context(
         "reading the model's index: pass --storage-path pointing at the daemon's storage path",
     )?;
@@ -262,6 +268,14 @@ pub async fn load_model(
         client.confirm(model.as_str(), &replica).await?;
     }
     let device_copy_s = copy_started.elapsed().as_secs_f64();
+    // The daemon served the files on disk when asked: with the index the same
+    // file throughout, the bytes belong to the index the plan was made from.
+    if index_stamp() != stamp_before {
+        bail!(
+            "{model} changed on disk during the load (a `sllm-store save --force`?); the bytes \
+             may not match the index read before it: load it again"
+        );
+    }
     let total_s = total.elapsed().as_secs_f64();
     let host_load_s = client.model_status(model.as_str()).await?.host_load_seconds;
     let verified = if verify_bytes {
@@ -281,7 +295,9 @@ pub async fn load_model(
     })
 }
 
-/// Compares every tensor in the buffers with its bytes in the partitions.
+/// Compares every tensor in the buffers with its bytes in the partitions,
+/// and the partitions with their manifest's checksums: bytes that match
+/// damaged files are not verified.
 fn verify(
     model_dir: &std::path::Path,
     index: &TensorIndex,
@@ -310,5 +326,9 @@ fn verify(
             ok = false;
         }
     }
-    Ok(ok)
+    let report = sllm_store::format::verify::verify_model(model_dir, &())?;
+    for problem in &report.problems {
+        eprintln!("damaged: {problem}");
+    }
+    Ok(ok && report.is_ok())
 }
