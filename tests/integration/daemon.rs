@@ -726,6 +726,14 @@ async fn metrics_count_loads_and_json_logs_parse() {
     let mut client = daemon.client().await;
     load_and_check(&mut client, &storage, "o/m", &tensors, Layout::Mirrored).await;
     let _ = client.register("o/absent").await;
+    // A damaged model, loaded to host: a checksum error.
+    save_model(tmp.path(), &storage, "o/bad", &tensors, "1MiB");
+    let part = std::fs::OpenOptions::new()
+        .write(true)
+        .open(storage.join("o/bad/tensor.data_0"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&part, b"!", 10).unwrap();
+    client.load_to_host("o/bad").await.unwrap();
 
     let mut body = String::new();
     for _ in 0..50 {
@@ -738,7 +746,10 @@ async fn metrics_count_loads_and_json_logs_parse() {
             .unwrap();
         body.clear();
         stream.read_to_string(&mut body).await.unwrap();
-        if body.contains("sllm_bytes_loaded_total") && body.contains("target=\"device\"") {
+        if body.contains("sllm_bytes_loaded_total")
+            && body.contains("target=\"device\"")
+            && body.contains("kind=\"checksum\"")
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -749,6 +760,7 @@ async fn metrics_count_loads_and_json_logs_parse() {
         "sllm_load_seconds",
         "sllm_pool_bytes 2097152",
         "sllm_errors_total{kind=\"request\"}",
+        "sllm_errors_total{kind=\"checksum\"} 1",
     ] {
         assert!(body.contains(needle), "{needle} in {body}");
     }

@@ -197,10 +197,16 @@ impl LoadCheck {
         out
     }
 
-    /// Hashes block `b` (every chunk it overlaps has landed) and releases
-    /// the chunks it decides: matched chunks once all their blocks matched,
-    /// every chunk of a block that does not match as failed.
-    pub fn hash_block(&self, b: usize) -> Released {
+    /// Hashes block `b` (every chunk it overlaps has landed) and hands
+    /// `settle` the chunks it decides: matched chunks once all their blocks
+    /// matched, every chunk of a block that does not match as failed. The
+    /// block counts as hashed (for [`finish`](Self::finish)) only once they
+    /// are settled.
+    pub fn hash_block(
+        &self,
+        b: usize,
+        settle: &mut dyn FnMut(usize, Result<SharedChunk, IoError>),
+    ) {
         let (p, in_part) = self.blocks[b];
         let block_bytes = self.sums.block_bytes;
         let block_start = in_part as u64 * block_bytes;
@@ -227,7 +233,7 @@ impl LoadCheck {
         let found = hasher.digest();
         let expected = self.sums.partitions[p][in_part];
 
-        let mut out = Released::default();
+        let mut decided = Vec::new();
         let mut state = lock(&self.state);
         for c in self.block_chunks[b].clone() {
             if found == expected {
@@ -235,10 +241,10 @@ impl LoadCheck {
                 if state.blocks_unmatched[c] == 0
                     && let Some(chunk) = state.held[c].take()
                 {
-                    out.chunks.push((c, Ok(chunk)));
+                    decided.push((c, Ok(chunk)));
                 }
             } else if state.held[c].take().is_some() {
-                out.chunks.push((
+                decided.push((
                     c,
                     Err(IoError::Checksum {
                         path: self.partition_paths[p].clone(),
@@ -251,10 +257,12 @@ impl LoadCheck {
                 ));
             }
         }
-        state.hashing -= 1;
         drop(state);
+        for (c, result) in decided {
+            settle(c, result);
+        }
+        lock(&self.state).hashing -= 1;
         self.idle.notify_all();
-        out
     }
 
     /// Waits for the blocks being hashed, then fails the chunks still held:
@@ -345,7 +353,9 @@ mod tests {
             }
             record(check.land(c, Ok(lease.freeze(span.len))), &mut pending);
             while let Some(b) = pending.pop() {
-                record(check.hash_block(b), &mut pending);
+                let mut decided = Released::default();
+                check.hash_block(b, &mut |c, r| decided.chunks.push((c, r)));
+                record(decided, &mut pending);
             }
         }
         record(check.finish(IoError::Cancelled), &mut pending);

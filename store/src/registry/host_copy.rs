@@ -164,8 +164,7 @@ impl HostCopy {
             let this = Arc::clone(self);
             check.submit(move || {
                 if let Some(check) = &this.check {
-                    let released = check.hash_block(block);
-                    this.release(released);
+                    check.hash_block(block, &mut |chunk_no, result| this.settle(chunk_no, result));
                 }
             });
         }

@@ -390,6 +390,7 @@ impl Registry {
         match table.models.get_mut(model) {
             Some(entry) if entry.info.stamp == info.stamp => return Ok(Arc::clone(&entry.info)),
             Some(entry) => {
+                metrics::counter!("sllm_models_reread_total").increment(1);
                 if entry.host.is_some() {
                     tracing::info!(
                         model,
@@ -632,7 +633,12 @@ impl Registry {
             Some(IoError::Cancelled) => tracing::info!(model, "load cancelled"),
             Some(e) => {
                 tracing::error!(model, error = %e, "load failed; its chunks return to the pool");
-                metrics::counter!("sllm_errors_total", "kind" => "load").increment(1);
+                let kind = if matches!(e, IoError::Checksum { .. }) {
+                    "checksum"
+                } else {
+                    "load"
+                };
+                metrics::counter!("sllm_errors_total", "kind" => kind).increment(1);
                 // Drop the failed copy so its chunks return once its last
                 // reader is gone, and the next load reads the disk again.
                 let mut table = self.table();
