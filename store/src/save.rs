@@ -2,7 +2,9 @@
 //! Face cache snapshot) into the store format, atomically.
 //!
 //! Order of work: resolve and check the whole source (no byte is written for
-//! a bad checkpoint), refuse an existing model unless replacing, write into a
+//! a bad checkpoint), check the model's path (an existing model is refused
+//! unless replacing; anything that is not a stored model, or a path inside
+//! or around another model, always: see [`crate::placement`]), write into a
 //! staging directory, fsync, publish with one rename (see [`crate::staging`]).
 //! A save killed at any point leaves nothing at the final path.
 //!
@@ -24,6 +26,7 @@ use crate::format::writer::{WriteError, WrittenModel};
 use crate::format::{ModelId, StoreWriter, TensorEntry, WriterOptions};
 use crate::import::hf_cache::{HfCache, ResolveError};
 use crate::import::{ImportError, SafetensorsFile, SourceCheckpoint};
+use crate::placement::{self, PlacementError};
 use crate::progress::Progress;
 use crate::staging::{PublishError, Published, Staging};
 use crate::units::human_bytes;
@@ -75,6 +78,8 @@ pub enum SaveError {
     Import(#[from] ImportError),
     #[error(transparent)]
     Write(#[from] WriteError),
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
     #[error(transparent)]
     Publish(#[from] PublishError),
     #[error(
@@ -132,14 +137,13 @@ pub fn save(req: &SaveRequest, progress: &dyn Progress) -> Result<SaveReport, Sa
     );
 
     let target = req.model.dir_in(&req.storage_root);
-    if !req.force && holds_something(&target) {
-        return Err(PublishError::TargetExists { path: target }.into());
-    }
     let unusable = |source| SaveError::StorageUnusable {
         path: req.storage_root.clone(),
         source,
     };
     std::fs::create_dir_all(&req.storage_root).map_err(unusable)?;
+    // Checked again right before publishing; this one fails before writing.
+    placement::check(&req.storage_root, &req.model, req.force)?;
     check_free_space(req, &checkpoint)?;
     let staging = Staging::create(&req.storage_root, &req.model).map_err(unusable)?;
 
@@ -151,7 +155,7 @@ pub fn save(req: &SaveRequest, progress: &dyn Progress) -> Result<SaveReport, Sa
     tracing::info!("tensors copied; flushing them to disk");
     copy_extra_files(&checkpoint, staging.path())?;
     let written = writer.finish(Some(info.clone()))?;
-    let published = staging.publish(&target, req.force)?;
+    let published = staging.publish(req.force)?;
 
     let report = SaveReport {
         target,
@@ -226,15 +230,6 @@ fn check_free_space(req: &SaveRequest, checkpoint: &SourceCheckpoint) -> Result<
 pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
     let stat = rustix::fs::statvfs(path)?;
     Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
-}
-
-/// True when `path` exists and is anything but an empty directory.
-fn holds_something(path: &Path) -> bool {
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_some()),
-        Ok(_) => true,
-        Err(_) => false,
-    }
 }
 
 type Piece = Result<(Vec<u8>, usize), ImportError>;

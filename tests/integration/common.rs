@@ -352,3 +352,25 @@ pub fn tensors_of(bytes: usize, seed: u64) -> Vec<Tensor> {
     }
     out
 }
+
+/// Every file under `dir` (links not followed) with its bytes, by path
+/// relative to `dir`: two reads compare equal when nothing changed.
+pub fn read_tree(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut std::collections::BTreeMap<PathBuf, Vec<u8>>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            let path = entry.path();
+            let rel = path.strip_prefix(root).unwrap().to_owned();
+            if entry.file_type().unwrap().is_dir() {
+                out.insert(rel, Vec::new());
+                walk(root, &path, out);
+            } else {
+                out.insert(rel, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, dir, &mut out);
+    assert!(!out.is_empty(), "{} holds nothing", dir.display());
+    out
+}
