@@ -13,19 +13,19 @@
 //! checksums and writes the previous ones, so reading and writing overlap.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
-use crate::durable::{sync_dir, sync_file};
+use crate::durable::sync_dir;
 use crate::format::index::contiguous_stride;
 use crate::format::manifest::{SourceFile, SourceInfo};
 use crate::format::writer::{WriteError, WrittenModel};
 use crate::format::{ModelId, StoreWriter, TensorEntry, WriterOptions};
 use crate::import::hf_cache::{HfCache, ResolveError};
-use crate::import::{ImportError, SafetensorsFile, SourceCheckpoint};
+use crate::import::{ImportError, SafetensorsFile, SourceCheckpoint, open_source_file};
 use crate::placement::{self, PlacementError};
 use crate::progress::Progress;
 use crate::staging::{PublishError, Published, Staging};
@@ -258,13 +258,10 @@ fn copy_tensors(
 /// Reader thread: fills free buffers with tensor bytes in file order.
 fn read_pieces(files: &[SafetensorsFile], free: Receiver<Vec<u8>>, full: Sender<Piece>) {
     for f in files {
-        let file = match File::open(&f.path) {
+        let file = match open_source_file(&f.path) {
             Ok(file) => file,
-            Err(source) => {
-                let _ = full.send(Err(ImportError::Io {
-                    path: f.path.clone(),
-                    source,
-                }));
+            Err(e) => {
+                let _ = full.send(Err(e));
                 return;
             }
         };
@@ -332,7 +329,8 @@ fn write_pieces(
 }
 
 /// Copies config, tokenizer and other non-weight files beside the index,
-/// then fsyncs every directory they live in.
+/// then fsyncs every directory they live in. Each source is opened with
+/// [`open_source_file`] (regular files only, never blocking on a FIFO).
 fn copy_extra_files(checkpoint: &SourceCheckpoint, staging: &Path) -> Result<(), SaveError> {
     let mut dirs = std::collections::BTreeSet::from([staging.to_owned()]);
     for rel in &checkpoint.extra_files {
@@ -353,8 +351,13 @@ fn copy_extra_files(checkpoint: &SourceCheckpoint, staging: &Path) -> Result<(),
         if let Some(parent) = to.parent() {
             std::fs::create_dir_all(parent).map_err(copy_err)?;
         }
-        std::fs::copy(&from, &to).map_err(copy_err)?;
-        sync_file(&to).map_err(copy_err)?;
+        let mut source = open_source_file(&from)?;
+        let mode = source.metadata().map_err(copy_err)?.mode() & 0o777;
+        let mut copy = File::create_new(&to).map_err(copy_err)?;
+        std::io::copy(&mut source, &mut copy).map_err(copy_err)?;
+        copy.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(copy_err)?;
+        copy.sync_all().map_err(copy_err)?;
     }
     // Deepest first: a directory's entry in its parent is synced after it.
     for dir in dirs.iter().rev() {

@@ -37,8 +37,11 @@ impl Case {
         cmd
     }
 
+    /// Expects the save to fail within 20 s (a hang is a failure too).
     fn fails_with(&self, needles: &[&str]) -> String {
-        let err = run_err(&mut self.save_cmd());
+        let (status, stdout, stderr) = run_bounded(&mut self.save_cmd(), 20);
+        assert!(!status.success(), "unexpectedly succeeded: {stdout}");
+        let err = format!("{stdout}{stderr}");
         for needle in needles {
             assert!(err.contains(needle), "expected {needle:?} in: {err}");
         }
@@ -224,6 +227,43 @@ fn broken_link_to_a_weight_file() {
         "../blobs/gone",
         "download the model again",
     ]);
+}
+
+#[test]
+fn fifo_named_like_weights_fails_instead_of_hanging() {
+    let c = Case::new();
+    mkfifo(&c.file("model.safetensors"));
+    c.fails_with(&["model.safetensors is a FIFO", "not a regular file"]);
+}
+
+#[test]
+fn fifo_as_shard_index_fails_instead_of_hanging() {
+    let c = Case::new();
+    one_tensor(&c.file("model.safetensors"));
+    mkfifo(&c.file("model.safetensors.index.json"));
+    c.fails_with(&["model.safetensors.index.json is a FIFO"]);
+}
+
+#[test]
+fn fifo_or_socket_as_an_extra_file_is_refused() {
+    let c = Case::new();
+    one_tensor(&c.file("model.safetensors"));
+    mkfifo(&c.file("config.json"));
+    c.fails_with(&[
+        "config.json is a FIFO",
+        "move it out of the checkpoint's folder",
+    ]);
+    std::fs::remove_file(c.file("config.json")).unwrap();
+    std::fs::create_dir(c.file("sub")).unwrap();
+    let _socket = std::os::unix::net::UnixListener::bind(c.file("sub/tokenizer.model")).unwrap();
+    c.fails_with(&["sub/tokenizer.model is a socket"]);
+}
+
+#[test]
+fn directory_named_like_weights() {
+    let c = Case::new();
+    std::fs::create_dir(c.file("model.safetensors")).unwrap();
+    c.fails_with(&["model.safetensors is a directory, not a regular file"]);
 }
 
 #[test]
