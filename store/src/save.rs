@@ -114,6 +114,7 @@ pub fn save(req: &SaveRequest, progress: &dyn Progress) -> Result<SaveReport, Sa
     let started = Instant::now();
     let (source_dir, mut info) = resolve_source(req)?;
     let checkpoint = SourceCheckpoint::open(&source_dir)?;
+    // Names for the manifest (text): lossy where not UTF-8.
     info.weight_files = checkpoint
         .files
         .iter()
@@ -178,7 +179,7 @@ pub fn save(req: &SaveRequest, progress: &dyn Progress) -> Result<SaveReport, Sa
 
 fn resolve_source(req: &SaveRequest) -> Result<(PathBuf, SourceInfo), SaveError> {
     let (dir, model, revision, commit) = match &req.source {
-        Source::Local(dir) => (dir.clone(), dir.display().to_string(), None, None),
+        Source::Local(dir) => (dir.clone(), dir.to_string_lossy().into_owned(), None, None),
         Source::HfCache { cache, revision } => {
             let snap = cache.resolve(req.model.as_str(), revision)?;
             tracing::info!(revision = %revision, commit = %snap.commit, dir = %snap.dir.display(), "found in the Hugging Face cache");

@@ -118,7 +118,7 @@ pub struct SourceCheckpoint {
     pub dir: PathBuf,
     /// Weight files in conversion order (shard order, then data order).
     pub files: Vec<SafetensorsFile>,
-    /// Other files to copy, relative to `dir`.
+    /// Other files to copy, relative to `dir`, names byte for byte.
     pub extra_files: Vec<PathBuf>,
 }
 
@@ -340,7 +340,8 @@ pub fn is_weight_file(name: &str) -> bool {
 }
 
 /// Collects files to copy along: everything but weights, hidden entries, and
-/// names the store writes itself. Symlinked directories are not followed
+/// names the store writes itself, with their names as they are on disk
+/// (bytes, not necessarily UTF-8). Symlinked directories are not followed
 /// (they could loop); symlinked files are (the HF cache links to blobs), and
 /// a broken one is an error, since the model would not start without it. So
 /// is a FIFO, socket or device: copying it would block or make no sense, and
@@ -349,13 +350,16 @@ fn collect_extra_files(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Resul
     let dir = root.join(rel);
     for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
         let entry = entry.map_err(io_err(&dir))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
+        // Paths are built from the name's bytes; the lossy text only
+        // classifies it (a suffix, a leading dot, a store name: all ASCII).
+        let name = entry.file_name();
+        let text = name.to_string_lossy();
         let rel_path = rel.join(&name);
         let path = entry.path();
-        if name.starts_with('.') || is_weight_file(&name) {
+        if text.starts_with('.') || is_weight_file(&text) {
             continue;
         }
-        if rel.as_os_str().is_empty() && is_store_file_name(&name) {
+        if rel.as_os_str().is_empty() && name.to_str().is_some_and(is_store_file_name) {
             tracing::warn!(file = %path.display(), "not copying a file whose name the store uses itself");
             continue;
         }
