@@ -2,7 +2,9 @@
 //! Face cache snapshot) into the store format, atomically.
 //!
 //! Order of work: resolve and check the whole source (no byte is written for
-//! a bad checkpoint), refuse an existing model unless replacing, write into a
+//! a bad checkpoint), check the model's path (an existing model is refused
+//! unless replacing; anything that is not a stored model, or a path inside
+//! or around another model, always: see [`crate::placement`]), write into a
 //! staging directory, fsync, publish with one rename (see [`crate::staging`]).
 //! A save killed at any point leaves nothing at the final path.
 //!
@@ -11,19 +13,20 @@
 //! checksums and writes the previous ones, so reading and writing overlap.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
-use crate::durable::{sync_dir, sync_file};
+use crate::durable::sync_dir;
 use crate::format::index::contiguous_stride;
 use crate::format::manifest::{SourceFile, SourceInfo};
 use crate::format::writer::{WriteError, WrittenModel};
 use crate::format::{ModelId, StoreWriter, TensorEntry, WriterOptions};
 use crate::import::hf_cache::{HfCache, ResolveError};
-use crate::import::{ImportError, SafetensorsFile, SourceCheckpoint};
+use crate::import::{ImportError, SafetensorsFile, SourceCheckpoint, open_source_file};
+use crate::placement::{self, PlacementError};
 use crate::progress::Progress;
 use crate::staging::{PublishError, Published, Staging};
 use crate::units::human_bytes;
@@ -76,6 +79,8 @@ pub enum SaveError {
     #[error(transparent)]
     Write(#[from] WriteError),
     #[error(transparent)]
+    Placement(#[from] PlacementError),
+    #[error(transparent)]
     Publish(#[from] PublishError),
     #[error(
         "cannot write to the storage path {path}: {source}; pass a writable --storage-path \
@@ -109,6 +114,7 @@ pub fn save(req: &SaveRequest, progress: &dyn Progress) -> Result<SaveReport, Sa
     let started = Instant::now();
     let (source_dir, mut info) = resolve_source(req)?;
     let checkpoint = SourceCheckpoint::open(&source_dir)?;
+    // Names for the manifest (text): lossy where not UTF-8.
     info.weight_files = checkpoint
         .files
         .iter()
@@ -132,14 +138,13 @@ pub fn save(req: &SaveRequest, progress: &dyn Progress) -> Result<SaveReport, Sa
     );
 
     let target = req.model.dir_in(&req.storage_root);
-    if !req.force && holds_something(&target) {
-        return Err(PublishError::TargetExists { path: target }.into());
-    }
     let unusable = |source| SaveError::StorageUnusable {
         path: req.storage_root.clone(),
         source,
     };
     std::fs::create_dir_all(&req.storage_root).map_err(unusable)?;
+    // Checked again right before publishing; this one fails before writing.
+    placement::check(&req.storage_root, &req.model, req.force)?;
     check_free_space(req, &checkpoint)?;
     let staging = Staging::create(&req.storage_root, &req.model).map_err(unusable)?;
 
@@ -151,7 +156,7 @@ pub fn save(req: &SaveRequest, progress: &dyn Progress) -> Result<SaveReport, Sa
     tracing::info!("tensors copied; flushing them to disk");
     copy_extra_files(&checkpoint, staging.path())?;
     let written = writer.finish(Some(info.clone()))?;
-    let published = staging.publish(&target, req.force)?;
+    let published = staging.publish(req.force)?;
 
     let report = SaveReport {
         target,
@@ -174,7 +179,7 @@ pub fn save(req: &SaveRequest, progress: &dyn Progress) -> Result<SaveReport, Sa
 
 fn resolve_source(req: &SaveRequest) -> Result<(PathBuf, SourceInfo), SaveError> {
     let (dir, model, revision, commit) = match &req.source {
-        Source::Local(dir) => (dir.clone(), dir.display().to_string(), None, None),
+        Source::Local(dir) => (dir.clone(), dir.to_string_lossy().into_owned(), None, None),
         Source::HfCache { cache, revision } => {
             let snap = cache.resolve(req.model.as_str(), revision)?;
             tracing::info!(revision = %revision, commit = %snap.commit, dir = %snap.dir.display(), "found in the Hugging Face cache");
@@ -228,15 +233,6 @@ pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
     Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
-/// True when `path` exists and is anything but an empty directory.
-fn holds_something(path: &Path) -> bool {
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_some()),
-        Ok(_) => true,
-        Err(_) => false,
-    }
-}
-
 type Piece = Result<(Vec<u8>, usize), ImportError>;
 
 /// Copies every tensor, in file order, into the writer and indexes it.
@@ -263,13 +259,10 @@ fn copy_tensors(
 /// Reader thread: fills free buffers with tensor bytes in file order.
 fn read_pieces(files: &[SafetensorsFile], free: Receiver<Vec<u8>>, full: Sender<Piece>) {
     for f in files {
-        let file = match File::open(&f.path) {
+        let file = match open_source_file(&f.path) {
             Ok(file) => file,
-            Err(source) => {
-                let _ = full.send(Err(ImportError::Io {
-                    path: f.path.clone(),
-                    source,
-                }));
+            Err(e) => {
+                let _ = full.send(Err(e));
                 return;
             }
         };
@@ -337,7 +330,8 @@ fn write_pieces(
 }
 
 /// Copies config, tokenizer and other non-weight files beside the index,
-/// then fsyncs every directory they live in.
+/// then fsyncs every directory they live in. Each source is opened with
+/// [`open_source_file`] (regular files only, never blocking on a FIFO).
 fn copy_extra_files(checkpoint: &SourceCheckpoint, staging: &Path) -> Result<(), SaveError> {
     let mut dirs = std::collections::BTreeSet::from([staging.to_owned()]);
     for rel in &checkpoint.extra_files {
@@ -358,8 +352,13 @@ fn copy_extra_files(checkpoint: &SourceCheckpoint, staging: &Path) -> Result<(),
         if let Some(parent) = to.parent() {
             std::fs::create_dir_all(parent).map_err(copy_err)?;
         }
-        std::fs::copy(&from, &to).map_err(copy_err)?;
-        sync_file(&to).map_err(copy_err)?;
+        let mut source = open_source_file(&from)?;
+        let mode = source.metadata().map_err(copy_err)?.mode() & 0o777;
+        let mut copy = File::create_new(&to).map_err(copy_err)?;
+        std::io::copy(&mut source, &mut copy).map_err(copy_err)?;
+        copy.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(copy_err)?;
+        copy.sync_all().map_err(copy_err)?;
     }
     // Deepest first: a directory's entry in its parent is synced after it.
     for dir in dirs.iter().rev() {

@@ -7,48 +7,69 @@
 //! replacing (`--force`), swaps it with the old model in one step with
 //! `RENAME_EXCHANGE`. Readers see the old model or the new one, never a mix.
 //!
+//! Nothing but a stored model is ever replaced or deleted (see
+//! [`crate::placement`]): right before the rename, under an `flock` on the
+//! `.sllm-staging` directory itself that every publish takes (so two saves
+//! never check and rename at once), the target is checked again; after a
+//! swap, what came out is checked to be the very directory that was checked
+//! (same inode, still a model, holding no other model) before it is
+//! deleted, and is swapped back otherwise.
+//!
 //! Each staging directory `<name>` has a lock file `<name>.lock` holding an
 //! `flock` for as long as its save runs. The kernel drops the lock when the
 //! process dies however it dies, so the next save removes every staging
 //! directory whose lock it can take: leftovers of killed saves, never the
 //! work of a save still running.
 
-use std::fs::{self, File};
+use std::fs::{self, File, TryLockError};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::{CWD, RenameFlags, renameat_with};
 use rustix::io::Errno;
 
 use crate::durable::sync_dir;
 use crate::format::ModelId;
+use crate::placement::{self, PlacementError, Target};
 
 /// Folder under the storage path holding saves in progress.
 pub const STAGING_DIR: &str = ".sllm-staging";
 const LOCK_SUFFIX: &str = ".lock";
 const OLD_SUFFIX: &str = ".old";
+/// Longest wait for another save's publish (a few renames and stats).
+const PUBLISH_LOCK_WAIT: Duration = Duration::from_secs(60);
 
 /// Publishing a staged model failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    #[error(
-        "{path} already exists; pass --force to replace it atomically, or check it with \
-         `sllm-store verify`"
-    )]
-    TargetExists { path: PathBuf },
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
     #[error("cannot move the finished model into {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error(
+        "publishing stopped half-way ({source}): what was at {target} is now at {kept}; move \
+         it back to {target} by hand before running another save, which would clean it away"
+    )]
+    Stranded {
+        target: PathBuf,
+        kept: PathBuf,
+        source: io::Error,
+    },
 }
 
 /// A staging directory owned by this process until it is published or dropped.
 #[derive(Debug)]
 pub struct Staging {
+    root: PathBuf,
+    model: ModelId,
     dir: PathBuf,
     lock_path: PathBuf,
     _lock: File,
     published: bool,
+    /// Something that was at the model's path is stuck in staging: keep it.
+    stranded: bool,
 }
 
 /// How the model reached its final path.
@@ -91,10 +112,13 @@ impl Staging {
             let dir = base.join(&name);
             fs::create_dir(&dir)?;
             return Ok(Self {
+                root: storage_root.to_owned(),
+                model: model.clone(),
                 dir,
                 lock_path,
                 _lock: lock,
                 published: false,
+                stranded: false,
             });
         }
         unreachable!("the attempt counter does not run out")
@@ -105,60 +129,126 @@ impl Staging {
         &self.dir
     }
 
-    /// Makes the staged model visible at `target`: fsyncs the staging
-    /// directory, renames it into place (swapping with an existing model when
-    /// `replace`), and fsyncs the parent.
-    pub fn publish(mut self, target: &Path, replace: bool) -> Result<Published, PublishError> {
+    /// Makes the staged model visible at its path: fsyncs the staging
+    /// directory, checks the path (see [`placement::check`]) and renames the
+    /// model into place under the publish lock, swapping it with the stored
+    /// model there when `replace`, then fsyncs the parent and deletes the
+    /// model swapped out.
+    pub fn publish(mut self, replace: bool) -> Result<Published, PublishError> {
+        let target = self.model.dir_in(&self.root);
         let io_err = |source| PublishError::Io {
-            path: target.to_owned(),
+            path: target.clone(),
             source,
         };
         sync_dir(&self.dir).map_err(io_err)?;
-        let parent = target.parent().expect("a model path has a parent");
-        fs::create_dir_all(parent).map_err(io_err)?;
-
-        let exists = target.symlink_metadata().is_ok();
-        if exists && is_empty_dir(target) {
-            // An empty directory holds no model; take its place.
-            let _ = fs::remove_dir(target);
-        }
-        let published = if target.symlink_metadata().is_ok() {
-            if !replace {
-                return Err(PublishError::TargetExists {
-                    path: target.to_owned(),
-                });
-            }
-            self.exchange(target).map_err(io_err)?;
-            Published::Replaced
-        } else {
-            match rename(&self.dir, target, RenameFlags::NOREPLACE) {
-                Ok(()) => {}
-                Err(e) if e == Errno::EXIST || e == Errno::NOTEMPTY => {
-                    return Err(PublishError::TargetExists {
-                        path: target.to_owned(),
-                    });
+        let parent = target
+            .parent()
+            .expect("a model path has a parent")
+            .to_owned();
+        let published = {
+            let _lock = self.publish_lock().map_err(io_err)?;
+            let found = placement::check(&self.root, &self.model, replace)?;
+            fs::create_dir_all(&parent).map_err(io_err)?;
+            match found {
+                Target::Vacant => {
+                    self.move_in(&target)?;
+                    Published::New
                 }
-                Err(e) if e == Errno::INVAL || e == Errno::NOSYS => {
-                    // The filesystem lacks RENAME_NOREPLACE; a plain rename
-                    // still cannot replace a non-empty directory.
-                    fs::rename(&self.dir, target).map_err(io_err)?;
+                Target::Model { .. } => {
+                    self.exchange(&target, found)?;
+                    Published::Replaced
                 }
-                Err(e) => return Err(io_err(e.into())),
             }
-            Published::New
         };
         self.published = true;
-        sync_dir(parent).map_err(io_err)?;
-        // After an exchange the old model sits where the staging dir was.
+        sync_dir(&parent).map_err(io_err)?;
+        // After a swap the old model, checked, sits where the staging dir
+        // was (or at the `.old` path after two renames).
         remove_if_present(&self.dir);
         remove_if_present(&self.old_path());
         Ok(published)
     }
 
-    /// Swaps the staged model with the one at `target`.
-    fn exchange(&self, target: &Path) -> io::Result<()> {
-        match rename(&self.dir, target, RenameFlags::EXCHANGE) {
+    /// Waits for the publish lock: an `flock` on the staging base directory.
+    fn publish_lock(&self) -> io::Result<File> {
+        let base = self.dir.parent().expect("a staging dir has a parent");
+        let lock = File::open(base)?;
+        let deadline = Instant::now() + PUBLISH_LOCK_WAIT;
+        loop {
+            match lock.try_lock() {
+                Ok(()) => return Ok(lock),
+                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(TryLockError::WouldBlock) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "another save has held the publish lock on {} for over {} s; \
+                             check for a hung `sllm-store save` and try again",
+                            base.display(),
+                            PUBLISH_LOCK_WAIT.as_secs()
+                        ),
+                    ));
+                }
+                Err(TryLockError::Error(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Moves the staged model to `target`, where nothing (or an empty
+    /// directory) was found.
+    fn move_in(&self, target: &Path) -> Result<(), PublishError> {
+        if is_empty_dir(target) {
+            // An empty directory holds no model; take its place.
+            let _ = fs::remove_dir(target);
+        }
+        let exists = || PlacementError::TargetExists {
+            path: target.to_owned(),
+        };
+        match rename(&self.dir, target, RenameFlags::NOREPLACE) {
             Ok(()) => Ok(()),
+            Err(e) if e == Errno::EXIST || e == Errno::NOTEMPTY => Err(exists().into()),
+            Err(e) if e == Errno::INVAL || e == Errno::NOSYS => {
+                // The filesystem lacks RENAME_NOREPLACE; a plain rename
+                // still cannot replace a non-empty directory.
+                match fs::rename(&self.dir, target) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.raw_os_error() == Some(Errno::NOTEMPTY.raw_os_error()) => {
+                        Err(exists().into())
+                    }
+                    Err(source) => Err(PublishError::Io {
+                        path: target.to_owned(),
+                        source,
+                    }),
+                }
+            }
+            Err(e) => Err(PublishError::Io {
+                path: target.to_owned(),
+                source: e.into(),
+            }),
+        }
+    }
+
+    /// Swaps the staged model with the stored model `found` at `target`, and
+    /// checks that what came out is that model; if not, swaps back.
+    fn exchange(&mut self, target: &Path, found: Target) -> Result<(), PublishError> {
+        let io_err = |source| PublishError::Io {
+            path: target.to_owned(),
+            source,
+        };
+        match rename(&self.dir, target, RenameFlags::EXCHANGE) {
+            Ok(()) => {
+                let Err(refused) =
+                    placement::check_swapped_out(&self.root, &self.model, &self.dir, found)
+                else {
+                    return Ok(());
+                };
+                if let Err(e) = rename(&self.dir, target, RenameFlags::EXCHANGE) {
+                    return Err(self.strand(target, self.dir.clone(), e.into()));
+                }
+                Err(refused.into())
+            }
             Err(e) if e == Errno::INVAL || e == Errno::NOSYS => {
                 // No RENAME_EXCHANGE here (some network and overlay
                 // filesystems): move the old model aside, then the new one
@@ -168,10 +258,33 @@ impl Staging {
                     "filesystem cannot swap directories atomically; replacing in two renames"
                 );
                 let old = self.old_path();
-                fs::rename(target, &old)?;
-                fs::rename(&self.dir, target)
+                fs::rename(target, &old).map_err(io_err)?;
+                let moved_in =
+                    match placement::check_swapped_out(&self.root, &self.model, &old, found) {
+                        Ok(()) => fs::rename(&self.dir, target).map_err(io_err),
+                        Err(refused) => Err(refused.into()),
+                    };
+                if let Err(e) = moved_in {
+                    // Put back what was there; delete nothing.
+                    if let Err(back) = fs::rename(&old, target) {
+                        return Err(self.strand(target, old, back));
+                    }
+                    return Err(e);
+                }
+                Ok(())
             }
-            Err(e) => Err(e.into()),
+            Err(e) => Err(io_err(e.into())),
+        }
+    }
+
+    /// What was at `target` could not be put back from `kept`: never delete it.
+    fn strand(&mut self, target: &Path, kept: PathBuf, source: io::Error) -> PublishError {
+        self.stranded = true;
+        tracing::error!(target = %target.display(), kept = %kept.display(), error = %source, "could not put back what was at the model's path");
+        PublishError::Stranded {
+            target: target.to_owned(),
+            kept,
+            source,
         }
     }
 
@@ -190,10 +303,14 @@ impl Drop for Staging {
     /// Removes the staging directory of a save that did not publish. The lock
     /// file goes last, while we still hold its lock.
     fn drop(&mut self) {
-        if !self.published {
-            remove_if_present(&self.dir);
+        if self.stranded {
+            tracing::warn!(dir = %self.dir.display(), "leaving the staging directory in place");
+        } else {
+            if !self.published {
+                remove_if_present(&self.dir);
+            }
+            remove_if_present(&self.old_path());
         }
-        remove_if_present(&self.old_path());
         let _ = fs::remove_file(&self.lock_path);
     }
 }
@@ -269,6 +386,7 @@ pub fn clean_stale(base: &Path) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::INDEX_FILE;
 
     fn model() -> ModelId {
         ModelId::parse("org/m").unwrap()
@@ -280,28 +398,75 @@ mod tests {
         let target = model().dir_in(root.path());
 
         let s = Staging::create(root.path(), &model()).unwrap();
-        fs::write(s.path().join("f"), "one").unwrap();
-        assert_eq!(s.publish(&target, false).unwrap(), Published::New);
-        assert_eq!(fs::read_to_string(target.join("f")).unwrap(), "one");
+        fs::write(s.path().join(INDEX_FILE), "one").unwrap();
+        assert_eq!(s.publish(false).unwrap(), Published::New);
+        assert_eq!(fs::read_to_string(target.join(INDEX_FILE)).unwrap(), "one");
 
         let s = Staging::create(root.path(), &model()).unwrap();
-        fs::write(s.path().join("f"), "two").unwrap();
+        fs::write(s.path().join(INDEX_FILE), "two").unwrap();
         let staged = s.path().to_owned();
         assert!(matches!(
-            s.publish(&target, false),
-            Err(PublishError::TargetExists { .. })
+            s.publish(false),
+            Err(PublishError::Placement(PlacementError::TargetExists { .. }))
         ));
         assert!(!staged.exists(), "a failed publish cleans its staging dir");
-        assert_eq!(fs::read_to_string(target.join("f")).unwrap(), "one");
+        assert_eq!(fs::read_to_string(target.join(INDEX_FILE)).unwrap(), "one");
 
         let s = Staging::create(root.path(), &model()).unwrap();
-        fs::write(s.path().join("f"), "three").unwrap();
-        assert_eq!(s.publish(&target, true).unwrap(), Published::Replaced);
-        assert_eq!(fs::read_to_string(target.join("f")).unwrap(), "three");
+        fs::write(s.path().join(INDEX_FILE), "three").unwrap();
+        assert_eq!(s.publish(true).unwrap(), Published::Replaced);
+        assert_eq!(
+            fs::read_to_string(target.join(INDEX_FILE)).unwrap(),
+            "three"
+        );
         let left: Vec<_> = fs::read_dir(root.path().join(STAGING_DIR))
             .unwrap()
             .collect();
         assert!(left.is_empty(), "nothing left in staging: {left:?}");
+    }
+
+    #[test]
+    fn replaces_nothing_but_a_stored_model() {
+        let root = tempfile::tempdir().unwrap();
+        let inner = root.path().join("org/x");
+        fs::create_dir_all(&inner).unwrap();
+        fs::write(inner.join("tensor_index.json"), "{}").unwrap();
+        let notes = root.path().join("notes");
+        fs::create_dir_all(&notes).unwrap();
+        fs::write(notes.join("todo.txt"), "mine").unwrap();
+
+        for (id, inside) in [("org", false), ("notes", false), ("org/x/y", true)] {
+            let s = Staging::create(root.path(), &ModelId::parse(id).unwrap()).unwrap();
+            fs::write(s.path().join("tensor_index.json"), "{}").unwrap();
+            let staged = s.path().to_owned();
+            let err = s.publish(true).unwrap_err();
+            assert!(
+                matches!(
+                    (&err, inside),
+                    (
+                        PublishError::Placement(PlacementError::HoldsModel { .. }),
+                        false
+                    ) | (
+                        PublishError::Placement(PlacementError::NotAModel { .. }),
+                        false
+                    ) | (
+                        PublishError::Placement(PlacementError::InsideModel { .. }),
+                        true
+                    )
+                ),
+                "{id}: {err}"
+            );
+            assert!(
+                !staged.exists(),
+                "{id}: a refused publish cleans its staging dir"
+            );
+        }
+        assert_eq!(
+            fs::read_to_string(inner.join("tensor_index.json")).unwrap(),
+            "{}"
+        );
+        assert_eq!(fs::read_to_string(notes.join("todo.txt")).unwrap(), "mine");
+        assert!(!inner.join("y").exists());
     }
 
     #[test]
@@ -310,7 +475,7 @@ mod tests {
         let target = model().dir_in(root.path());
         fs::create_dir_all(&target).unwrap();
         let s = Staging::create(root.path(), &model()).unwrap();
-        assert_eq!(s.publish(&target, false).unwrap(), Published::New);
+        assert_eq!(s.publish(false).unwrap(), Published::New);
     }
 
     #[test]

@@ -38,6 +38,47 @@ pub fn run(cmd: &mut Command) -> (Output, String, String) {
     (out, stdout, stderr)
 }
 
+/// Runs `cmd` like [`run`], but kills it and fails the test when it runs
+/// longer than `secs`: a regression that hangs fails instead of hanging the
+/// suite.
+pub fn run_bounded(cmd: &mut Command, secs: u64) -> (std::process::ExitStatus, String, String) {
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    let pid = rustix::process::Pid::from_child(&child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
+        Ok(out) => {
+            let out = out.expect("the binary is waited for");
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            (out.status, stdout, stderr)
+        }
+        Err(_) => {
+            // The waiting thread reaps it.
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            panic!("still running after {secs} s, killed: {cmd:?}");
+        }
+    }
+}
+
+/// Creates a FIFO (named pipe) at `path`.
+pub fn mkfifo(path: &Path) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+}
+
 /// Runs `cmd`, asserts success, returns stdout.
 pub fn run_ok(cmd: &mut Command) -> String {
     let (out, stdout, stderr) = run(cmd);
@@ -350,5 +391,27 @@ pub fn tensors_of(bytes: usize, seed: u64) -> Vec<Tensor> {
         left -= n;
         i += 1;
     }
+    out
+}
+
+/// Every file under `dir` (links not followed) with its bytes, by path
+/// relative to `dir`: two reads compare equal when nothing changed.
+pub fn read_tree(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut std::collections::BTreeMap<PathBuf, Vec<u8>>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            let path = entry.path();
+            let rel = path.strip_prefix(root).unwrap().to_owned();
+            if entry.file_type().unwrap().is_dir() {
+                out.insert(rel, Vec::new());
+                walk(root, &path, out);
+            } else {
+                out.insert(rel, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, dir, &mut out);
+    assert!(!out.is_empty(), "{} holds nothing", dir.display());
     out
 }

@@ -37,8 +37,11 @@ impl Case {
         cmd
     }
 
+    /// Expects the save to fail within 20 s (a hang is a failure too).
     fn fails_with(&self, needles: &[&str]) -> String {
-        let err = run_err(&mut self.save_cmd());
+        let (status, stdout, stderr) = run_bounded(&mut self.save_cmd(), 20);
+        assert!(!status.success(), "unexpectedly succeeded: {stdout}");
+        let err = format!("{stdout}{stderr}");
         for needle in needles {
             assert!(err.contains(needle), "expected {needle:?} in: {err}");
         }
@@ -227,6 +230,43 @@ fn broken_link_to_a_weight_file() {
 }
 
 #[test]
+fn fifo_named_like_weights_fails_instead_of_hanging() {
+    let c = Case::new();
+    mkfifo(&c.file("model.safetensors"));
+    c.fails_with(&["model.safetensors is a FIFO", "not a regular file"]);
+}
+
+#[test]
+fn fifo_as_shard_index_fails_instead_of_hanging() {
+    let c = Case::new();
+    one_tensor(&c.file("model.safetensors"));
+    mkfifo(&c.file("model.safetensors.index.json"));
+    c.fails_with(&["model.safetensors.index.json is a FIFO"]);
+}
+
+#[test]
+fn fifo_or_socket_as_an_extra_file_is_refused() {
+    let c = Case::new();
+    one_tensor(&c.file("model.safetensors"));
+    mkfifo(&c.file("config.json"));
+    c.fails_with(&[
+        "config.json is a FIFO",
+        "move it out of the checkpoint's folder",
+    ]);
+    std::fs::remove_file(c.file("config.json")).unwrap();
+    std::fs::create_dir(c.file("sub")).unwrap();
+    let _socket = std::os::unix::net::UnixListener::bind(c.file("sub/tokenizer.model")).unwrap();
+    c.fails_with(&["sub/tokenizer.model is a socket"]);
+}
+
+#[test]
+fn directory_named_like_weights() {
+    let c = Case::new();
+    std::fs::create_dir(c.file("model.safetensors")).unwrap();
+    c.fails_with(&["model.safetensors is a directory, not a regular file"]);
+}
+
+#[test]
 fn unwritable_storage_path() {
     let c = Case::new();
     one_tensor(&c.file("model.safetensors"));
@@ -298,4 +338,154 @@ fn unsupported_backend_and_bad_model_ids() {
     );
     assert!(err.contains("invalid size"), "{err}");
     assert!(!c.home.join("models").exists(), "nothing written");
+}
+
+/// A storage path with models saved in it, and saves to try against them.
+struct Store {
+    _tmp: tempfile::TempDir,
+    home: PathBuf,
+    src: PathBuf,
+    storage: PathBuf,
+}
+
+impl Store {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        one_tensor(&src.join("model.safetensors"));
+        std::fs::write(src.join("config.json"), "{}").unwrap();
+        Self {
+            home: tmp.path().to_owned(),
+            storage: tmp.path().join("models"),
+            src,
+            _tmp: tmp,
+        }
+    }
+
+    fn save(&self, model: &str, force: bool) -> std::process::Command {
+        let mut cmd = sllm_store(&self.home);
+        cmd.args(["save", "--model", model, "--local-model-path"])
+            .arg(&self.src)
+            .arg("--storage-path")
+            .arg(&self.storage);
+        if force {
+            cmd.arg("--force");
+        }
+        cmd
+    }
+
+    fn dir(&self, model: &str) -> PathBuf {
+        self.storage.join(model)
+    }
+
+    /// Expects `save` of `model` (with and without --force) to fail with
+    /// every needle, leaving `kept` byte for byte as it was and nothing in
+    /// staging.
+    fn refused(&self, model: &str, kept: &Path, needles: &[&str]) {
+        let before = read_tree(kept);
+        for force in [false, true] {
+            let err = run_err(&mut self.save(model, force));
+            for needle in needles {
+                assert!(err.contains(needle), "force={force}: {needle:?} in: {err}");
+            }
+            assert!(!err.contains("panicked"), "{err}");
+            assert_eq!(
+                read_tree(kept),
+                before,
+                "force={force}: {} changed",
+                kept.display()
+            );
+            assert_nothing_published(&self.storage, &self.storage.join("none"));
+        }
+    }
+}
+
+#[test]
+fn force_over_an_org_folder_never_deletes_its_models() {
+    let s = Store::new();
+    run_ok(&mut s.save("org/x", false));
+    let inner = s.dir("org/x");
+    s.refused(
+        "org",
+        &inner,
+        &[
+            "the stored model org/x",
+            &inner.display().to_string(),
+            "pick another id",
+        ],
+    );
+    assert!(run_ok(&mut s.save("org/x", true)).contains("replaced"));
+}
+
+#[test]
+fn force_over_a_folder_holding_a_nested_model_is_refused() {
+    // org/a holding the model org/a/b: first as a plain folder, then as a
+    // model itself (made by hand, as an older version could leave it).
+    let s = Store::new();
+    run_ok(&mut s.save("org/a/b", false));
+    let outer = s.dir("org/a");
+    let needles = ["org/a/b", "pick another id"];
+    s.refused("org/a", &outer, &needles);
+    run_ok(&mut s.save("elsewhere/a", false));
+    for f in ["tensor_index.json", "tensor.data_0", "sllm_manifest.json"] {
+        std::fs::rename(s.dir("elsewhere/a").join(f), outer.join(f)).unwrap();
+    }
+    s.refused("org/a", &outer, &needles);
+}
+
+#[test]
+fn a_model_inside_another_is_refused() {
+    let s = Store::new();
+    run_ok(&mut s.save("org/x", false));
+    let outer = s.dir("org/x");
+    s.refused(
+        "org/x/y",
+        &outer,
+        &[
+            "org/x is a stored model",
+            &outer.display().to_string(),
+            "pick an id outside it",
+        ],
+    );
+    assert!(!s.dir("org/x/y").exists());
+}
+
+#[test]
+fn force_over_what_is_not_a_model_is_refused() {
+    let s = Store::new();
+    let mine = s.dir("org/mine");
+    std::fs::create_dir_all(mine.join("sub")).unwrap();
+    std::fs::write(mine.join("sub/notes.txt"), "precious").unwrap();
+    s.refused(
+        "org/mine",
+        &mine,
+        &[
+            &mine.display().to_string(),
+            "not a stored model",
+            "even with --force",
+            "sub",
+        ],
+    );
+    std::fs::write(s.dir("org/file"), "precious").unwrap();
+    s.refused(
+        "org/file",
+        &s.dir("org"),
+        &["is a file, not a stored model"],
+    );
+}
+
+#[test]
+fn ranks_of_the_vllm_layout_are_saved_side_by_side() {
+    let s = Store::new();
+    run_ok(&mut s.save("org/tp/rank_0", false));
+    run_ok(&mut s.save("org/tp/rank_1", false));
+    assert!(run_ok(&mut s.save("org/tp/rank_0", true)).contains("replaced"));
+    let tp = s.dir("org/tp");
+    s.refused("org/tp/other", &tp, &["org/tp is a stored model"]);
+    run_ok(
+        sllm_store(&s.home)
+            .args(["verify", "org/tp/rank_1", "--storage-path"])
+            .arg(&s.storage),
+    );
 }

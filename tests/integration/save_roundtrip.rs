@@ -207,3 +207,97 @@ fn force_replaces_an_existing_model() {
     Stored::read(&storage.join("o/m")).assert_holds(&second);
     assert_nothing_published(&storage, &storage.join("o/none"));
 }
+
+#[test]
+fn names_that_are_not_utf8_are_kept_byte_for_byte() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let name = |bytes: &[u8]| OsStr::from_bytes(bytes).to_owned();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join(name(b"src\xfe"));
+    std::fs::create_dir_all(src.join(name(b"sub\xfe"))).unwrap();
+    let tensors = vec![Tensor::random("w", Dtype::BF16, &[3, 7], 1)];
+    write_safetensors(&src.join(name(b"w\xff.safetensors")), &tensors);
+    let tok: Vec<u8> = (0..=255u8).collect();
+    std::fs::write(src.join(name(b"tok\xff.json")), &tok).unwrap();
+    std::fs::write(src.join(name(b"sub\xfe")).join(name(b"x\xff.txt")), "deep").unwrap();
+    std::fs::write(src.join("config.json"), "{}").unwrap();
+
+    let storage = tmp.path().join("models");
+    let out = run_ok(
+        sllm_store(tmp.path())
+            .args(["save", "--model", "org/odd", "--local-model-path"])
+            .arg(&src)
+            .arg("--storage-path")
+            .arg(&storage),
+    );
+    assert!(out.contains("3 other file(s)"), "{out}");
+    let model = storage.join("org/odd");
+    Stored::read(&model).assert_holds(&tensors);
+    assert_eq!(
+        std::fs::read(model.join(name(b"tok\xff.json"))).unwrap(),
+        tok
+    );
+    assert_eq!(
+        std::fs::read(model.join(name(b"sub\xfe")).join(name(b"x\xff.txt"))).unwrap(),
+        b"deep"
+    );
+
+    let ok = run_ok(
+        sllm_store(tmp.path())
+            .args(["verify", "org/odd", "--storage-path"])
+            .arg(&storage),
+    );
+    assert!(ok.starts_with("ok org/odd: 1 tensors"), "{ok}");
+    // The doctor reads the same folder: the model passes.
+    let (_, stdout, stderr) = run(sllm_store(tmp.path())
+        .args([
+            "doctor",
+            "--json",
+            "--mem-pool-size",
+            "64MiB",
+            "--model",
+            "org/odd",
+        ])
+        .arg("--storage-path")
+        .arg(&storage));
+    let report: serde_json::Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("doctor --json printed no JSON ({e}): {stdout}\n{stderr}"));
+    let verify = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "model.verify")
+        .unwrap_or_else(|| panic!("no model.verify in {report:#}"));
+    assert_eq!(verify["status"], "PASS", "{verify:#}");
+}
+
+#[test]
+fn links_to_regular_files_are_followed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let blobs = tmp.path().join("blobs");
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::create_dir_all(&src).unwrap();
+    let tensors = vec![Tensor::random("w", Dtype::F16, &[5], 2)];
+    write_safetensors(&blobs.join("weights"), &tensors);
+    std::fs::write(blobs.join("config"), "{\"a\": 1}").unwrap();
+    std::os::unix::fs::symlink("../blobs/weights", src.join("model.safetensors")).unwrap();
+    std::os::unix::fs::symlink("../blobs/config", src.join("config.json")).unwrap();
+    let storage = tmp.path().join("models");
+    run_ok(
+        sllm_store(tmp.path())
+            .args(["save", "--model", "org/linked", "--local-model-path"])
+            .arg(&src)
+            .arg("--storage-path")
+            .arg(&storage),
+    );
+    let model = storage.join("org/linked");
+    Stored::read(&model).assert_holds(&tensors);
+    assert!(!model.join("config.json").is_symlink());
+    assert_eq!(
+        std::fs::read_to_string(model.join("config.json")).unwrap(),
+        "{\"a\": 1}"
+    );
+}

@@ -10,6 +10,7 @@
 pub mod dtype;
 pub mod durable;
 pub mod index;
+pub mod layout;
 pub mod manifest;
 pub mod model_id;
 pub mod partitions;
@@ -20,6 +21,7 @@ pub mod writer;
 
 pub use dtype::TorchDtype;
 pub use index::{INDEX_FILE, TensorEntry, TensorIndex};
+pub use layout::is_stored_model;
 pub use manifest::{MANIFEST_FILE, Manifest};
 pub use model_id::ModelId;
 pub use partitions::Partitions;

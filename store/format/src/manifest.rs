@@ -67,8 +67,15 @@ pub struct SourceInfo {
     /// The snapshot's commit hash, when from the HF cache.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit: Option<String>,
+    /// The source directory, for people reading the manifest: JSON holds
+    /// text, so a path that is not UTF-8 is written lossily.
+    #[serde(serialize_with = "serialize_lossy")]
     pub directory: PathBuf,
     pub weight_files: Vec<SourceFile>,
+}
+
+fn serialize_lossy<S: serde::Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&path.to_string_lossy())
 }
 
 /// One weight file of the source.
@@ -267,5 +274,19 @@ mod tests {
         }
         assert_eq!(pieces.finish(), whole);
         assert!(BlockHasher::new(8).finish().is_empty());
+    }
+
+    #[test]
+    fn a_source_directory_that_is_not_utf8_still_serializes() {
+        use std::os::unix::ffi::OsStrExt;
+        let source = SourceInfo {
+            model: "m".into(),
+            revision: None,
+            commit: None,
+            directory: Path::new(std::ffi::OsStr::from_bytes(b"/src\xff")).to_owned(),
+            weight_files: Vec::new(),
+        };
+        let json = serde_json::to_value(&source).unwrap();
+        assert_eq!(json["directory"], "/src\u{fffd}");
     }
 }

@@ -252,10 +252,10 @@ fn contents(snapshot: &Snapshot) -> Contents {
         c.missing.push("config.json".into());
     }
     let index = dir.join("model.safetensors.index.json");
-    if let Some(map) = std::fs::read(&index)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-    {
+    // Opened like the converter opens it: a FIFO there must not hang the doctor.
+    if let Some(map) = crate::import::open_source_file(&index).ok().and_then(|f| {
+        serde_json::from_reader::<_, serde_json::Value>(std::io::BufReader::new(f)).ok()
+    }) {
         let shards: BTreeSet<String> = map["weight_map"]
             .as_object()
             .map(|m| {

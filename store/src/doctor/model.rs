@@ -7,34 +7,14 @@ use std::path::{Path, PathBuf};
 
 use super::Check;
 use super::storage::{self, Location};
+use crate::format::layout::{is_stored_model, model_dirs};
 use crate::format::verify::{Depth, verify_model_to};
 use crate::format::{INDEX_FILE, Manifest, ModelId};
 use crate::units::human_bytes;
 
-/// The folders holding a stored model: `<model>/` itself, or its `rank_<r>/`
-/// folders (vLLM's tensor-parallel layout). Empty when not converted.
-pub fn stored_dirs(model_dir: &Path) -> Vec<PathBuf> {
-    if model_dir.join(INDEX_FILE).is_file() {
-        return vec![model_dir.to_owned()];
-    }
-    let mut ranks: Vec<(u32, PathBuf)> = std::fs::read_dir(model_dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let rank = name.strip_prefix("rank_")?.parse().ok()?;
-            let dir = e.path();
-            dir.join(INDEX_FILE).is_file().then_some((rank, dir))
-        })
-        .collect();
-    ranks.sort();
-    ranks.into_iter().map(|(_, d)| d).collect()
-}
-
 /// True when `model` has been converted into `storage`.
 pub fn is_converted(storage: &Path, model: &str) -> bool {
-    ModelId::parse(model).is_ok_and(|id| !stored_dirs(&id.dir_in(storage)).is_empty())
+    ModelId::parse(model).is_ok_and(|id| is_stored_model(&id.dir_in(storage)))
 }
 
 /// What the model checks are for.
@@ -72,10 +52,11 @@ pub fn checks(
         }
     };
     let model_dir = id.dir_in(storage);
-    let dirs = stored_dirs(&model_dir);
+    let dirs = model_dirs(&model_dir);
     if dirs.is_empty() {
         let summary = format!(
-            "{model} is not converted: no {INDEX_FILE} in {} or its rank_<r>/ folders",
+            "{model} is not converted: no {INDEX_FILE} or tensor.data_0 in {} or its \
+             rank_<r>/ folders",
             model_dir.display()
         );
         let fix = format!(

@@ -2,7 +2,6 @@
 //! tensor by tensor and byte by byte (the demo's proof, and a tool for
 //! doubting a conversion).
 
-use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -36,7 +35,10 @@ pub fn compare_with_source(
     let mut open_parts = Vec::new();
     progress.begin("comparing", source.tensor_bytes());
     for f in &source.files {
-        let file = File::open(&f.path).map_err(io(&f.path))?;
+        let file = super::open_source_file(&f.path).map_err(|e| VerifyError::Io {
+            path: f.path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
         for t in &f.tensors {
             let Some(e) = index.get(&t.name) else {
                 problems.push(Problem(format!(

@@ -56,6 +56,9 @@ pub enum ResolveError {
         "{ref_file} should hold a 40-character commit hash but holds {content:?}; delete it and download again"
     )]
     BadRef { ref_file: PathBuf, content: String },
+    /// A ref that is a FIFO, socket, device or directory.
+    #[error(transparent)]
+    RefNotAFile(super::ImportError),
     #[error(
         "snapshot {commit} of {model} (revision {revision:?}) is not in the cache: {dir} does \
          not exist. Download it while online with `hf download {model} --revision {commit}`"
@@ -152,8 +155,21 @@ fn read_ref(repo: &Path, model: &str, revision: &str) -> Result<String, ResolveE
     let escapes = revision
         .split('/')
         .any(|c| c.is_empty() || c == "." || c == "..");
-    let content = match (escapes, std::fs::read_to_string(&ref_file)) {
+    let read = |path: &Path| -> Result<String, super::ImportError> {
+        let mut content = String::new();
+        std::io::Read::read_to_string(&mut super::open_source_file(path)?, &mut content).map_err(
+            |source| super::ImportError::Io {
+                path: path.to_owned(),
+                source,
+            },
+        )?;
+        Ok(content)
+    };
+    let content = match (escapes, read(&ref_file)) {
         (false, Ok(content)) => content,
+        (false, Err(e @ super::ImportError::NotRegularFile { .. })) => {
+            return Err(ResolveError::RefNotAFile(e));
+        }
         _ => {
             return Err(ResolveError::RefMissing {
                 model: model.into(),
@@ -251,6 +267,20 @@ mod tests {
             cache.resolve("org/m", "broken"),
             Err(ResolveError::BadRef { .. })
         ));
+        // A FIFO as a ref fails at once instead of blocking the read.
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            repo.join("refs/pipe"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let e = cache.resolve("org/m", "pipe").unwrap_err();
+        assert!(
+            matches!(e, ResolveError::RefNotAFile(_)) && e.to_string().contains("is a FIFO"),
+            "{e}"
+        );
         let other = "1111111111111111111111111111111111111111";
         let e = cache.resolve("org/m", other).unwrap_err().to_string();
         assert!(e.contains(&format!("snapshots/{other}")), "{e}");

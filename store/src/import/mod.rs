@@ -4,15 +4,22 @@
 //! cache, plus the model's other files (config, tokenizer) to copy along.
 //!
 //! Everything is checked before anything is written: every shard present and
-//! whole, every dtype supported, no tensor name twice.
+//! whole, every dtype supported, no tensor name twice, every file to read a
+//! regular file (or a link to one). Source files are opened with
+//! [`open_source_file`], never with a plain blocking open: a FIFO named
+//! `model.safetensors` would otherwise hang the save forever.
 
 pub mod compare;
 pub mod hf_cache;
 pub mod safetensors;
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use rustix::fs::{FileType, Mode, OFlags};
+use rustix::io::Errno;
 use serde::Deserialize;
 
 pub use self::safetensors::{SafetensorsFile, SourceTensor};
@@ -55,6 +62,12 @@ pub enum ImportError {
          download?); download the model again"
     )]
     BrokenLink { path: PathBuf, target: PathBuf },
+    #[error(
+        "{path} is {what}, not a regular file, so it cannot be read as part of a checkpoint; \
+         replace it with the real file (a link to a regular file is fine) or move it out of the \
+         checkpoint's folder"
+    )]
+    NotRegularFile { path: PathBuf, what: &'static str },
     #[error("cannot read {path}: {source}")]
     Io {
         path: PathBuf,
@@ -105,7 +118,7 @@ pub struct SourceCheckpoint {
     pub dir: PathBuf,
     /// Weight files in conversion order (shard order, then data order).
     pub files: Vec<SafetensorsFile>,
-    /// Other files to copy, relative to `dir`.
+    /// Other files to copy, relative to `dir`, names byte for byte.
     pub extra_files: Vec<PathBuf>,
 }
 
@@ -161,6 +174,54 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImportError + '_ {
     }
 }
 
+/// Opens a file of a checkpoint for reading, refusing anything but a regular
+/// file (links are followed: the HF cache links to blobs). `O_NONBLOCK` makes
+/// the open of a FIFO return at once instead of waiting for a writer, and the
+/// type is checked on the opened fd, so a file swapped after a check cannot
+/// slip through. `O_NONBLOCK` stays set, which changes nothing for reads of a
+/// regular file.
+pub fn open_source_file(path: &Path) -> Result<File, ImportError> {
+    let not_regular = |what| ImportError::NotRegularFile {
+        path: path.to_owned(),
+        what,
+    };
+    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
+    let fd = match rustix::fs::open(path, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        // A socket (or a device without a driver) cannot be opened at all.
+        Err(Errno::NXIO | Errno::NODEV) => {
+            let what = rustix::fs::stat(path).map_or("a socket or device", |st| {
+                describe(FileType::from_raw_mode(st.st_mode))
+            });
+            return Err(not_regular(what));
+        }
+        Err(e) => return Err(io_err(path)(e.into())),
+    };
+    let kind = FileType::from_raw_mode(
+        rustix::fs::fstat(&fd)
+            .map_err(|e| io_err(path)(e.into()))?
+            .st_mode,
+    );
+    if kind != FileType::RegularFile {
+        return Err(not_regular(describe(kind)));
+    }
+    Ok(File::from(fd))
+}
+
+/// What a file of type `kind` is, in words.
+fn describe(kind: FileType) -> &'static str {
+    match kind {
+        FileType::RegularFile => "a regular file",
+        FileType::Directory => "a directory",
+        FileType::Fifo => "a FIFO (named pipe)",
+        FileType::Socket => "a socket",
+        FileType::CharacterDevice => "a character device",
+        FileType::BlockDevice => "a block device",
+        FileType::Symlink => "a symbolic link",
+        _ => "not a regular file",
+    }
+}
+
 fn open_weight_file(path: &Path) -> Result<SafetensorsFile, ImportError> {
     if path.is_symlink() && !path.exists() {
         let target = std::fs::read_link(path).map_err(io_err(path))?;
@@ -177,7 +238,9 @@ fn open_sharded(dir: &Path, index_path: &Path) -> Result<Vec<SafetensorsFile>, I
         path: index_path.to_owned(),
         reason,
     };
-    let bytes = std::fs::read(index_path).map_err(io_err(index_path))?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut open_source_file(index_path)?, &mut bytes)
+        .map_err(io_err(index_path))?;
     let index: ShardIndex = serde_json::from_slice(&bytes)
         .map_err(|e| bad(format!("{e}; expected {{\"weight_map\": {{name: file}}}}")))?;
     let mut shard_names: Vec<&str> = index.weight_map.values().map(String::as_str).collect();
@@ -277,31 +340,49 @@ pub fn is_weight_file(name: &str) -> bool {
 }
 
 /// Collects files to copy along: everything but weights, hidden entries, and
-/// names the store writes itself. Symlinked directories are not followed
+/// names the store writes itself, with their names as they are on disk
+/// (bytes, not necessarily UTF-8). Symlinked directories are not followed
 /// (they could loop); symlinked files are (the HF cache links to blobs), and
-/// a broken one is an error, since the model would not start without it.
+/// a broken one is an error, since the model would not start without it. So
+/// is a FIFO, socket or device: copying it would block or make no sense, and
+/// skipping it could leave the model without a file it needs.
 fn collect_extra_files(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<(), ImportError> {
     let dir = root.join(rel);
     for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
         let entry = entry.map_err(io_err(&dir))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
+        // Paths are built from the name's bytes; the lossy text only
+        // classifies it (a suffix, a leading dot, a store name: all ASCII).
+        let name = entry.file_name();
+        let text = name.to_string_lossy();
         let rel_path = rel.join(&name);
         let path = entry.path();
-        if name.starts_with('.') || is_weight_file(&name) {
+        if text.starts_with('.') || is_weight_file(&text) {
             continue;
         }
-        if rel.as_os_str().is_empty() && is_store_file_name(&name) {
+        if rel.as_os_str().is_empty() && name.to_str().is_some_and(is_store_file_name) {
             tracing::warn!(file = %path.display(), "not copying a file whose name the store uses itself");
             continue;
         }
         let file_type = entry.file_type().map_err(io_err(&path))?;
         if file_type.is_dir() {
             collect_extra_files(root, &rel_path, out)?;
-        } else if path.is_file() {
-            out.push(rel_path);
-        } else if file_type.is_symlink() && !path.exists() {
-            let target = std::fs::read_link(&path).map_err(io_err(&path))?;
-            return Err(ImportError::BrokenLink { path, target });
+            continue;
+        }
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => out.push(rel_path),
+            // A link to a directory: not followed.
+            Ok(meta) if meta.is_dir() => {}
+            Ok(meta) => {
+                return Err(ImportError::NotRegularFile {
+                    what: describe(FileType::from_raw_mode(meta.mode())),
+                    path,
+                });
+            }
+            Err(e) if file_type.is_symlink() && e.kind() == std::io::ErrorKind::NotFound => {
+                let target = std::fs::read_link(&path).map_err(io_err(&path))?;
+                return Err(ImportError::BrokenLink { path, target });
+            }
+            Err(e) => return Err(io_err(&path)(e)),
         }
     }
     Ok(())

@@ -6,7 +6,6 @@
 //! can only check with the whole file in memory: the data region's length
 //! against the file's.
 
-use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -47,7 +46,7 @@ impl SafetensorsFile {
             path: path.to_owned(),
             reason,
         };
-        let mut file = File::open(path).map_err(io_err)?;
+        let mut file = super::open_source_file(path)?;
         let file_len = file.metadata().map_err(io_err)?.len();
         if file_len < 8 {
             return Err(invalid(format!(
