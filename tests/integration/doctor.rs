@@ -318,6 +318,22 @@ fn the_converted_model_is_verified_and_a_stale_one_is_named() {
     assert!(fix.contains("sllm-store verify org/model"), "{fix}");
     assert_eq!(status(&ask(&["--quick"]), "model.verify"), "PASS");
 
+    // Without a manifest (the reference tools write none) nothing can say
+    // the bytes are right: a warning, not "every checksum matches".
+    std::fs::write(&part, {
+        bytes[10] ^= 0xff;
+        &bytes
+    })
+    .unwrap();
+    let manifest = storage.join("org/model/sllm_manifest.json");
+    let kept = std::fs::read(&manifest).unwrap();
+    std::fs::remove_file(&manifest).unwrap();
+    let (st, summary, fix) = check(&ask(&[]), "model.verify");
+    assert_eq!(st, "WARN", "{summary}");
+    assert!(summary.contains("has no sllm_manifest.json"), "{summary}");
+    assert!(fix.contains("--force"), "{fix}");
+    std::fs::write(&manifest, kept).unwrap();
+
     // `main` moves on: the stored copy is now stale.
     std::fs::write(hub.join("models--org--model/refs/main"), OLD).unwrap();
     let (_, report) = doctor(tmp.path(), &storage, |c| {

@@ -9,7 +9,7 @@ use super::Check;
 use super::storage::{self, Location};
 use crate::format::layout::{is_stored_model, model_dirs};
 use crate::format::verify::{Depth, verify_model_to};
-use crate::format::{INDEX_FILE, Manifest, ModelId};
+use crate::format::{INDEX_FILE, MANIFEST_FILE, Manifest, ModelId};
 use crate::units::human_bytes;
 
 /// True when `model` has been converted into `storage`.
@@ -157,6 +157,7 @@ fn verify_check(model: &str, dirs: &[PathBuf], quick: bool) -> Check {
     let name = "model.verify";
     let depth = if quick { Depth::Structure } else { Depth::Full };
     let mut problems = Vec::new();
+    let mut unchecked = Vec::new();
     let (mut bytes, mut tensors) = (0u64, 0usize);
     for dir in dirs {
         match verify_model_to(dir, depth, &()) {
@@ -164,6 +165,9 @@ fn verify_check(model: &str, dirs: &[PathBuf], quick: bool) -> Check {
                 bytes += report.total_bytes;
                 tensors += report.tensors;
                 problems.extend(report.problems.iter().map(|p| p.to_string()));
+                if !report.has_manifest {
+                    unchecked.push(dir.display().to_string());
+                }
             }
             Err(e) => problems.push(e.to_string()),
         }
@@ -173,6 +177,25 @@ fn verify_check(model: &str, dirs: &[PathBuf], quick: bool) -> Check {
     } else {
         "every checksum matches"
     };
+    if problems.is_empty() && !unchecked.is_empty() {
+        // Written by the reference tools: nothing to check the bytes against,
+        // here or when the daemon loads them.
+        return Check::warn(
+            name,
+            format!(
+                "{model}: {} folder(s), {tensors} tensors, {}; index and sizes checked, but {} \
+                 has no {MANIFEST_FILE}: its bytes cannot be checked, here or when the daemon \
+                 loads them",
+                dirs.len(),
+                human_bytes(bytes),
+                unchecked.join(", ")
+            ),
+            format!(
+                "convert it again with `sllm-store save --model {model} --force` (from its \
+                 safetensors) to get checksums"
+            ),
+        );
+    }
     if problems.is_empty() {
         return Check::pass(
             name,
