@@ -34,6 +34,40 @@ pub enum BackendKind {
     Host,
 }
 
+/// Who sent a request, as far as the kernel tells the daemon.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientIdentity {
+    /// Credentials the kernel vouches for: `SO_PEERCRED` on a unix socket
+    /// (uid, gid and pid at connect time), or the owner of the client's
+    /// socket for loopback TCP (uid only).
+    Known {
+        uid: u32,
+        gid: Option<u32>,
+        pid: Option<i32>,
+    },
+    /// Not learnable, and why: a peer off loopback, one in another network
+    /// namespace, or a failed lookup.
+    Unknown(String),
+}
+
+impl std::fmt::Display for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientIdentity::Known { uid, gid, pid } => {
+                write!(f, "uid {uid}")?;
+                if let Some(gid) = gid {
+                    write!(f, ", gid {gid}")?;
+                }
+                if let Some(pid) = pid {
+                    write!(f, ", pid {pid}")?;
+                }
+                Ok(())
+            }
+            ClientIdentity::Unknown(why) => write!(f, "unknown ({why})"),
+        }
+    }
+}
+
 /// A device operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
