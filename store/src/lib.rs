@@ -15,6 +15,7 @@ pub mod device;
 pub mod doctor;
 pub mod import;
 pub mod io;
+pub mod listener;
 pub mod peer;
 pub mod pool;
 pub mod registry;
