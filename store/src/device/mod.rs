@@ -9,7 +9,10 @@
 //!
 //! A request opens a [`DeviceTarget`] per device: the buffers behind its
 //! handles, their sizes (for bounds checks before any byte moves), and
-//! asynchronous copies that keep their source chunk alive until done.
+//! asynchronous copies that keep their source chunk alive until done. It
+//! comes with the [`ClientIdentity`] of whoever sent it (learnt from the
+//! connection by [`crate::peer`]), so a backend can refuse buffers that
+//! client could not write itself.
 
 pub mod cuda;
 pub mod host;
@@ -97,12 +100,13 @@ pub trait DeviceBackend: Send + Sync {
         Ok(())
     }
 
-    /// Opens the buffers behind `handles` on `device`. Validates every
-    /// handle; nothing is copied yet.
+    /// Opens the buffers behind `handles` on `device` for `client`.
+    /// Validates every handle; nothing is copied yet.
     fn open_target(
         &self,
         device: &DeviceInfo,
         handles: &[Vec<u8>],
+        client: &ClientIdentity,
     ) -> Result<Box<dyn DeviceTarget>, DeviceError>;
 }
 
