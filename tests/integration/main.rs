@@ -3,6 +3,7 @@
 //! directory, which is removed when it ends.
 
 mod common;
+mod connections;
 mod daemon;
 mod doctor;
 mod hf_cache;
