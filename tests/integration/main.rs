@@ -7,6 +7,7 @@ mod connections;
 mod daemon;
 mod doctor;
 mod hf_cache;
+mod host_ownership;
 mod kill;
 mod python;
 mod save_bad_input;
