@@ -1,7 +1,9 @@
 //! Starting and stopping the daemon: builds the pool, the io engine, the
 //! device backend and the registry from a validated [`DaemonConfig`], serves
-//! `storage.Storage` and the standard gRPC health service, and shuts down
-//! cleanly on SIGINT/SIGTERM (stop accepting, cancel loads, free everything).
+//! `storage.Storage` and the standard gRPC health service on connections
+//! accepted by [`crate::listener`] (capped, idle ones closed at the cap,
+//! backing off when out of descriptors), and shuts down cleanly on
+//! SIGINT/SIGTERM (stop accepting, cancel loads, free everything).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,6 +19,7 @@ use crate::device::cuda::CudaBackend;
 use crate::device::host::HostBackend;
 use crate::device::{BackendKind, DeviceBackend, DeviceError};
 use crate::io::{EngineKind, IoError, make_engine};
+use crate::listener::{Connections, TrackRequestsLayer, connection_limit, incoming};
 use crate::pool::{HostPool, PoolError};
 use crate::registry::checksums::HashPool;
 use crate::registry::{Limits, Registry, RegistryConfig};
@@ -50,6 +53,8 @@ impl std::fmt::Display for Listen {
 pub struct DaemonConfig {
     pub storage_root: PathBuf,
     pub listen: Listen,
+    /// Most connections open at once, before the open-file limit lowers it.
+    pub max_connections: usize,
     pub io_threads: usize,
     pub chunk_bytes: usize,
     pub pool_bytes: usize,
@@ -113,6 +118,23 @@ pub async fn serve(
 ) -> Result<(), DaemonError> {
     let started = Instant::now();
     raise_open_file_limit();
+    let limit = connection_limit(cfg.max_connections, crate::listener::open_file_limit());
+    if limit.lowered() {
+        tracing::info!(
+            "at most {} connections at once, not {} (--max-connections): the open-file limit is {} \
+             and {} descriptors stay in reserve; raise the limit (ulimit -n, systemd LimitNOFILE=) for more",
+            limit.max,
+            limit.requested,
+            limit.open_files.unwrap_or(0),
+            limit.reserve
+        );
+    } else {
+        tracing::info!(
+            "at most {} connections at once (--max-connections)",
+            limit.max
+        );
+    }
+    let connections = Connections::new(limit.max);
     let storage_root =
         cfg.storage_root
             .canonicalize()
@@ -162,6 +184,7 @@ pub async fn serve(
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let router = Server::builder()
+        .layer(TrackRequestsLayer)
         .add_service(health_service)
         .add_service(service);
     let signalled = Arc::new(tokio::sync::Notify::new());
@@ -225,7 +248,7 @@ pub async fn serve(
                 source,
             })?;
             ready(&Listen::Tcp(local));
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let incoming = incoming(listener, connections);
             tokio::select! {
                 served = router.serve_with_incoming_shutdown(incoming, shutdown) => served?,
                 () = grace_over => {}
@@ -239,7 +262,7 @@ pub async fn serve(
                     source,
                 })?;
             ready(&cfg.listen);
-            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            let incoming = incoming(listener, connections);
             let served = tokio::select! {
                 served = router.serve_with_incoming_shutdown(incoming, shutdown) => served,
                 () = grace_over => Ok(()),

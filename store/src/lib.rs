@@ -15,6 +15,8 @@ pub mod device;
 pub mod doctor;
 pub mod import;
 pub mod io;
+pub mod listener;
+pub mod peer;
 pub mod placement;
 pub mod pool;
 pub mod registry;

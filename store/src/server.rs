@@ -116,6 +116,8 @@ impl Storage for StorageService {
         &self,
         request: Request<LoadModelRequest>,
     ) -> Result<Response<LoadModelResponse>, Status> {
+        // Who sent it, for backends that write into client-named files.
+        let peer = request.extensions().get::<crate::peer::Peer>().cloned();
         let req = request.into_inner();
         require_model_path(&req.model_path)?;
         let model = req.model_path.clone();
@@ -153,8 +155,18 @@ impl Storage for StorageService {
                     })
                     .collect();
                 let replica = req.replica_uuid;
-                self.blocking(move |r| r.load_to_devices(&model, &replica, chunks, handles))
-                    .await?
+                self.blocking(move |r| {
+                    let client = peer.map_or_else(
+                        || {
+                            crate::device::ClientIdentity::Unknown(
+                                "the request came without connection details".into(),
+                            )
+                        },
+                        |p| p.identity(),
+                    );
+                    r.load_to_devices(&model, &replica, chunks, handles, &client)
+                })
+                .await?
             }
             _ => {
                 return Err(Status::unimplemented(format!(

@@ -12,7 +12,21 @@ use safetensors::tensor::TensorView;
 /// The `sllm-store` binary with an environment that points nowhere real:
 /// HOME is `home`, no HF or storage variables, quiet logs.
 pub fn sllm_store(home: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sllm-store"));
+    sllm_store_via(home, &[])
+}
+
+/// Like [`sllm_store`], run through `wrapper` (a program and its arguments
+/// that exec the binary, e.g. `prlimit --nofile=200:200 --`).
+pub fn sllm_store_via(home: &Path, wrapper: &[&str]) -> Command {
+    let bin = env!("CARGO_BIN_EXE_sllm-store");
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(bin);
+            cmd
+        }
+        None => Command::new(bin),
+    };
     for var in [
         "HF_HUB_CACHE",
         "HF_HOME",
@@ -278,8 +292,15 @@ impl Daemon {
     /// Starts `sllm-store start --port 0 --storage-path <storage> <extra>`
     /// and waits for its ready line.
     pub fn start(home: &Path, storage: &Path, extra: &[&str]) -> Self {
+        Self::start_via(home, storage, extra, &[])
+    }
+
+    /// Like [`start`](Self::start), with the binary run through `wrapper`
+    /// (see [`sllm_store_via`]); the wrapper must exec it, so that the child
+    /// is the daemon.
+    pub fn start_via(home: &Path, storage: &Path, extra: &[&str], wrapper: &[&str]) -> Self {
         use std::io::BufRead;
-        let mut child = sllm_store(home)
+        let mut child = sllm_store_via(home, wrapper)
             .env("RUST_LOG", "info")
             .args(["start", "--port", "0", "--storage-path"])
             .arg(storage)

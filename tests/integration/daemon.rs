@@ -18,7 +18,7 @@ const SHM: &str = "/dev/shm";
 
 /// Loads `model` through `client` onto the daemon's first device into
 /// fresh buffers and checks every tensor against `tensors`.
-async fn load_and_check(
+pub(crate) async fn load_and_check(
     client: &mut StoreClient,
     storage: &Path,
     model: &str,

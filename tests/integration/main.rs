@@ -3,9 +3,11 @@
 //! directory, which is removed when it ends.
 
 mod common;
+mod connections;
 mod daemon;
 mod doctor;
 mod hf_cache;
+mod host_ownership;
 mod kill;
 mod python;
 mod save_bad_input;

@@ -397,6 +397,7 @@ async fn daemon_with_limits(
     let cfg = DaemonConfig {
         storage_root: storage.to_owned(),
         listen: Listen::Tcp("127.0.0.1:0".parse().unwrap()),
+        max_connections: sllm_store::listener::DEFAULT_MAX_CONNECTIONS,
         io_threads: 2,
         chunk_bytes: 64 << 10,
         pool_bytes: 4 << 20,

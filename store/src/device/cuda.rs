@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys as cu;
 
-use super::{DeviceBackend, DeviceError, DeviceInfo, DeviceTarget};
+use super::{ClientIdentity, DeviceBackend, DeviceError, DeviceInfo, DeviceTarget};
 use crate::pool::{HostPool, SharedChunk};
 
 /// The pool is registered with the driver in pieces of this size.
@@ -224,10 +224,13 @@ impl DeviceBackend for CudaBackend {
         Ok(())
     }
 
+    /// The client is not consulted: a CUDA IPC handle is a capability, and
+    /// only a process that could read the allocation could have exported it.
     fn open_target(
         &self,
         device: &DeviceInfo,
         handles: &[Vec<u8>],
+        _client: &ClientIdentity,
     ) -> Result<Box<dyn DeviceTarget>, DeviceError> {
         let ctx = *self
             .inner

@@ -12,17 +12,30 @@
 //! and must be a regular file, checked on the opened fd. Writes never go past
 //! the file's size at open.
 //!
-//! The daemon writes into any regular file in that directory it is allowed
-//! to open: this backend is for tests and machines without a GPU. Give it a
-//! directory of its own (`--host-shm-dir`) where other users' files could be.
+//! Nor may a client make the daemon write where the client itself could not
+//! (the daemon often runs as root). The path is walked one directory at a
+//! time, each opened beneath the one before, and each directory and the file
+//! are checked on their fds against the [`ClientIdentity`] of the request,
+//! by their mode bits in the kernel's order (owner class, else group class,
+//! else other class): the client must be able to search every directory
+//! from the allowed one down, and to write the file. A file with more than
+//! one hard link is refused unless it is the client's (another name for it
+//! may lie outside the directory). Root clients may write anything. When the
+//! daemon cannot tell who the client is, it writes only into files owned by
+//! its own user, and a daemon running as root writes nothing for such a
+//! client. Two conservative gaps, as the daemon knows only a client's uid
+//! and primary gid: a file whose group class grants less than its other
+//! class is refused to non-members too, and POSIX ACLs are not consulted
+//! (mode bits only).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
+use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
 use std::path::{Component, Path, PathBuf};
 
-use super::{DeviceBackend, DeviceError, DeviceInfo, DeviceTarget};
+use super::{ClientIdentity, DeviceBackend, DeviceError, DeviceInfo, DeviceTarget};
 use crate::pool::SharedChunk;
 
 /// Default directory for the files behind host handles.
@@ -35,7 +48,9 @@ pub struct HostBackend {
     devices: Vec<DeviceInfo>,
     root: PathBuf,
     /// Held open: handles are resolved beneath it.
-    root_dir: rustix::fd::OwnedFd,
+    root_dir: OwnedFd,
+    /// The daemon's effective uid: whose files an unknown client may name.
+    daemon_uid: u32,
 }
 
 impl HostBackend {
@@ -64,6 +79,7 @@ impl HostBackend {
             devices,
             root,
             root_dir,
+            daemon_uid: rustix::process::geteuid().as_raw(),
         })
     }
 
@@ -91,6 +107,7 @@ impl DeviceBackend for HostBackend {
         &self,
         device: &DeviceInfo,
         handles: &[Vec<u8>],
+        client: &ClientIdentity,
     ) -> Result<Box<dyn DeviceTarget>, DeviceError> {
         let mut files = Vec::with_capacity(handles.len());
         let mut sizes = Vec::with_capacity(handles.len());
@@ -100,7 +117,7 @@ impl DeviceBackend for HostBackend {
                 index,
                 reason,
             };
-            let file = open_handle(&self.root, &self.root_dir, handle).map_err(invalid)?;
+            let file = open_handle(self, handle, client).map_err(invalid)?;
             let size = file.metadata().map_err(|e| invalid(e.to_string()))?.len();
             files.push(file);
             sizes.push(size);
@@ -113,8 +130,14 @@ impl DeviceBackend for HostBackend {
     }
 }
 
-/// Opens the file a handle names, or says why it is not acceptable.
-fn open_handle(root: &Path, root_dir: &rustix::fd::OwnedFd, handle: &[u8]) -> Result<File, String> {
+/// Opens the file a handle names for `client`, or says why it is not
+/// acceptable.
+fn open_handle(
+    backend: &HostBackend,
+    handle: &[u8],
+    client: &ClientIdentity,
+) -> Result<File, String> {
+    let root = backend.root.as_path();
     if handle.is_empty() || handle.len() > MAX_HANDLE_BYTES {
         return Err(format!(
             "a host handle is the path of a shared-memory file (1 to {MAX_HANDLE_BYTES} bytes), got {} bytes",
@@ -137,6 +160,15 @@ fn open_handle(root: &Path, root_dir: &rustix::fd::OwnedFd, handle: &[u8]) -> Re
             ));
         }
     };
+    if let ClientIdentity::Unknown(why) = client
+        && backend.daemon_uid == 0
+    {
+        return Err(format!(
+            "the daemon runs as root and cannot tell who sent this request ({why}), so it \
+             writes into no file for it: connect over a unix socket (--listen unix:<path>) or \
+             loopback so the daemon can tell who you are"
+        ));
+    }
     let outside = || {
         format!(
             "{text} is not a file inside {} (symlinks are not followed)",
@@ -151,24 +183,195 @@ fn open_handle(root: &Path, root_dir: &rustix::fd::OwnedFd, handle: &[u8]) -> Re
     {
         return Err(outside());
     }
+    let open_err = |e: rustix::io::Errno| match e {
+        rustix::io::Errno::XDEV | rustix::io::Errno::LOOP => outside(),
+        rustix::io::Errno::NXIO => format!("{text} is a FIFO or device, not a shared-memory file"),
+        e => format!("{text}: {}", std::io::Error::from(e)),
+    };
+    let stat = |fd: BorrowedFd<'_>, path: &Path| {
+        FileMeta::of(fd).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    // One directory at a time, each beneath the one before, so that the
+    // checks see exactly the directories the path goes through.
+    let requester = Requester::new(client, backend.daemon_uid);
+    let parts: Vec<&std::ffi::OsStr> = relative.iter().collect();
+    let Some((name, dirs)) = parts.split_last() else {
+        return Err(outside());
+    };
+    let mut walked = root.to_path_buf();
+    requester.may_search(&walked, &stat(backend.root_dir.as_fd(), &walked)?)?;
+    let mut dir: Option<OwnedFd> = None;
+    for part in dirs {
+        let parent = dir.as_ref().map_or(backend.root_dir.as_fd(), AsFd::as_fd);
+        let next = rustix::fs::openat2(
+            parent,
+            *part,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        )
+        .map_err(open_err)?;
+        walked.push(part);
+        requester.may_search(&walked, &stat(next.as_fd(), &walked)?)?;
+        dir = Some(next);
+    }
+    let parent = dir.as_ref().map_or(backend.root_dir.as_fd(), AsFd::as_fd);
     let fd = rustix::fs::openat2(
-        root_dir,
-        relative,
+        parent,
+        *name,
         OFlags::WRONLY | OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY,
         Mode::empty(),
         ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
     )
-    .map_err(|e| match e {
-        rustix::io::Errno::XDEV | rustix::io::Errno::LOOP => outside(),
-        rustix::io::Errno::NXIO => format!("{text} is a FIFO or device, not a shared-memory file"),
-        e => format!("{text}: {}", std::io::Error::from(e)),
-    })?;
-    let file = File::from(fd);
-    let meta = file.metadata().map_err(|e| format!("{text}: {e}"))?;
+    .map_err(open_err)?;
+    let meta = stat(fd.as_fd(), Path::new(text))?;
     if !meta.is_file() {
         return Err(format!("{text} is not a regular file"));
     }
-    Ok(file)
+    requester.may_write(text, &meta, root)?;
+    Ok(File::from(fd))
+}
+
+/// Owner, group, mode and links of an opened file or directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileMeta {
+    uid: u32,
+    gid: u32,
+    mode: u32,
+    nlink: u64,
+}
+
+impl FileMeta {
+    fn of(fd: BorrowedFd<'_>) -> std::io::Result<Self> {
+        let st = rustix::fs::fstat(fd)?;
+        Ok(Self {
+            uid: st.st_uid,
+            gid: st.st_gid,
+            mode: st.st_mode,
+            nlink: st.st_nlink,
+        })
+    }
+
+    fn is_file(&self) -> bool {
+        FileType::from_raw_mode(self.mode) == FileType::RegularFile
+    }
+}
+
+impl std::fmt::Display for FileMeta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "owner uid {}, group {}, mode {:04o}",
+            self.uid,
+            self.gid,
+            self.mode & 0o7777
+        )
+    }
+}
+
+/// Whose permissions a request's writes are checked against.
+enum Requester<'a> {
+    /// Root may write anything.
+    Root,
+    /// A client the kernel identified.
+    Client {
+        uid: u32,
+        gid: Option<u32>,
+        who: &'a ClientIdentity,
+    },
+    /// An unknown client of a daemon not running as root (the root case is
+    /// refused before anything is opened): the daemon's own files only.
+    Unknown { daemon_uid: u32, why: &'a str },
+}
+
+/// Mode bits: write and search, in the other class; shifted for the others.
+const WRITE: u32 = 0o2;
+const SEARCH: u32 = 0o1;
+
+impl<'a> Requester<'a> {
+    fn new(client: &'a ClientIdentity, daemon_uid: u32) -> Self {
+        match client {
+            ClientIdentity::Known { uid: 0, .. } => Requester::Root,
+            ClientIdentity::Known { uid, gid, .. } => Requester::Client {
+                uid: *uid,
+                gid: *gid,
+                who: client,
+            },
+            ClientIdentity::Unknown(why) => Requester::Unknown { daemon_uid, why },
+        }
+    }
+
+    /// Whether the client could enter directory `path` itself.
+    fn may_search(&self, path: &Path, meta: &FileMeta) -> Result<(), String> {
+        match self {
+            Requester::Client { uid, gid, who } if !grants(meta, *uid, *gid, SEARCH) => {
+                Err(format!(
+                    "the client ({who}) cannot enter {} ({meta}), so it could not write the \
+                     file behind this handle itself; use a buffer in a directory you can reach",
+                    path.display()
+                ))
+            }
+            // The daemon reached it, and an unknown client may name only
+            // the daemon's own files.
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the client could write the file `path` itself.
+    fn may_write(&self, path: &str, meta: &FileMeta, root: &Path) -> Result<(), String> {
+        match self {
+            Requester::Root => Ok(()),
+            Requester::Client { uid, .. } if meta.nlink > 1 && meta.uid != *uid => Err(format!(
+                "{path} ({meta}) has {} hard links and is not the client's (uid {uid}): \
+                 another name for it may lie outside {}; create a buffer of your own",
+                meta.nlink,
+                root.display()
+            )),
+            Requester::Client { uid, gid, who } => {
+                if grants(meta, *uid, *gid, WRITE) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{path} ({meta}) is not writable by the client ({who}): the daemon \
+                         writes only into files its client could write itself; create the \
+                         buffer as that user (e.g. mode 0600) and send its path"
+                    ))
+                }
+            }
+            Requester::Unknown { daemon_uid, why } => {
+                if meta.uid == *daemon_uid && meta.mode & (WRITE << 6) != 0 {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{path} ({meta}) is not the daemon's (uid {daemon_uid}) to write, and the \
+                         daemon cannot tell who sent this request ({why}): connect over a unix \
+                         socket or loopback so the daemon can tell who you are"
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// Whether the mode bits grant `want` (in the other class's position) to
+/// `uid` with primary group `gid`: the owner class if it owns the file, else
+/// the group class if the group is its primary one, else the other class.
+/// The client's supplementary groups are unknown, and if it were in the
+/// file's group the group class would apply instead: the other class grants
+/// only where the group class grants too.
+fn grants(meta: &FileMeta, uid: u32, gid: Option<u32>, want: u32) -> bool {
+    let (owner, group, other) = (
+        meta.mode & (want << 6) != 0,
+        meta.mode & (want << 3) != 0,
+        meta.mode & want != 0,
+    );
+    if meta.uid == uid {
+        owner
+    } else if gid == Some(meta.gid) {
+        group
+    } else {
+        other && group
+    }
 }
 
 struct HostTarget {
@@ -231,6 +434,19 @@ mod tests {
     use super::*;
     use crate::pool::HostPool;
 
+    /// This process, as the kernel would report it over a unix socket.
+    fn me() -> ClientIdentity {
+        ClientIdentity::Known {
+            uid: rustix::process::geteuid().as_raw(),
+            gid: Some(rustix::process::getegid().as_raw()),
+            pid: Some(std::process::id() as i32),
+        }
+    }
+
+    fn is_root() -> bool {
+        rustix::process::geteuid().is_root()
+    }
+
     #[test]
     fn copies_into_a_shared_memory_file() {
         let dir = tempfile::tempdir_in(DEFAULT_SHM_DIR).unwrap();
@@ -243,7 +459,7 @@ mod tests {
         std::fs::write(&buf, vec![0u8; 100]).unwrap();
         let handle = buf.to_str().unwrap().as_bytes().to_vec();
         let mut target = backend
-            .open_target(&backend.devices()[0], &[handle])
+            .open_target(&backend.devices()[0], &[handle], &me())
             .unwrap();
         assert_eq!(target.buffer_sizes(), [100]);
 
@@ -304,11 +520,256 @@ mod tests {
             (format!("{d}/sub/../real").into_bytes(), "not a file inside"),
         ] {
             let err = backend
-                .open_target(dev, &[handle])
+                .open_target(dev, &[handle], &me())
                 .err()
                 .expect("refused")
                 .to_string();
             assert!(err.contains(why), "{why}: {err}");
         }
+    }
+
+    fn meta(uid: u32, gid: u32, mode: u32, nlink: u64) -> FileMeta {
+        FileMeta {
+            uid,
+            gid,
+            mode: 0o100000 | mode,
+            nlink,
+        }
+    }
+
+    fn client(uid: u32, gid: Option<u32>) -> ClientIdentity {
+        ClientIdentity::Known {
+            uid,
+            gid,
+            pid: None,
+        }
+    }
+
+    #[test]
+    fn writes_only_where_the_client_could_write() {
+        let root = Path::new("/dev/shm/x");
+        let write = |who: &ClientIdentity, m: FileMeta, daemon_uid: u32| {
+            Requester::new(who, daemon_uid).may_write("/dev/shm/x/f", &m, root)
+        };
+        let alice = client(1000, Some(1000));
+        let alice_by_tcp = client(1000, None);
+        for (who, m, ok, why) in [
+            (
+                &alice,
+                meta(1000, 1000, 0o600, 1),
+                true,
+                "hers, owner-writable",
+            ),
+            (&alice, meta(1000, 1000, 0o400, 1), false, "hers, read-only"),
+            (
+                &alice,
+                meta(1000, 1000, 0o066, 1),
+                false,
+                "hers: the owner class decides",
+            ),
+            (
+                &alice,
+                meta(2000, 1000, 0o620, 1),
+                true,
+                "her group may write",
+            ),
+            (
+                &alice_by_tcp,
+                meta(2000, 1000, 0o620, 1),
+                false,
+                "group unknown over TCP",
+            ),
+            (
+                &alice,
+                meta(2000, 1000, 0o606, 1),
+                false,
+                "her group may not, others may",
+            ),
+            (&alice, meta(2000, 2000, 0o666, 1), true, "anyone may write"),
+            (
+                &alice_by_tcp,
+                meta(2000, 2000, 0o666, 1),
+                true,
+                "anyone may write",
+            ),
+            (
+                &alice,
+                meta(2000, 2000, 0o646, 1),
+                false,
+                "a group class granting less",
+            ),
+            (&alice, meta(2000, 2000, 0o600, 1), false, "someone else's"),
+            (&alice, meta(0, 0, 0o600, 1), false, "root's"),
+            (
+                &alice,
+                meta(2000, 2000, 0o666, 2),
+                false,
+                "someone else's, hard-linked",
+            ),
+            (
+                &alice,
+                meta(1000, 1000, 0o600, 2),
+                true,
+                "hers, hard-linked",
+            ),
+            (
+                &client(0, Some(0)),
+                meta(2000, 2000, 0o400, 3),
+                true,
+                "root writes anything",
+            ),
+        ] {
+            let got = write(who, m, 0);
+            assert_eq!(got.is_ok(), ok, "{why}: {got:?}");
+            if let Err(e) = got {
+                assert!(e.contains("/dev/shm/x/f") && e.contains("owner uid"), "{e}");
+                assert!(e.contains("uid 1000"), "names the client: {e}");
+            }
+        }
+        // Unknown clients: only the daemon's own owner-writable files (the
+        // root daemon's refusal comes before any file is opened).
+        let unknown = ClientIdentity::Unknown("a test".into());
+        assert!(write(&unknown, meta(500, 500, 0o600, 1), 500).is_ok());
+        for m in [meta(500, 500, 0o400, 1), meta(501, 500, 0o666, 1)] {
+            let e = write(&unknown, m, 500).unwrap_err();
+            assert!(
+                e.contains("cannot tell who") && e.contains("unix socket"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_client_must_be_able_to_enter_each_directory() {
+        let dir = |uid: u32, gid: u32, mode: u32| FileMeta {
+            mode: 0o040000 | mode,
+            ..meta(uid, gid, 0, 2)
+        };
+        let path = Path::new("/dev/shm/x/private");
+        let alice = client(1000, Some(1000));
+        let search = |who: &ClientIdentity, m| Requester::new(who, 0).may_search(path, &m);
+        assert!(search(&alice, dir(0, 0, 0o1777)).is_ok());
+        assert!(search(&alice, dir(1000, 1000, 0o700)).is_ok());
+        assert!(search(&alice, dir(2000, 1000, 0o750)).is_ok());
+        let e = search(&alice, dir(2000, 2000, 0o700)).unwrap_err();
+        assert!(
+            e.contains("cannot enter /dev/shm/x/private") && e.contains("0700"),
+            "{e}"
+        );
+        assert!(search(&client(0, None), dir(2000, 2000, 0o700)).is_ok());
+    }
+
+    #[test]
+    fn unknown_clients_get_the_daemons_own_files_or_nothing_as_root() {
+        let dir = tempfile::tempdir_in(DEFAULT_SHM_DIR).unwrap();
+        let backend = HostBackend::new(1, dir.path()).unwrap();
+        let dev = &backend.devices()[0];
+        let (own, read_only) = (dir.path().join("own"), dir.path().join("read-only"));
+        std::fs::write(&own, [0u8; 8]).unwrap();
+        std::fs::write(&read_only, [0u8; 8]).unwrap();
+        std::fs::set_permissions(
+            &read_only,
+            std::os::unix::fs::PermissionsExt::from_mode(0o400),
+        )
+        .unwrap();
+        let unknown = ClientIdentity::Unknown("connected from 192.0.2.1:5000".into());
+        let open = |path: &Path| {
+            backend
+                .open_target(dev, &[path.to_str().unwrap().as_bytes().to_vec()], &unknown)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        if is_root() {
+            for path in [&own, &read_only] {
+                let e = open(path).unwrap_err();
+                assert!(
+                    e.contains("runs as root and cannot tell who")
+                        && e.contains("192.0.2.1")
+                        && e.contains("so the daemon can tell who you are"),
+                    "{e}"
+                );
+            }
+        } else {
+            open(&own).unwrap();
+            let e = open(&read_only).unwrap_err();
+            assert!(
+                e.contains("mode 0400") && e.contains("cannot tell who"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_users_files_and_private_directories_are_refused_as_root() {
+        if !is_root() {
+            eprintln!("skipping: needs root to make files owned by other users");
+            return;
+        }
+        let dir = tempfile::tempdir_in(DEFAULT_SHM_DIR).unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+        )
+        .unwrap();
+        let backend = HostBackend::new(1, dir.path()).unwrap();
+        let dev = &backend.devices()[0];
+        let nobody = client(65534, Some(65534));
+        let make = |name: &str, uid: u32, mode: u32| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, [7u8; 16]).unwrap();
+            std::os::unix::fs::chown(&path, Some(uid), Some(uid)).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+                .unwrap();
+            path
+        };
+        let open = |path: &Path| {
+            backend
+                .open_target(dev, &[path.to_str().unwrap().as_bytes().to_vec()], &nobody)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        open(&make("mine", 65534, 0o600)).unwrap();
+        open(&make("open-to-all", 65533, 0o666)).unwrap();
+        let e = open(&make("theirs", 65533, 0o400)).unwrap_err();
+        assert!(
+            e.contains("owner uid 65533") && e.contains("mode 0400") && e.contains("uid 65534"),
+            "{e}"
+        );
+        let e = open(&make("roots", 0, 0o600)).unwrap_err();
+        assert!(e.contains("owner uid 0"), "{e}");
+        // Hard-linked: refused although anyone may write it.
+        let linked = make("linked", 65533, 0o666);
+        std::fs::hard_link(&linked, dir.path().join("other-name")).unwrap();
+        let e = open(&linked).unwrap_err();
+        assert!(e.contains("2 hard links"), "{e}");
+        // A world-writable file inside someone's private directory.
+        let private = dir.path().join("private");
+        std::fs::create_dir(&private).unwrap();
+        std::fs::write(private.join("f"), [0u8; 4]).unwrap();
+        std::fs::set_permissions(
+            private.join("f"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o666),
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &private,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        let e = open(&private.join("f")).unwrap_err();
+        assert!(e.contains("cannot enter") && e.contains("private"), "{e}");
+        // Once the directory is theirs: the world-writable file is fine, a
+        // read-only one is not, until it is theirs too.
+        std::os::unix::fs::chown(&private, Some(65534), Some(65534)).unwrap();
+        open(&private.join("f")).unwrap();
+        std::fs::set_permissions(
+            private.join("f"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        )
+        .unwrap();
+        let e = open(&private.join("f")).unwrap_err();
+        assert!(e.contains("not writable by the client (uid 65534"), "{e}");
+        std::os::unix::fs::chown(private.join("f"), Some(65534), Some(65534)).unwrap();
+        open(&private.join("f")).unwrap();
     }
 }

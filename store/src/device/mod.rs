@@ -9,7 +9,10 @@
 //!
 //! A request opens a [`DeviceTarget`] per device: the buffers behind its
 //! handles, their sizes (for bounds checks before any byte moves), and
-//! asynchronous copies that keep their source chunk alive until done.
+//! asynchronous copies that keep their source chunk alive until done. It
+//! comes with the [`ClientIdentity`] of whoever sent it (learnt from the
+//! connection by [`crate::peer`]), so a backend can refuse buffers that
+//! client could not write itself.
 
 pub mod cuda;
 pub mod host;
@@ -32,6 +35,40 @@ pub enum BackendKind {
     Auto,
     Cuda,
     Host,
+}
+
+/// Who sent a request, as far as the kernel tells the daemon.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientIdentity {
+    /// Credentials the kernel vouches for: `SO_PEERCRED` on a unix socket
+    /// (uid, gid and pid at connect time), or the owner of the client's
+    /// socket for loopback TCP (uid only).
+    Known {
+        uid: u32,
+        gid: Option<u32>,
+        pid: Option<i32>,
+    },
+    /// Not learnable, and why: a peer off loopback, one in another network
+    /// namespace, or a failed lookup.
+    Unknown(String),
+}
+
+impl std::fmt::Display for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientIdentity::Known { uid, gid, pid } => {
+                write!(f, "uid {uid}")?;
+                if let Some(gid) = gid {
+                    write!(f, ", gid {gid}")?;
+                }
+                if let Some(pid) = pid {
+                    write!(f, ", pid {pid}")?;
+                }
+                Ok(())
+            }
+            ClientIdentity::Unknown(why) => write!(f, "unknown ({why})"),
+        }
+    }
 }
 
 /// A device operation failed.
@@ -63,12 +100,13 @@ pub trait DeviceBackend: Send + Sync {
         Ok(())
     }
 
-    /// Opens the buffers behind `handles` on `device`. Validates every
-    /// handle; nothing is copied yet.
+    /// Opens the buffers behind `handles` on `device` for `client`.
+    /// Validates every handle; nothing is copied yet.
     fn open_target(
         &self,
         device: &DeviceInfo,
         handles: &[Vec<u8>],
+        client: &ClientIdentity,
     ) -> Result<Box<dyn DeviceTarget>, DeviceError>;
 }
 

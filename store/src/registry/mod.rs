@@ -660,6 +660,7 @@ impl Registry {
         replica_uuid: &str,
         chunks: HashMap<String, Vec<RequestedCopy>>,
         handles: HashMap<String, Vec<Vec<u8>>>,
+        client: &crate::device::ClientIdentity,
     ) -> Result<(), RegistryError> {
         let invalid = |m: String| RegistryError::InvalidRequest(m);
         if replica_uuid.is_empty() || replica_uuid.len() > 128 {
@@ -711,7 +712,7 @@ impl Registry {
                     self.cfg.limits.max_handles_per_device
                 )));
             }
-            let target = self.backend.open_target(device, device_handles)?;
+            let target = self.backend.open_target(device, device_handles, client)?;
             let plan = plan_copies(&info.spans, info.size, list, target.buffer_sizes()).map_err(
                 |source| RegistryError::InvalidCopy {
                     model: model.into(),

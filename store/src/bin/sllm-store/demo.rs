@@ -151,6 +151,7 @@ fn serve_and_load(
     let cfg = DaemonConfig {
         storage_root: storage.to_owned(),
         listen: Listen::Unix(socket.clone()),
+        max_connections: sllm_store::listener::DEFAULT_MAX_CONNECTIONS,
         io_threads: 4,
         chunk_bytes,
         pool_bytes: (model_bytes as usize).next_multiple_of(chunk_bytes) + 2 * chunk_bytes,

@@ -11,6 +11,7 @@ use sllm_store::daemon::{DaemonConfig, Listen, run};
 use sllm_store::device::BackendKind;
 use sllm_store::device::host::DEFAULT_SHM_DIR;
 use sllm_store::io::EngineKind;
+use sllm_store::listener::DEFAULT_MAX_CONNECTIONS;
 use sllm_store::registry::Limits;
 use sllm_store::units::ByteSize;
 
@@ -27,6 +28,11 @@ pub struct StartArgs {
     /// Listen on a unix socket instead, e.g. `unix:/run/sllm-store.sock`.
     #[arg(long)]
     listen: Option<String>,
+    /// Most client connections open at once. At the limit, the connection idle longest (no
+    /// request for a second or more) is closed to let a new one in; gRPC clients reconnect on
+    /// their next call. Lowered at start-up to what the open-file limit leaves after a reserve.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
     /// Where models are stored [default: $STORAGE_PATH, else ~/models].
     #[arg(long)]
     storage_path: Option<PathBuf>,
@@ -82,6 +88,12 @@ pub fn run_start(args: StartArgs) -> anyhow::Result<ExitCode> {
         },
         None => Listen::Tcp(SocketAddr::new(args.host, args.port)),
     };
+    if args.max_connections == 0 || args.max_connections > 1 << 20 {
+        bail!(
+            "--max-connections must be between 1 and 1048576, got {}",
+            args.max_connections
+        );
+    }
     if args.num_thread == 0 || args.num_thread > 256 {
         bail!(
             "--num-thread must be between 1 and 256, got {}",
@@ -109,6 +121,7 @@ pub fn run_start(args: StartArgs) -> anyhow::Result<ExitCode> {
     let cfg = DaemonConfig {
         storage_root: resolve_storage_path(args.storage_path.as_deref()),
         listen,
+        max_connections: args.max_connections,
         io_threads: args.num_thread,
         chunk_bytes: usize::try_from(args.chunk_size.bytes()).context("--chunk-size")?,
         pool_bytes: usize::try_from(args.mem_pool_size.bytes()).context("--mem-pool-size")?,
