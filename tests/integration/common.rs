@@ -377,7 +377,21 @@ pub fn save_model(
     tensors: &[Tensor],
     partition_size: &str,
 ) {
-    let src = home.join(format!("src-{}", name.replace('/', "-")));
+    save_model_from(home, storage, name, tensors, partition_size, "", &[]);
+}
+
+/// Like [`save_model`], from a source directory named with `tag` (for a
+/// second save of one model) and with `extra` flags (`--force`).
+pub fn save_model_from(
+    home: &Path,
+    storage: &Path,
+    name: &str,
+    tensors: &[Tensor],
+    partition_size: &str,
+    tag: &str,
+    extra: &[&str],
+) {
+    let src = home.join(format!("src-{}{tag}", name.replace('/', "-")));
     std::fs::create_dir_all(&src).unwrap();
     write_safetensors(&src.join("model.safetensors"), tensors);
     run_ok(
@@ -392,7 +406,8 @@ pub fn save_model(
             ])
             .arg(&src)
             .arg("--storage-path")
-            .arg(storage),
+            .arg(storage)
+            .args(extra),
     );
 }
 

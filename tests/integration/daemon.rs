@@ -296,11 +296,13 @@ type Case = (
     &'static str,
 );
 
-fn one(uuid: &str, c: MemCopyChunk) -> HashMap<String, Vec<MemCopyChunk>> {
+/// One copy for device `uuid`, as a request's copy map.
+pub(crate) fn one(uuid: &str, c: MemCopyChunk) -> HashMap<String, Vec<MemCopyChunk>> {
     HashMap::from([(uuid.to_owned(), vec![c])])
 }
 
-fn mc(src: u64, size: u64, dst: u64, h: u64) -> MemCopyChunk {
+/// A copy of `size` bytes from model offset `src` to `dst` in buffer `h`.
+pub(crate) fn mc(src: u64, size: u64, dst: u64, h: u64) -> MemCopyChunk {
     MemCopyChunk {
         src_offset: src,
         size,

@@ -8,10 +8,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use sllm_client::StoreClient;
-use sllm_client::proto::MemCopyChunk;
 use tonic::Code;
 
 use crate::common::*;
+use crate::daemon::{mc, one};
 
 const NOBODY: u32 = 65534;
 const OTHER: u32 = 65533;
@@ -121,15 +121,7 @@ fn load_into_each_as_nobody(
             let mut outcomes = Vec::new();
             for (i, file) in files.iter().enumerate() {
                 let replica = format!("r{i}");
-                let copies = HashMap::from([(
-                    dev.clone(),
-                    vec![MemCopyChunk {
-                        src_offset: 0,
-                        size,
-                        dst_offset: 0,
-                        handle_idx: 0,
-                    }],
-                )]);
+                let copies = one(&dev, mc(0, size, 0, 0));
                 let handles = HashMap::from([(
                     dev.clone(),
                     vec![file.to_str().unwrap().as_bytes().to_vec()],

@@ -20,29 +20,29 @@ use sllm_store::registry::Limits;
 use tonic::Code;
 
 use crate::common::*;
+use crate::daemon::{mc, one};
 
 const SHM: &str = "/dev/shm";
 
 /// `save --force` of `tensors` as `model`, from a source directory of its own.
 fn resave(home: &Path, storage: &Path, model: &str, tensors: &[Tensor], tag: &str) {
-    let src = home.join(format!("src-{tag}"));
-    std::fs::create_dir_all(&src).unwrap();
-    write_safetensors(&src.join("model.safetensors"), tensors);
-    run_ok(
-        sllm_store(home)
-            .args([
-                "save",
-                "--force",
-                "--model",
-                model,
-                "--partition-size",
-                "512KiB",
-            ])
-            .arg("--local-model-path")
-            .arg(&src)
-            .arg("--storage-path")
-            .arg(storage),
-    );
+    save_model_from(home, storage, model, tensors, "512KiB", tag, &["--force"]);
+}
+
+/// A temporary directory with `tensors` saved as `model`, and a daemon
+/// (4 MiB pool of 64 KiB chunks, `extra` flags) serving it.
+fn one_model(
+    model: &str,
+    tensors: &[Tensor],
+    extra: &[&str],
+) -> (tempfile::TempDir, PathBuf, Daemon) {
+    let tmp = tempfile::tempdir().unwrap();
+    let storage = tmp.path().join("models");
+    save_model(tmp.path(), &storage, model, tensors, "512KiB");
+    let mut args = vec!["--mem-pool-size", "4MiB", "--chunk-size", "64KiB"];
+    args.extend_from_slice(extra);
+    let daemon = Daemon::start(tmp.path(), &storage, &args);
+    (tmp, storage, daemon)
 }
 
 /// One load of `model` into a fresh mirrored buffer (laid out like the
@@ -100,15 +100,8 @@ fn mirrored(index: &TensorIndex, tensors: &[Tensor]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resaved_model_is_served_from_its_new_files() {
-    let tmp = tempfile::tempdir().unwrap();
-    let storage = tmp.path().join("models");
     let v1 = tensors_of(600 << 10, 21);
-    save_model(tmp.path(), &storage, "org/c1", &v1, "512KiB");
-    let daemon = Daemon::start(
-        tmp.path(),
-        &storage,
-        &["--mem-pool-size", "4MiB", "--chunk-size", "64KiB"],
-    );
+    let (tmp, storage, daemon) = one_model("org/c1", &v1, &[]);
     let mut client = daemon.client().await;
     let size1 = client.register("org/c1").await.unwrap();
     let index = TensorIndex::read(&storage.join("org/c1")).unwrap();
@@ -210,10 +203,8 @@ async fn a_load_racing_a_resave_gets_one_version_whole_or_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_bytes_and_tampered_indexes_are_never_served() {
-    let tmp = tempfile::tempdir().unwrap();
-    let storage = tmp.path().join("models");
     let tensors = tensors_of(1200 << 10, 41);
-    save_model(tmp.path(), &storage, "o/m", &tensors, "512KiB");
+    let (tmp, storage, daemon) = one_model("o/m", &tensors, &[]);
     let model_dir = storage.join("o/m");
     let part1 = model_dir.join("tensor.data_1");
     let part0_len = std::fs::metadata(model_dir.join("tensor.data_0"))
@@ -230,11 +221,6 @@ async fn damaged_bytes_and_tampered_indexes_are_never_served() {
     file.read_exact_at(&mut byte, 100_000).unwrap();
     file.write_all_at(&[byte[0] ^ 0x10], 100_000).unwrap();
 
-    let daemon = Daemon::start(
-        tmp.path(),
-        &storage,
-        &["--mem-pool-size", "4MiB", "--chunk-size", "64KiB"],
-    );
     let mut client = daemon.client().await;
     let dev = client.server_config().await.unwrap().device_uuids[0].clone();
     let size = client.register("o/m").await.unwrap();
@@ -245,15 +231,7 @@ async fn damaged_bytes_and_tampered_indexes_are_never_served() {
         .load_to_devices(
             "o/m",
             "r1",
-            HashMap::from([(
-                dev.clone(),
-                vec![MemCopyChunk {
-                    src_offset: 0,
-                    size,
-                    dst_offset: 0,
-                    handle_idx: 0,
-                }],
-            )]),
+            one(&dev, mc(0, size, 0, 0)),
             HashMap::from([(dev.clone(), vec![buf.handle()])]),
         )
         .await
@@ -334,25 +312,12 @@ async fn damaged_bytes_and_tampered_indexes_are_never_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_million_copies_of_the_model_are_refused_before_any_work() {
-    let tmp = tempfile::tempdir().unwrap();
-    let storage = tmp.path().join("models");
-    let tensors = tensors_of(300 << 10, 51);
-    save_model(tmp.path(), &storage, "o/m", &tensors, "1MiB");
-    let daemon = Daemon::start(
-        tmp.path(),
-        &storage,
-        &["--mem-pool-size", "4MiB", "--chunk-size", "64KiB"],
-    );
+    let (_tmp, _storage, daemon) = one_model("o/m", &tensors_of(300 << 10, 51), &[]);
     let mut client = daemon.client().await;
     let dev = client.server_config().await.unwrap().device_uuids[0].clone();
     let size = client.register("o/m").await.unwrap();
     let buf = ShmBuffer::create(Path::new(SHM), size).unwrap();
-    let whole = MemCopyChunk {
-        src_offset: 0,
-        size,
-        dst_offset: 0,
-        handle_idx: 0,
-    };
+    let whole = mc(0, size, 0, 0);
     let e = client
         .load_to_devices(
             "o/m",
@@ -370,10 +335,7 @@ async fn a_million_copies_of_the_model_are_refused_before_any_work() {
     );
     // Twice the model (tensors sharing storage copied twice) is allowed.
     let twice = ShmBuffer::create(Path::new(SHM), 2 * size).unwrap();
-    let second = MemCopyChunk {
-        dst_offset: size,
-        ..whole
-    };
+    let second = mc(0, size, size, 0);
     client.load_to_host("o/m").await.unwrap();
     client
         .load_to_devices(
@@ -454,12 +416,7 @@ async fn the_work_of_all_replicas_is_bounded_and_none_copies_past_its_deadline()
     let bufs: Vec<ShmBuffer> = (0..2)
         .map(|_| ShmBuffer::create(Path::new(SHM), size).unwrap())
         .collect();
-    let whole = MemCopyChunk {
-        src_offset: 0,
-        size,
-        dst_offset: 0,
-        handle_idx: 0,
-    };
+    let whole = mc(0, size, 0, 0);
     let copies: HashMap<String, Vec<MemCopyChunk>> =
         devs.iter().map(|d| (d.clone(), vec![whole])).collect();
     let handles: HashMap<String, Vec<Vec<u8>>> = devs
