@@ -46,7 +46,10 @@ impl HashPool {
                 .name("sllm-hash".into())
                 .spawn(move || {
                     for job in rx {
-                        job();
+                        // A job that panics must not take the thread (and
+                        // every later load's hashing) with it; the job's
+                        // own guards settle what it leaves.
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
                     }
                 })?;
         }
@@ -207,6 +210,9 @@ impl LoadCheck {
         b: usize,
         settle: &mut dyn FnMut(usize, Result<SharedChunk, IoError>),
     ) {
+        // Counts the block as done however this returns, a panic included,
+        // so that `finish` never waits forever.
+        let _done = BlockDone(self);
         let (p, in_part) = self.blocks[b];
         let block_bytes = self.sums.block_bytes;
         let block_start = in_part as u64 * block_bytes;
@@ -261,8 +267,13 @@ impl LoadCheck {
         for (c, result) in decided {
             settle(c, result);
         }
-        lock(&self.state).hashing -= 1;
-        self.idle.notify_all();
+    }
+
+    /// Gives up on block `b` without hashing it (the load is being
+    /// cancelled or has failed): its chunks stay held, and
+    /// [`finish`](Self::finish) fails them.
+    pub fn skip_block(&self, _b: usize) {
+        drop(BlockDone(self));
     }
 
     /// Waits for the blocks being hashed, then fails the chunks still held:
@@ -289,6 +300,16 @@ impl LoadCheck {
     /// Submits `job` to the hashing threads.
     pub fn submit(&self, job: impl FnOnce() + Send + 'static) {
         self.pool.submit(Box::new(job));
+    }
+}
+
+/// Marks one block's hashing as over when dropped.
+struct BlockDone<'a>(&'a LoadCheck);
+
+impl Drop for BlockDone<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.state).hashing -= 1;
+        self.0.idle.notify_all();
     }
 }
 

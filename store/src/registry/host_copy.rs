@@ -163,8 +163,18 @@ impl HostCopy {
         for block in released.blocks {
             let this = Arc::clone(self);
             check.submit(move || {
-                if let Some(check) = &this.check {
-                    check.hash_block(block, &mut |chunk_no, result| this.settle(chunk_no, result));
+                let Some(check) = &this.check else { return };
+                if this.cancel.load(Ordering::Relaxed) {
+                    // The load failed or is being dropped: no use hashing,
+                    // and the copy's chunks should return to the pool soon.
+                    check.skip_block(block);
+                    return;
+                }
+                let hashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    check.hash_block(block, &mut |chunk_no, result| this.settle(chunk_no, result))
+                }));
+                if hashed.is_err() {
+                    this.fail_pending(IoError::Engine("a checksum thread panicked".into()));
                 }
             });
         }
@@ -172,7 +182,11 @@ impl HostCopy {
 
     fn settle(&self, chunk_no: usize, result: Result<SharedChunk, IoError>) {
         let mut slots = lock(&self.slots);
-        let Some(slot) = slots.get_mut(chunk_no) else {
+        // A chunk settles once: what waiters saw never changes.
+        let Some(slot) = slots
+            .get_mut(chunk_no)
+            .filter(|s| matches!(s, Slot::Pending))
+        else {
             return;
         };
         *slot = match result {

@@ -221,6 +221,9 @@ pub enum HostState {
 
 /// A registered model's layout, as read from one version of its files.
 struct ModelInfo {
+    /// When the reading began ([`Table::reads`]): of two readings of one
+    /// model racing each other, the one begun later is at least as fresh.
+    read_ticket: u64,
     stamp: ModelStamp,
     partitions: Partitions,
     spans: Arc<[ChunkSpan]>,
@@ -280,6 +283,8 @@ impl ModelEntry {
 struct Table {
     models: HashMap<String, ModelEntry>,
     clock: u64,
+    /// Readings of models begun so far.
+    reads: u64,
     shutting_down: bool,
 }
 
@@ -384,11 +389,22 @@ impl Registry {
         {
             return Ok(Arc::clone(&entry.info));
         }
-        let info = Arc::new(self.index_model(&id, stamp.real_dir())?);
+        let ticket = {
+            let mut table = self.table();
+            table.reads += 1;
+            table.reads
+        };
+        let info = Arc::new(self.index_model(&id, stamp.real_dir(), ticket)?);
         let mut table = self.table();
         let clock = table.clock;
         match table.models.get_mut(model) {
-            Some(entry) if entry.info.stamp == info.stamp => return Ok(Arc::clone(&entry.info)),
+            // The same files, or a reading begun after this one installed
+            // already: keep it (and the copy in the pool made from it).
+            Some(entry)
+                if entry.info.stamp == info.stamp || entry.info.read_ticket > info.read_ticket =>
+            {
+                return Ok(Arc::clone(&entry.info));
+            }
             Some(entry) => {
                 metrics::counter!("sllm_models_reread_total").increment(1);
                 if entry.host.is_some() {
@@ -456,9 +472,19 @@ impl Registry {
     }
 
     /// Reads the model in `real` (its canonical directory).
-    fn index_model(&self, id: &ModelId, real: &Path) -> Result<ModelInfo, RegistryError> {
+    fn index_model(
+        &self,
+        id: &ModelId,
+        real: &Path,
+        read_ticket: u64,
+    ) -> Result<ModelInfo, RegistryError> {
         let on_disk = OnDisk::read(real, self.cfg.verify_checksums).map_err(|e| match e {
             OnDiskError::Io { path, source } => self.unreadable(id, &path, source),
+            OnDiskError::Symlink { path } => RegistryError::Escapes {
+                model: id.to_string(),
+                path,
+                root: self.cfg.storage_root.clone(),
+            },
             source => RegistryError::OnDisk {
                 model: id.to_string(),
                 source,
@@ -472,19 +498,6 @@ impl Registry {
         if partitions.is_empty() {
             return Err(self.not_found(id));
         }
-        // A partition that is a symlink could lead anywhere; they are also
-        // opened with O_NOFOLLOW at load time, so a later swap fails too.
-        for p in partitions.iter() {
-            let meta =
-                std::fs::symlink_metadata(&p.path).map_err(|e| self.unreadable(id, &p.path, e))?;
-            if meta.file_type().is_symlink() {
-                return Err(RegistryError::Escapes {
-                    model: id.to_string(),
-                    path: p.path.clone(),
-                    root: self.cfg.storage_root.clone(),
-                });
-            }
-        }
         if self.cfg.verify_checksums && checksums.is_none() {
             tracing::warn!(
                 model = %id,
@@ -495,6 +508,7 @@ impl Registry {
         let spans: Arc<[ChunkSpan]> =
             chunk_spans(partitions.iter().map(|p| p.size), self.pool.chunk_bytes()).into();
         Ok(ModelInfo {
+            read_ticket,
             stamp,
             size: partitions.total_size(),
             partitions,

@@ -9,8 +9,12 @@
 //!
 //! [`OnDisk::read`] reads what the daemon needs to serve a model (its
 //! partitions, the manifest's block checksums, the index checked against the
-//! manifest) between two stamps, and retries until both are equal: what it
-//! returns belongs to one version of the model, never a mix of two.
+//! manifest) between two stamps, and retries until both are equal, whatever
+//! the reading found, errors included: a model swapped mid-read is read
+//! again, never called damaged. What it returns belongs to one version of
+//! the model. (A directory swapped out and back again between the two stamps
+//! would go unseen; saves never bring an old directory back, and a load
+//! checks each partition it opens against its stamp anyway.)
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -92,6 +96,8 @@ pub enum OnDiskError {
     Manifest(#[from] ManifestError),
     #[error("{}", .0.join("; "))]
     Mismatch(Vec<String>),
+    #[error("{path} is a symbolic link; partitions must be regular files")]
+    Symlink { path: PathBuf },
     #[error(
         "{dir} changed {READ_ATTEMPTS} times while it was being read; wait for the save \
          writing it to finish, then load it again"
@@ -111,29 +117,59 @@ impl OnDisk {
         };
         for _ in 0..READ_ATTEMPTS {
             let before = ModelStamp::read(real_dir).map_err(io_err(real_dir))?;
-            let partitions = Partitions::discover(real_dir).map_err(io_err(real_dir))?;
-            let manifest = if checksums {
-                Manifest::read(real_dir)?
-            } else {
-                None
-            };
-            let checksums = match manifest {
-                Some(manifest) => Some(Arc::new(check_manifest(real_dir, &manifest, &partitions)?)),
-                None => None,
-            };
+            let attempt = read_once(real_dir, checksums);
             let after = ModelStamp::read(real_dir).map_err(io_err(real_dir))?;
-            if before == after {
-                return Ok(Self {
-                    stamp: after,
-                    partitions,
-                    checksums,
-                });
+            // Whatever the attempt found, errors included, counts only if
+            // the model held still while it was read: a save swapping it in
+            // meanwhile must not look like damage.
+            if before != after {
+                continue;
             }
+            let (partitions, checksums) = attempt?;
+            return Ok(Self {
+                stamp: after,
+                partitions,
+                checksums,
+            });
         }
         Err(OnDiskError::KeptChanging {
             dir: real_dir.to_owned(),
         })
     }
+}
+
+/// One reading of the partitions and (with `checksums`) the manifest.
+fn read_once(
+    real_dir: &Path,
+    checksums: bool,
+) -> Result<(Partitions, Option<Arc<BlockSums>>), OnDiskError> {
+    let partitions = Partitions::discover(real_dir).map_err(|source| OnDiskError::Io {
+        path: real_dir.to_owned(),
+        source,
+    })?;
+    // A partition that is a symlink could lead anywhere; they are also
+    // opened with O_NOFOLLOW at load time, so a later swap fails too.
+    for p in partitions.iter() {
+        let meta = std::fs::symlink_metadata(&p.path).map_err(|source| OnDiskError::Io {
+            path: p.path.clone(),
+            source,
+        })?;
+        if meta.file_type().is_symlink() {
+            return Err(OnDiskError::Symlink {
+                path: p.path.clone(),
+            });
+        }
+    }
+    let manifest = if checksums {
+        Manifest::read(real_dir)?
+    } else {
+        None
+    };
+    let sums = match manifest {
+        Some(manifest) => Some(Arc::new(check_manifest(real_dir, &manifest, &partitions)?)),
+        None => None,
+    };
+    Ok((partitions, sums))
 }
 
 /// The manifest's checksums, once the index and partitions agree with it.
@@ -270,6 +306,55 @@ mod tests {
         f.set_len(4096).unwrap();
         let err = OnDisk::read(&dir, true).unwrap_err().to_string();
         assert!(err.contains("but the manifest says"), "{err}");
+    }
+
+    #[test]
+    fn a_model_swapped_while_it_is_read_is_read_again_not_called_damaged() {
+        use rustix::fs::{CWD, RenameFlags, renameat_with};
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("m");
+        std::fs::create_dir(&dir).unwrap();
+        write_model(&dir, 10_000, 4096);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (mut read, mut changing, mut wrong) = (0, 0, Vec::new());
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                // What `save --force` does, as fast as it can: a new version
+                // (of another size, so a mix of two would look like damage)
+                // swapped in, the old one deleted.
+                for round in 0u64.. {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let next = tmp.path().join(format!("v{round}"));
+                    std::fs::create_dir(&next).unwrap();
+                    write_model(&next, if round % 2 == 0 { 30_000 } else { 10_000 }, 4096);
+                    renameat_with(CWD, &next, CWD, &dir, RenameFlags::EXCHANGE).unwrap();
+                    std::fs::remove_dir_all(&next).unwrap();
+                }
+            });
+            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(700);
+            while std::time::Instant::now() < deadline {
+                match OnDisk::read(&dir, true) {
+                    Ok(on_disk) => {
+                        let size = on_disk.partitions.total_size();
+                        let blocks = on_disk.checksums.map(|s| s.partitions[0].len() as u64);
+                        if blocks != Some(size.div_ceil(4096)) {
+                            wrong.push(format!("{size} bytes with {blocks:?} blocks"));
+                        }
+                        read += 1;
+                    }
+                    Err(OnDiskError::KeptChanging { .. }) => changing += 1,
+                    Err(e) => wrong.push(e.to_string()),
+                }
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        eprintln!("{read} whole reads, {changing} that kept changing");
+        assert!(
+            wrong.is_empty(),
+            "a model swapped under the read: {wrong:?}"
+        );
     }
 
     #[test]

@@ -192,9 +192,11 @@ fn run_device_copy(
         if pieces.is_empty() {
             continue;
         }
-        let chunk = host
-            .wait_chunk_or_abort(i, abort, deadline)
-            .map_err(|e| e.to_string())?;
+        let chunk = match host.wait_chunk_or_abort(i, abort, deadline) {
+            Ok(chunk) => chunk,
+            Err(_) if Instant::now() >= deadline => return Err(late()),
+            Err(e) => return Err(e.to_string()),
+        };
         for p in pieces {
             if abort.load(Ordering::Relaxed) {
                 return Err(aborted());
