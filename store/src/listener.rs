@@ -66,6 +66,10 @@ const RECHECK: Duration = Duration::from_millis(250);
 /// A connection told to close that is still open after this long (its
 /// task has not run) is given up on, and another one is picked.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// A connection told to close that is not reading (its peer does not read
+/// what the daemon writes, so hyper is stuck writing) has its writes fail
+/// after this long: it cannot hold its place by never reading.
+const FORCE_CLOSE_AFTER: Duration = Duration::from_secs(1);
 /// The at-the-limit notes are logged at most this often.
 const NOTE_EVERY: Duration = Duration::from_secs(60);
 
@@ -246,6 +250,7 @@ impl Connections {
             last_active: Mutex::new(Instant::now()),
             closing: AtomicBool::new(false),
             reader: Mutex::new(None),
+            writer: Mutex::new(None),
         });
         let open = {
             let mut open = lock(&self.open);
@@ -259,6 +264,7 @@ impl Connections {
             id,
             connections: Arc::clone(self),
             eof: false,
+            force_close: None,
             _permit: permit,
         }
     }
@@ -283,6 +289,8 @@ pub struct ConnState {
     closing: AtomicBool,
     /// Woken to deliver the close to a read that is waiting.
     reader: Mutex<Option<Waker>>,
+    /// Woken to deliver the close to a write that is waiting.
+    writer: Mutex<Option<Waker>>,
 }
 
 impl ConnState {
@@ -302,8 +310,10 @@ impl ConnState {
 
     fn close(&self) {
         self.closing.store(true, Ordering::SeqCst);
-        if let Some(waker) = lock(&self.reader).take() {
-            waker.wake();
+        for slot in [&self.reader, &self.writer] {
+            if let Some(waker) = lock(slot).take() {
+                waker.wake();
+            }
         }
     }
 
@@ -321,10 +331,18 @@ impl ConnState {
     }
 
     fn park_reader(&self, waker: &Waker) {
-        let mut slot = lock(&self.reader);
-        if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
-            *slot = Some(waker.clone());
-        }
+        park(&self.reader, waker);
+    }
+
+    fn park_writer(&self, waker: &Waker) {
+        park(&self.writer, waker);
+    }
+}
+
+fn park(slot: &Mutex<Option<Waker>>, waker: &Waker) {
+    let mut slot = lock(slot);
+    if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+        *slot = Some(waker.clone());
     }
 }
 
@@ -357,7 +375,33 @@ pub struct Conn<IO> {
     connections: Arc<Connections>,
     /// End-of-file was delivered: the connection is closing for good.
     eof: bool,
+    /// Started when a write first sees the connection told to close: when
+    /// it fires, writes fail ([`FORCE_CLOSE_AFTER`]).
+    force_close: Option<Pin<Box<tokio::time::Sleep>>>,
     _permit: OwnedSemaphorePermit,
+}
+
+impl<IO> Conn<IO> {
+    /// Whether writes must fail now: told to close, still idle, and not
+    /// closed by its reads within [`FORCE_CLOSE_AFTER`]. Arms the timer (so
+    /// that it wakes the writer) on the first call after the close.
+    fn write_refused(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.state.should_close() {
+            self.force_close = None;
+            return false;
+        }
+        let timer = self
+            .force_close
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(FORCE_CLOSE_AFTER)));
+        timer.as_mut().poll(cx).is_ready()
+    }
+
+    fn refused() -> io::Error {
+        io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            "closed to make room for another connection (--max-connections)",
+        )
+    }
 }
 
 impl<IO> Drop for Conn<IO> {
@@ -405,7 +449,15 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Conn<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        if this.write_refused(cx) {
+            return Poll::Ready(Err(Self::refused()));
+        }
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        if polled.is_pending() {
+            this.state.park_writer(cx.waker());
+        }
+        polled
     }
 
     fn poll_write_vectored(
@@ -413,7 +465,15 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Conn<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        if this.write_refused(cx) {
+            return Poll::Ready(Err(Self::refused()));
+        }
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if polled.is_pending() {
+            this.state.park_writer(cx.waker());
+        }
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -421,7 +481,11 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Conn<IO> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        if this.write_refused(cx) {
+            return Poll::Ready(Err(Self::refused()));
+        }
+        Pin::new(&mut this.io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -801,6 +865,37 @@ mod tests {
             .expect("room once one closed");
         assert!(fourth.is_some());
         drop(also_busy);
+    }
+
+    #[tokio::test]
+    async fn a_connection_told_to_close_that_never_reads_cannot_keep_its_place() {
+        use tokio_stream::StreamExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // A client that never reads: the daemon's writes to it back up.
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let mut incoming = incoming(listener, Connections::with_min_idle(1, Duration::ZERO));
+        let mut conn = incoming.next().await.unwrap().unwrap();
+        let state = conn.connect_info().0;
+        let writing = tokio::spawn(async move {
+            // What hyper does for a peer flooding it with PINGs: keeps writing
+            // (and so never reads, and never sees end-of-file).
+            let piece = vec![0u8; 64 << 10];
+            loop {
+                if let Err(e) = conn.write_all(&piece).await {
+                    return e;
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!writing.is_finished(), "the writes are stuck, not failing");
+        state.close();
+        let e = tokio::time::timeout(FORCE_CLOSE_AFTER * 5, writing)
+            .await
+            .expect("the stuck writes fail soon after the close")
+            .unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::BrokenPipe, "{e}");
     }
 
     #[tokio::test]

@@ -38,6 +38,8 @@ use crate::placement::{self, PlacementError, Target};
 pub const STAGING_DIR: &str = ".sllm-staging";
 const LOCK_SUFFIX: &str = ".lock";
 const OLD_SUFFIX: &str = ".old";
+/// Marks what a save could not put back: never cleaned up automatically.
+const STRANDED_SUFFIX: &str = ".stranded";
 /// Longest wait for another save's publish (a few renames and stats).
 const PUBLISH_LOCK_WAIT: Duration = Duration::from_secs(60);
 
@@ -277,9 +279,20 @@ impl Staging {
         }
     }
 
-    /// What was at `target` could not be put back from `kept`: never delete it.
+    /// What was at `target` could not be put back from `kept`: never delete
+    /// it. It is renamed with a suffix that [`clean_stale`] leaves alone, so
+    /// no later save removes it either.
     fn strand(&mut self, target: &Path, kept: PathBuf, source: io::Error) -> PublishError {
         self.stranded = true;
+        let mut marked = kept.clone().into_os_string();
+        marked.push(STRANDED_SUFFIX);
+        let kept = match fs::rename(&kept, &marked) {
+            Ok(()) => PathBuf::from(marked),
+            Err(e) => {
+                tracing::error!(path = %kept.display(), error = %e, "could not mark it as stranded either");
+                kept
+            }
+        };
         tracing::error!(target = %target.display(), kept = %kept.display(), error = %source, "could not put back what was at the model's path");
         PublishError::Stranded {
             target: target.to_owned(),
@@ -367,7 +380,7 @@ pub fn clean_stale(base: &Path) -> io::Result<usize> {
         }
     }
     for name in &names {
-        if name.ends_with(LOCK_SUFFIX) {
+        if name.ends_with(LOCK_SUFFIX) || name.ends_with(STRANDED_SUFFIX) {
             continue;
         }
         let stem = name.strip_suffix(OLD_SUFFIX).unwrap_or(name);
@@ -489,10 +502,16 @@ mod tests {
         fs::create_dir(base.join("dead.1.2.0")).unwrap();
         fs::create_dir(base.join("orphan.3.4.0")).unwrap();
         fs::write(base.join("orphan.3.4.0/x"), "x").unwrap();
+        // What a save could not put back is someone's data: never removed.
+        fs::create_dir(base.join("lost.5.6.0.old.stranded")).unwrap();
         assert_eq!(clean_stale(&base).unwrap(), 2);
         assert!(live.path().exists(), "a running save's directory survives");
         assert!(!base.join("dead.1.2.0").exists() && !base.join("orphan.3.4.0").exists());
         drop(live);
-        assert_eq!(fs::read_dir(&base).unwrap().count(), 0);
+        let left: Vec<_> = fs::read_dir(&base)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["lost.5.6.0.old.stranded"]);
     }
 }
