@@ -48,21 +48,32 @@ def load_consistently(model_path: str, storage_path: "str | None", load_once: Ca
     """Runs `load_once(index)` and returns its result if the model's index is
     the same file after the load as before it. The daemon serves the files
     on disk when it is asked, so an unchanged index means the bytes loaded
-    match the index the tensors are built from; a model re-saved meanwhile
-    (`sllm-store save --force`) is loaded once more, then refused."""
+    match the index the tensors are built from. A model re-saved meanwhile
+    (`sllm-store save --force`) is loaded once more, whether the first load
+    failed or not (a failure may be the re-save's doing), then refused."""
     for _attempt in range(2):
         index, before = _read_index_stamped(model_path, storage_path)
-        result = load_once(index)
         try:
-            after = _stamp(os.stat(_index_path(model_path, storage_path)))
-        except FileNotFoundError:
-            after = None
-        if after == before:
+            result = load_once(index)
+        except SllmStoreError:
+            if _current_stamp(model_path, storage_path) == before:
+                raise
+            continue
+        if _current_stamp(model_path, storage_path) == before:
             return result
+        # Let go of the stale tensors (GPU memory) before loading again.
+        del result
     raise SllmStoreError(
         f"{model_path} changed on disk during two loads in a row (a `sllm-store save --force` "
         "running?); wait for it to finish, then load again"
     )
+
+
+def _current_stamp(model_path: str, storage_path: "str | None"):
+    try:
+        return _stamp(os.stat(_index_path(model_path, storage_path)))
+    except FileNotFoundError:
+        return None
 
 
 def load_dict_host(

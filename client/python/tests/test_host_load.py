@@ -91,3 +91,25 @@ def test_a_resave_during_a_load_is_loaded_again_or_refused(tmp_path, storage, da
         load_consistently("org/r", str(storage), load_while_resaving)
     # Once the saves stop, the next attempt of a load is consistent.
     check(load_consistently("org/r", str(storage), load_while_resaving), versions[2])
+
+
+def test_a_load_that_fails_because_of_a_resave_is_loaded_again(tmp_path, storage, daemon):
+    small = random_tensors(40, [("w", "torch.float32", (64, 64))])
+    large = random_tensors(41, [("w", "torch.float32", (64, 64)), ("v", "torch.float32", (256, 256))])
+    save_model(tmp_path, storage, "org/grow", small)
+    attempts = []
+
+    def load_after_a_resave(index):
+        attempts.append(len(index))
+        if len(attempts) == 1:
+            # The model grows after its index was read: the plan no longer
+            # matches it, and the daemon refuses it or serves other bytes.
+            save_model(tmp_path, storage, "org/grow", large, force=True, tag="-large")
+            raise sllm_client.SllmStoreError("the first attempt failed")
+        return _load_dict_host("org/grow", index, daemon.addr, "mirrored")
+
+    check(load_consistently("org/grow", str(storage), load_after_a_resave), large)
+    assert attempts == [1, 2]
+    # An error with the model unchanged is the caller's to see.
+    with pytest.raises(sllm_client.SllmStoreError, match="unknown layout"):
+        load_consistently("org/grow", str(storage), lambda index: _load_dict_host("org/grow", index, daemon.addr, "x"))
