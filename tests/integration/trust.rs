@@ -472,6 +472,12 @@ async fn the_work_of_all_replicas_is_bounded_and_none_copies_past_its_deadline()
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(stopped, "the replica stopped by itself at its deadline");
+    let e = client.confirm("o/m", "late").await.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("still copying at the replica's deadline"),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
