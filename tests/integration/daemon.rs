@@ -624,6 +624,9 @@ fn sigterm_during_a_load_and_a_client_killed_mid_load() {
     );
     let small = tensors_of(256 << 10, 22);
     save_model(tmp.path(), &storage, "o/small", &small, "8MiB");
+    // The killed client cannot remove its buffer: keep it where the test's
+    // cleanup removes it.
+    let shm = tempfile::tempdir_in(SHM).unwrap();
     let mut daemon = Daemon::start(
         tmp.path(),
         &storage,
@@ -636,6 +639,8 @@ fn sigterm_during_a_load_and_a_client_killed_mid_load() {
             "pread",
             "--num-thread",
             "1",
+            "--host-shm-dir",
+            shm.path().to_str().unwrap(),
         ],
     );
 
