@@ -24,3 +24,10 @@ pub mod save;
 pub mod server;
 pub mod staging;
 pub mod synth;
+
+/// Locks `m`, ignoring poisoning: every update under the daemon's locks
+/// leaves its data consistent, and one panicked thread must not wedge the
+/// daemon.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -196,10 +196,7 @@ impl DeviceBackend for CudaBackend {
         // Whole chunks per piece: a chunk never straddles two registrations.
         let chunk = pool.chunk_bytes();
         let piece_bytes = (REGISTER_PIECE_BYTES / chunk).max(1) * chunk;
-        let mut registered = inner
-            .registered
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut registered = crate::lock(&inner.registered);
         let mut offset = 0;
         while offset < len {
             let piece = piece_bytes.min(len - offset);

@@ -129,25 +129,24 @@ impl ModelFiles {
                 .custom_flags(nofollow)
                 .open(&p.path)
                 .map_err(open_err)?;
-            let meta = buffered.metadata().map_err(open_err)?;
-            if FileStamp::of(&meta) != p.stamp {
-                return Err(IoError::Changed {
-                    path: p.path.clone(),
-                });
-            }
+            // Each open is by path: each must find the file discovered.
+            let unchanged = |file: &File| -> Result<(), IoError> {
+                match file.metadata() {
+                    Ok(meta) if FileStamp::of(&meta) == p.stamp => Ok(()),
+                    Ok(_) => Err(IoError::Changed {
+                        path: p.path.clone(),
+                    }),
+                    Err(e) => Err(open_err(e)),
+                }
+            };
+            unchanged(&buffered)?;
             let direct = match std::fs::OpenOptions::new()
                 .read(true)
                 .custom_flags(nofollow | rustix::fs::OFlags::DIRECT.bits() as i32)
                 .open(&p.path)
             {
                 Ok(f) => {
-                    // Opened by path a second time: it must still be the same file.
-                    let same = f.metadata().is_ok_and(|m| FileStamp::of(&m) == p.stamp);
-                    if !same {
-                        return Err(IoError::Changed {
-                            path: p.path.clone(),
-                        });
-                    }
+                    unchanged(&f)?;
                     Some(f)
                 }
                 Err(e) => {

@@ -20,9 +20,9 @@ use crossbeam_channel::{Receiver, Sender};
 use sllm_format::manifest::checksum_hex;
 use xxhash_rust::xxh3::Xxh3;
 
-use super::lock;
 use super::on_disk::BlockSums;
 use crate::io::{ChunkSpan, IoError};
+use crate::lock;
 use crate::pool::SharedChunk;
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -32,7 +32,6 @@ type Job = Box<dyn FnOnce() + Send>;
 #[derive(Clone)]
 pub struct HashPool {
     jobs: Sender<Job>,
-    threads: usize,
 }
 
 impl HashPool {
@@ -53,12 +52,7 @@ impl HashPool {
                     }
                 })?;
         }
-        Ok(Self { jobs, threads })
-    }
-
-    /// Number of hashing threads.
-    pub fn threads(&self) -> usize {
-        self.threads
+        Ok(Self { jobs })
     }
 
     fn submit(&self, job: Job) {
@@ -155,11 +149,6 @@ impl LoadCheck {
             state: Mutex::new(state),
             idle: Condvar::new(),
         }
-    }
-
-    /// The hashing threads to run [`hash_block`](Self::hash_block) on.
-    pub fn pool(&self) -> &HashPool {
-        &self.pool
     }
 
     /// A chunk landed (or failed) on the io thread. Failures pass through at

@@ -9,8 +9,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use super::checksums::{LoadCheck, Released};
-use super::lock;
 use crate::io::{ChunkSpan, IoEngine, IoError, ModelFiles, chunk_reads};
+use crate::lock;
 use crate::pool::{ChunkLease, SharedChunk};
 use sllm_format::partitions::Partitions;
 

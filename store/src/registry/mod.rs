@@ -41,6 +41,7 @@ use self::on_disk::{BlockSums, ModelStamp, OnDisk, OnDiskError};
 use self::replica::{DeviceCopy, Replica, ReplicaStatus};
 use crate::device::{DeviceBackend, DeviceError};
 use crate::io::{ChunkSpan, IoEngine, IoError, chunk_spans};
+use crate::lock;
 use crate::pool::HostPool;
 
 /// How long a ConfirmModel that timed out waits for the aborted copies to
@@ -304,13 +305,6 @@ impl Table {
                 model: model.into(),
             })
     }
-}
-
-/// Locks, ignoring poisoning: every update under the registry's locks
-/// leaves the data consistent, and one panicked thread must not wedge the
-/// daemon.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The daemon's state.

@@ -17,8 +17,8 @@ use tokio::sync::watch;
 
 use super::copy_plan::CopyPlan;
 use super::host_copy::HostCopy;
-use super::lock;
 use crate::device::{DeviceInfo, DeviceTarget};
+use crate::lock;
 
 /// Where a replica stands.
 #[derive(Clone, Debug, PartialEq)]
