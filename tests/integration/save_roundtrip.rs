@@ -82,6 +82,20 @@ fn sharded_input_many_partitions_and_other_files() {
     std::fs::write(src.join("original/consolidated.00.pth"), "weights").unwrap();
     std::fs::write(src.join("pytorch_model.bin"), "weights").unwrap();
     std::fs::write(src.join(".gitattributes"), "x").unwrap();
+    // A sentence-transformers model: vLLM reads its modules' folders,
+    // weights included.
+    std::fs::write(
+        src.join("modules.json"),
+        r#"[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}]"#,
+    )
+    .unwrap();
+    std::fs::create_dir_all(src.join("1_Pooling")).unwrap();
+    std::fs::write(src.join("1_Pooling/config.json"), "{}").unwrap();
+    std::fs::create_dir_all(src.join("2_Dense")).unwrap();
+    std::fs::write(src.join("2_Dense/config.json"), "{}").unwrap();
+    std::fs::write(src.join("2_Dense/model.safetensors"), "dense").unwrap();
 
     let storage = tmp.path().join("models");
     let out = run_ok(
@@ -115,7 +129,15 @@ fn sharded_input_many_partitions_and_other_files() {
             t.name
         );
     }
-    for copied in ["config.json", "tokenizer.json", "original/params.json"] {
+    for copied in [
+        "config.json",
+        "tokenizer.json",
+        "original/params.json",
+        "modules.json",
+        "1_Pooling/config.json",
+        "2_Dense/config.json",
+        "2_Dense/model.safetensors",
+    ] {
         assert!(model.join(copied).is_file(), "{copied} copied");
     }
     for skipped in [

@@ -143,7 +143,8 @@ impl SourceCheckpoint {
         };
         check_unique_names(&files)?;
         let mut extra_files = Vec::new();
-        collect_extra_files(dir, Path::new(""), &mut extra_files)?;
+        let modules = sentence_transformers_modules(dir);
+        collect_extra_files(dir, Path::new(""), &modules, &mut extra_files)?;
         extra_files.sort();
         Ok(Self {
             dir: dir.to_owned(),
@@ -334,6 +335,30 @@ fn check_unique_names(files: &[SafetensorsFile]) -> Result<(), ImportError> {
     Ok(())
 }
 
+/// The sub-folders that a sentence-transformers `modules.json` names (its
+/// modules other than the transformer itself, e.g. `1_Pooling`,
+/// `2_Dense`). None when there is no such file or it cannot be read: then
+/// only the weights are left out of sub-folders as everywhere.
+fn sentence_transformers_modules(dir: &Path) -> Vec<PathBuf> {
+    #[derive(Deserialize)]
+    struct Module {
+        #[serde(default)]
+        path: String,
+    }
+    std::fs::read(dir.join("modules.json"))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Vec<Module>>(&bytes).ok())
+        .into_iter()
+        .flatten()
+        .map(|m| PathBuf::from(m.path))
+        .filter(|p| {
+            !p.as_os_str().is_empty()
+                && p.components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)))
+        })
+        .collect()
+}
+
 /// True for weights in any format (and their shard indexes).
 pub fn is_weight_file(name: &str) -> bool {
     WEIGHT_SUFFIXES.iter().any(|s| name.ends_with(s))
@@ -345,8 +370,16 @@ pub fn is_weight_file(name: &str) -> bool {
 /// (they could loop); symlinked files are (the HF cache links to blobs), and
 /// a broken one is an error, since the model would not start without it. So
 /// is a FIFO, socket or device: copying it would block or make no sense, and
-/// skipping it could leave the model without a file it needs.
-fn collect_extra_files(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<(), ImportError> {
+/// skipping it could leave the model without a file it needs. Weight files
+/// inside the folders of sentence-transformers modules (`modules`) are
+/// copied: vLLM reads them (a `2_Dense/model.safetensors`). Other weights in
+/// sub-folders (`original/consolidated.00.pth`) are not.
+fn collect_extra_files(
+    root: &Path,
+    rel: &Path,
+    modules: &[PathBuf],
+    out: &mut Vec<PathBuf>,
+) -> Result<(), ImportError> {
     let dir = root.join(rel);
     for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
         let entry = entry.map_err(io_err(&dir))?;
@@ -356,16 +389,18 @@ fn collect_extra_files(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Resul
         let text = name.to_string_lossy();
         let rel_path = rel.join(&name);
         let path = entry.path();
-        if text.starts_with('.') || is_weight_file(&text) {
+        let top_level = rel.as_os_str().is_empty();
+        let in_module = modules.iter().any(|m| rel.starts_with(m));
+        if text.starts_with('.') || (is_weight_file(&text) && !in_module) {
             continue;
         }
-        if rel.as_os_str().is_empty() && name.to_str().is_some_and(is_store_file_name) {
+        if top_level && name.to_str().is_some_and(is_store_file_name) {
             tracing::warn!(file = %path.display(), "not copying a file whose name the store uses itself");
             continue;
         }
         let file_type = entry.file_type().map_err(io_err(&path))?;
         if file_type.is_dir() {
-            collect_extra_files(root, &rel_path, out)?;
+            collect_extra_files(root, &rel_path, modules, out)?;
             continue;
         }
         match std::fs::metadata(&path) {
