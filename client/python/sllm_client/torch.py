@@ -4,24 +4,24 @@ torch, shared with the daemon by CUDA IPC handle, tensors built over it with
 the index's shape, stride and dtype.
 
 Needs torch with CUDA and a daemon started with --device cuda on this
-machine. (Not yet run on a GPU: see the README.)
+machine. The IPC handles come from the CUDA driver (`cuda_driver`), not
+from torch's private format, so any torch from 2.1 on works.
 """
 
 from typing import Dict, Union
 
-from .client import CopyChunk, StoreClient
+from . import cuda_driver
+from .client import StoreClient
 from .dtypes import torch_dtype
 from .errors import SllmStoreError
 from .host import load_consistently
+from .into import Region, default_window_bytes, fill, stored_tensor
 from .plan import plan
 
 
 def device_uuid(index: int) -> str:
     """The protocol's UUID of CUDA device `index` (lower-case 8-4-4-4-12)."""
-    import torch
-
-    text = str(torch.cuda.get_device_properties(index).uuid).lower()
-    return text.removeprefix("gpu-")
+    return cuda_driver.device_uuid(index)
 
 
 def load_dict(
@@ -30,20 +30,25 @@ def load_dict(
     storage_path: "str | None" = None,
     server: "str | None" = None,
     layout: str = "mirrored",
+    window_bytes: "int | None" = None,
 ):
     """Loads every tensor of `model_path` onto the GPUs of `device_map`
-    (tensor-name prefix -> CUDA device index; {"": 0} puts all on cuda:0)."""
+    (tensor-name prefix -> CUDA device index; {"": 0} puts all on cuda:0).
+    Memory torch's allocator cannot share (expandable segments) is loaded
+    through a staging buffer of at most `window_bytes` per device."""
     import torch
 
     if not torch.cuda.is_available():
         raise SllmStoreError("load_dict needs CUDA; on a machine without a GPU use load_dict_host")
     device_map = {"": 0} if device_map is None else device_map
     return load_consistently(
-        model_path, storage_path, lambda index: _load_dict(model_path, index, device_map, server, layout)
+        model_path,
+        storage_path,
+        lambda index: _load_dict(model_path, index, device_map, server, layout, window_bytes),
     )
 
 
-def _load_dict(model_path: str, index: dict, device_map, server: "str | None", layout: str):
+def _load_dict(model_path: str, index: dict, device_map, server: "str | None", layout: str, window_bytes):
     import torch
 
     indices = {prefix: int(str(d).removeprefix("cuda:")) for prefix, d in device_map.items()}
@@ -57,28 +62,26 @@ def _load_dict(model_path: str, index: dict, device_map, server: "str | None", l
             )
         missing = [u for u in uuids.values() if u not in config.device_uuids]
         if missing:
-            raise SllmStoreError(f"the daemon does not serve GPUs {missing}: is it on this machine?")
-        client.load_to_host(model_path)
+            raise SllmStoreError(
+                f"the daemon at {client.server} does not serve GPUs {missing}: is it on this machine, "
+                "and does it see these GPUs (CUDA_VISIBLE_DEVICES)?"
+            )
         p = plan(index, {prefix: uuids[i] for prefix, i in indices.items()}, layout)
         by_uuid = {u: i for i, u in uuids.items()}
-        buffers, copies, handles = {}, {}, {}
+        buffers, regions = {}, []
         for b in p.buffers:
             buf = torch.empty(max(b.size, 1), dtype=torch.uint8, device=f"cuda:{by_uuid[b.device]}")
-            # The IPC handle names the whole cudaMalloc block the caching
-            # allocator carved this buffer from; copies land at its offset.
-            _dev, handle, _size, offset, *_ = buf.untyped_storage()._share_cuda_()
             buffers[b.device] = buf
-            handles[b.device] = [bytes(handle)]
-            copies[b.device] = [CopyChunk(c.src_offset, c.size, c.dst_offset + offset) for c in b.copies]
-        torch.cuda.synchronize()
-        client.load_replica(model_path, copies, handles)
+            regions += [Region(c, c.src_offset, c.size, buf[c.dst_offset: c.dst_offset + c.size]) for c in b.copies]
+        model_bytes = sum(int(e[1]) for e in index.values())
+        fill(client, model_path, regions, window_bytes or default_window_bytes(model_bytes))
     out = {}
-    for name, (_offset, size, shape, stride, dtype) in index.items():
+    for name, entry in index.items():
         place = p.tensors[name]
-        dt = torch_dtype(dtype)
         buf = buffers[place.device]
+        size = int(entry[1])
         if size == 0:
-            out[name] = torch.empty(shape, dtype=dt, device=buf.device)
+            out[name] = torch.empty(entry[2], dtype=torch_dtype(entry[4]), device=buf.device)
         else:
-            out[name] = buf[place.offset:place.offset + size].view(dt).as_strided(shape, stride)
+            out[name] = stored_tensor(buf[place.offset:place.offset + size], entry)
     return out

@@ -1,7 +1,7 @@
 """load_model: ServerlessLLM's headline API. Builds the model from its
 config.json without allocating weights, then binds the tensors loaded by
 load_dict (tied weights re-tied), so `from_pretrained` users swap one call.
-Needs torch with CUDA and transformers. (Not yet run on a GPU.)"""
+Needs torch with CUDA and transformers. On a GPU it runs in bench/gpu/check.sh."""
 
 import os
 
@@ -11,7 +11,6 @@ from .torch import load_dict
 
 
 def load_model(model_path, device_map="auto", torch_dtype=None, storage_path=None, server=None):
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = os.path.join(resolve_storage_path(storage_path), model_path)

@@ -5,11 +5,16 @@ unpatched vLLM.
 
 Two layouts are served:
 - `<model>/rank_<r>/tensor_index.json` (ServerlessLLM's vLLM saver): vLLM
-  parameter names, assigned to the model's parameters;
-- `<model>/tensor_index.json` (`sllm-store save`): checkpoint names, fed to
-  the model's `load_weights`.
-The layout and name logic has no vLLM dependency and is unit-tested; the
-loader itself has not been run against a real vLLM yet (see the README)."""
+  parameter names, loaded straight into the model's parameters;
+- `<model>/tensor_index.json` (`sllm-store save`): checkpoint names. Those
+  vLLM would copy 1:1 with its default loader land straight in their
+  parameters; the rest (fused qkv/gate_up, sharded, padded) is fed to the
+  model's `load_weights` from a bounded staging window (`into.py`).
+On vLLM's CUDA platform the daemon must run with --device cuda; on its CPU
+platform, with --device host. The model directory must be under the
+daemon's storage path, given to vLLM's processes as STORAGE_PATH.
+Tested inside vLLM's CPU build (tests/vllm); the CUDA path's core is
+driven with a transformers model by bench/gpu/check.sh."""
 
 import logging
 import os
@@ -17,6 +22,7 @@ from typing import Tuple
 
 from .client import resolve_storage_path
 from .errors import SllmStoreError
+from .into import load_into_module
 
 LOAD_FORMAT = "serverless_llm"
 logger = logging.getLogger(__name__)
@@ -49,14 +55,61 @@ def detect_layout(model_dir: str, rank: int) -> Tuple[str, str]:
     )
 
 
+def _direct_accept(weight_loader_default):
+    """Which parameters of the root layout (checkpoint names) may be filled
+    without the model's `load_weights`: those it would fill with vLLM's
+    default loader anyway, a plain copy of the same shape. Sharded, fused,
+    padded and quantized parameters have loaders of their own."""
+
+    def accept(_name, param) -> bool:
+        return getattr(param, "weight_loader", weight_loader_default) is weight_loader_default
+
+    return accept
+
+
+def load_weights_into(model, model_dir: str, rank: int, quantized: bool = False, window_bytes=None):
+    """The plugin's core, outside vLLM's classes: loads the stored model
+    that vLLM was pointed at (`model_dir`) into `model` for
+    tensor-parallel rank `rank`. Returns the LoadReport."""
+    kind, sub = detect_layout(model_dir, rank)
+    model_id = model_id_for(model_dir)
+    if kind == "rank":
+        report, loaded = load_into_module(model, f"{model_id}/{sub}", window_bytes=window_bytes)
+        what = f"{model_id}/{sub}"
+    else:
+        from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+        report, loaded = load_into_module(
+            model, model_id, weights_loader=model.load_weights, accept=_direct_accept(default_weight_loader),
+            window_bytes=window_bytes,
+        )
+        what = model_id
+    params = {name for name, _p in model.named_parameters()}
+    missing = sorted(params - loaded)
+    if missing and not quantized:
+        raise SllmStoreError(
+            f"{what} left {len(missing)} parameter(s) of the model unset, e.g. {missing[:5]}: "
+            "is it the model vLLM was asked to serve (and, for rank_<r>/, saved for this tensor-parallel size)?"
+        )
+    logger.info("sllm-store: loaded %s (rank %d): %s", what, rank, report.summary())
+    return report
+
+
 def register():
     """Entry point: called by vLLM in every process it starts."""
+    global logger
     try:
         from vllm.model_executor.model_loader import register_model_loader
         from vllm.model_executor.model_loader.base_loader import BaseModelLoader
     except ImportError as e:
         logger.warning("sllm-store: this vLLM has no register_model_loader (%s); --load-format %s is unavailable", e, LOAD_FORMAT)
         return
+    try:  # vLLM prints the records of its own loggers only
+        from vllm.logger import init_logger
+
+        logger = init_logger("vllm.sllm_store")
+    except ImportError:
+        pass
 
     @register_model_loader(LOAD_FORMAT)
     class ServerlessLLMLoader(BaseModelLoader):
@@ -64,23 +117,9 @@ def register():
             detect_layout(model_config.model, 0)
 
         def load_weights(self, model, model_config) -> None:
-            import torch
             from vllm.distributed import get_tensor_model_parallel_rank
 
-            from .torch import load_dict
-
-            rank = get_tensor_model_parallel_rank()
-            kind, sub = detect_layout(model_config.model, rank)
-            model_id = model_id_for(model_config.model)
-            device = torch.cuda.current_device()
-            if kind == "rank":
-                tensors = load_dict(f"{model_id}/{sub}", {"": device})
-                params = dict(model.named_parameters())
-                unknown = [n for n in tensors if n not in params]
-                if unknown:
-                    raise SllmStoreError(f"{model_id}/{sub} holds tensors this model lacks: {unknown[:5]}")
-                with torch.no_grad():
-                    for name, tensor in tensors.items():
-                        params[name].data.copy_(tensor)
-            else:
-                model.load_weights(load_dict(model_id, {"": device}).items())
+            load_weights_into(
+                model, model_config.model, get_tensor_model_parallel_rank(),
+                quantized=model_config.quantization is not None,
+            )

@@ -1,7 +1,14 @@
-"""load_dict and load_model on a real GPU: torch allocates, shares the
-memory by CUDA IPC handle, the daemon (--device cuda) copies into it, and
-every tensor must equal its source. Skipped where torch or CUDA is missing
-(CI has neither; bench/gpu/check.sh runs these on a GPU machine)."""
+"""load_dict, load_model and load_into_module on a real GPU: torch
+allocates, the CUDA driver exports the memory by IPC handle, the daemon
+(--device cuda) copies into it, and every tensor must equal its source.
+bench/gpu/check.sh runs this file twice: with torch's default allocator,
+and with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, whose memory
+cannot be exported and is loaded through a staging buffer. Skipped where
+torch or CUDA is missing (CI has neither). Figures (peak memory) go to
+$OUT/cuda-figures.jsonl when OUT is set."""
+
+import json
+import os
 
 import pytest
 
@@ -41,13 +48,41 @@ def test_every_dtype_lands_on_the_gpu(tmp_path, storage, gpu_daemon, layout):
         assert raw_bytes(t) == raw, name
 
 
+def expandable() -> bool:
+    return "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "").lower()
+
+
+def record(**figures):
+    figures["allocator"] = "expandable_segments" if expandable() else "default"
+    print(json.dumps(figures))
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "cuda-figures.jsonl"), "a") as f:
+            f.write(json.dumps(figures) + "\n")
+
+
+def test_the_allocator_setting_decides_the_path():
+    from sllm_client import cuda_driver
+
+    t = torch.empty(8 << 20, dtype=torch.uint8, device="cuda")
+    if expandable():
+        with pytest.raises(cuda_driver.NotShareable, match="expandable_segments"):
+            cuda_driver.share(t.data_ptr(), 0)
+    else:
+        base, handle = cuda_driver.share(t.data_ptr(), 0)
+        assert len(handle) == cuda_driver.IPC_HANDLE_BYTES and base <= t.data_ptr()
+        # torch's own handle, whatever its prefix, ends with the driver's.
+        theirs = bytes(t.untyped_storage()._share_cuda_()[1])
+        assert theirs.endswith(handle), (len(theirs), theirs[:4])
+
+
 def test_second_load_is_served_from_the_pool_and_equal(tmp_path, storage, gpu_daemon):
     tensors = random_tensors(3, [(f"w{i}", "torch.bfloat16", (512, 300 + i)) for i in range(8)])
     save_model(tmp_path, storage, "org/twice", tensors)
     first = sllm_client.load_dict("org/twice", storage_path=str(storage), server=gpu_daemon.addr)
     second = sllm_client.load_dict("org/twice", storage_path=str(storage), server=gpu_daemon.addr)
     for name in tensors:
-        assert torch.equal(first[name], second[name]), name
+        # Bytes, not torch.equal: random bf16 holds NaNs, and NaN != NaN.
+        assert raw_bytes(first[name]) == raw_bytes(second[name]) == tensors[name][2], name
         assert first[name].data_ptr() != second[name].data_ptr(), name
 
 
@@ -81,3 +116,50 @@ def test_load_model_matches_from_pretrained(tmp_path, storage, gpu_daemon):
     with torch.no_grad():
         got, want = model(ids).logits, reference(ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_load_into_an_existing_model_without_a_second_copy(tmp_path, storage, gpu_daemon):
+    """The vLLM plugin's GPU core, driven with a transformers model: the
+    weights land in the parameters the model already has."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+        num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    reference = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    src = tmp_path / "llama"
+    reference.save_pretrained(src, safe_serialization=True)
+    import subprocess
+
+    from conftest import binary
+
+    subprocess.run([binary(), "save", "--model", "org/llama", "--local-model-path", str(src),
+                    "--storage-path", str(storage)], check=True, capture_output=True)
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).cuda().eval()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    report, loaded = sllm_client.load_into_module(model, "org/llama", storage_path=str(storage),
+                                                  server=gpu_daemon.addr)
+    torch.cuda.synchronize()
+    torch_extra = torch.cuda.max_memory_allocated() - before
+    assert loaded == {n for n, _ in model.named_parameters()}
+    ids = torch.randint(0, 32000, (2, 33), device="cuda")
+    with torch.no_grad():
+        got = model(ids).logits
+        want = reference.cuda().eval()(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    budget = max(weights // 20, 1 << 30)
+    record(test="load_into_module", weights_bytes=weights, direct_bytes=report.direct_bytes,
+           staged_bytes=report.staged_bytes, staging_bytes=report.staging_bytes, torch_extra_bytes=torch_extra,
+           requests=report.requests, seconds=round(report.seconds, 4), budget_bytes=budget)
+    # Peak extra GPU memory: the staging window (cuMemAlloc, outside torch's
+    # count) plus whatever torch allocated during the load.
+    assert report.staging_bytes + torch_extra <= budget
+    if expandable():
+        assert report.direct_bytes == 0 and report.not_shareable
+    else:
+        assert report.staged_bytes == 0 and report.direct_bytes == weights

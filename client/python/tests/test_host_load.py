@@ -4,7 +4,6 @@ import concurrent.futures
 import socket
 
 import ml_dtypes
-import numpy as np
 import pytest
 
 import sllm_client

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from sllm_client import SllmStoreError, plan
+from sllm_client import CopyChunk, SllmStoreError, plan
 from sllm_client._proto import messages
 
 
@@ -72,3 +72,37 @@ def test_embedded_descriptor_matches_proto():
     fresh = descriptor_pb2.FileDescriptorProto.FromString(gen_proto.serialized_descriptor())
     embedded = descriptor_pb2.FileDescriptorProto.FromString(SERIALIZED_FILE_DESCRIPTOR)
     assert fresh == embedded, "proto/storage.proto changed: run python3 client/python/tools/gen_proto.py"
+
+
+def test_staging_windows_are_bounded_aligned_and_in_model_order():
+    from sllm_client.into import ALIGN, Piece, _windows
+
+    pieces = [Piece(("t", 0), 10_000, 5000), Piece(("u", 0), 0, 300), Piece(("v", 0), 20_000, 1)]
+    windows = _windows(pieces, 2048, split=True)
+    flat = [(p, at) for w in windows for p, at in w]
+    # Every byte once, in model order, cut where a piece is larger than a window.
+    assert [(p.key, p.src_offset, p.size) for p, _ in flat] == [
+        (("u", 0), 0, 300), (("t", 0), 10_000, 2048), (("t", 2048), 12_048, 2048), (("t", 4096), 14_096, 904),
+        (("v", 0), 20_000, 1),
+    ]
+    for w in windows:
+        assert all(at % ALIGN == 0 and at + p.size <= 2048 for p, at in w)
+    whole = _windows([Piece("big", 0, 5000), Piece("small", 6000, 10)], 4096, split=False)
+    assert [[(p.key, at) for p, at in w] for w in whole] == [[("big", 0)], [("small", 0)]]
+
+
+def test_direct_copies_send_each_allocation_once_and_at_most_64_per_request():
+    from sllm_client.into import direct_batches
+
+    items = [(CopyChunk(i * 10, 10, 0), bytes([i % 100]) * 64) for i in range(150)]
+    items.append((CopyChunk(5000, 10, 64), bytes([0]) * 64))  # a second tensor in allocation 0
+    batches = direct_batches({"gpu-a": items, "gpu-b": items[:3]})
+    assert [len(h["gpu-a"]) for _c, h in batches] == [64, 36]
+    assert len(batches[0][1]["gpu-b"]) == 3
+    sent = {}
+    for copies, handles in batches:
+        for uuid, cs in copies.items():
+            for c in cs:
+                sent.setdefault(uuid, []).append((c.src_offset, handles[uuid][c.handle_idx], c.dst_offset))
+    assert sorted(sent["gpu-a"]) == sorted((c.src_offset, h, c.dst_offset) for c, h in items)
+    assert len(sent["gpu-b"]) == 3
