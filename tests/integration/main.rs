@@ -14,3 +14,4 @@ mod save_bad_input;
 mod save_roundtrip;
 mod trust;
 mod verify;
+mod vllm;

@@ -1,0 +1,51 @@
+//! The real-vLLM tier (slow: run by `cargo test --workspace -- --include-ignored`).
+//! `tests/vllm/venv.sh` makes, once, a cached venv with vLLM's CPU build;
+//! then, with that venv's Python and this build's `sllm-store`:
+//! - tests/vllm: the plugin inside vLLM (greedy tokens, both layouts, an
+//!   embedding model, `vllm serve` over HTTP, bad input);
+//! - client/python/tests: the whole Python suite again, now with torch, so
+//!   the torch paths that run on CPU (loading into a module through the host
+//!   backend) run too.
+
+use std::path::Path;
+use std::process::Command;
+
+fn pytest(python: &Path, root: &Path, dir: &str) {
+    let out = Command::new(python)
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", dir])
+        .current_dir(root)
+        .env("SLLM_STORE_BIN", env!("CARGO_BIN_EXE_sllm-store"))
+        .env("PYTHONPATH", root.join("client/python"))
+        .output()
+        .expect("the venv's python runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tail = &text[text.len().saturating_sub(20_000)..];
+    assert!(out.status.success(), "pytest {dir} failed:\n{tail}");
+    println!("pytest {dir}: {}", text.lines().last().unwrap_or_default());
+}
+
+#[test]
+#[ignore = "slow tier (real vLLM, CPU build; installs a cached venv): cargo test -- --include-ignored"]
+fn vllm_plugin_inside_real_vllm() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace root");
+    let made = Command::new("bash")
+        .arg(root.join("tests/vllm/venv.sh"))
+        .output()
+        .expect("bash runs");
+    assert!(
+        made.status.success(),
+        "tests/vllm/venv.sh failed (it needs PyPI):\n{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&made.stdout);
+    let venv = stdout.lines().last().expect("venv.sh prints the venv");
+    let python = Path::new(venv).join("bin/python");
+    pytest(&python, root, "tests/vllm");
+    pytest(&python, root, "client/python/tests");
+}
