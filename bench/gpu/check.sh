@@ -7,8 +7,13 @@
 # Starts the daemon with --device cuda, loads a synthetic model into GPU
 # memory allocated by a separate client process (IPC handle), copies it back
 # and compares every byte with the files; records nvidia-smi and the figures
-# under $OUT (or ./gpu-check-out). Then the PCIe ceiling (h2d.py) and the
-# Python client's CUDA tests (load_dict, load_model against from_pretrained).
+# under $OUT (or ./gpu-check-out). Then the Python client against the same
+# daemon: load_dict against safetensors.torch.load_file(device="cuda"), cold
+# and warm (python_load.py). Then the PCIe ceiling (h2d.py) and the Python
+# client's CUDA tests (every dtype in both layouts, load_model against
+# from_pretrained, loading into an existing model's parameters with its peak
+# memory), once with torch's default allocator and once with
+# expandable_segments, whose memory goes through a staging buffer.
 set -euo pipefail
 size=${1:-4GiB}
 bin=${SLLM_BIN:-target/release}
@@ -31,8 +36,18 @@ for layout in mirrored packed; do
             | tee -a "$out/loads.jsonl"
     done
 done
+here="$(cd "$(dirname "$0")" && pwd)"
+export PYTHONPATH="$here/../../client/python"
+timeout 240 python3 "$here/python_load.py" "$work/checkpoint" "$work/models" demo/llama-synthetic \
+    127.0.0.1:18073 2 | tee "$out/python-load.jsonl" || echo "python_load.py failed: $?"
 kill -TERM $daemon; wait $daemon || true
-python3 "$(dirname "$0")/h2d.py" 1024 5 | tee "$out/h2d.json"
-SLLM_STORE_BIN="$(realpath "$bin")/sllm-store" PYTHONPATH="$(dirname "$0")/../../client/python" \
-    python3 -m pytest -q "$(dirname "$0")/../../client/python/tests" 2>&1 | tee "$out/pytest.log"
-echo "GPU check done: $out"
+python3 "$here/h2d.py" 1024 5 | tee "$out/h2d.json"
+export SLLM_STORE_BIN="$(realpath "$bin")/sllm-store" OUT="$(realpath "$out")"
+status=0
+for alloc in "" "expandable_segments:True"; do
+    echo "== pytest, PYTORCH_CUDA_ALLOC_CONF=$alloc" | tee -a "$out/pytest.log"
+    env ${alloc:+PYTORCH_CUDA_ALLOC_CONF=$alloc} timeout 240 python3 -m pytest -q -p no:cacheprovider \
+        "$here/../../client/python/tests" 2>&1 | tee -a "$out/pytest.log" || status=1
+done
+echo "GPU check done: $out (pytest status $status)"
+exit $status
