@@ -21,25 +21,27 @@ fn python_client_suite() {
         "the Python client's test dependencies are missing: run \
          `python3 -m pip install -e 'client/python[test]'` (CI does)"
     );
-    let out = Command::new("python3")
-        .args([
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "client/python/tests",
-        ])
+    pytest(Path::new("python3"), root, "client/python/tests");
+}
+
+/// Runs the pytest files under `dir` (relative to the workspace `root`)
+/// with `python`, against this build's `sllm-store`; panics with the tail
+/// of pytest's output if any fails.
+pub fn pytest(python: &Path, root: &Path, dir: &str) {
+    let out = Command::new(python)
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", dir])
         .current_dir(root)
         .env("SLLM_STORE_BIN", env!("CARGO_BIN_EXE_sllm-store"))
         .env("PYTHONPATH", root.join("client/python"))
         .output()
-        .expect("python3 runs");
+        .unwrap_or_else(|e| panic!("{} runs: {e}", python.display()));
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "pytest failed:\n{text}");
-    println!("{text}");
+    let skip = text.chars().count().saturating_sub(20_000);
+    let tail: String = text.chars().skip(skip).collect();
+    assert!(out.status.success(), "pytest {dir} failed:\n{tail}");
+    println!("pytest {dir}: {}", text.lines().last().unwrap_or_default());
 }

@@ -10,23 +10,7 @@
 use std::path::Path;
 use std::process::Command;
 
-fn pytest(python: &Path, root: &Path, dir: &str) {
-    let out = Command::new(python)
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", dir])
-        .current_dir(root)
-        .env("SLLM_STORE_BIN", env!("CARGO_BIN_EXE_sllm-store"))
-        .env("PYTHONPATH", root.join("client/python"))
-        .output()
-        .expect("the venv's python runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let tail = &text[text.len().saturating_sub(20_000)..];
-    assert!(out.status.success(), "pytest {dir} failed:\n{tail}");
-    println!("pytest {dir}: {}", text.lines().last().unwrap_or_default());
-}
+use crate::python::pytest;
 
 #[test]
 #[ignore = "slow tier (real vLLM, CPU build; installs a cached venv): cargo test -- --include-ignored"]

@@ -5,27 +5,20 @@ tests/vllm/venv.sh) run in its own process per engine."""
 
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(ROOT, "client", "python", "tests"))
 
 import models  # noqa: E402
-
-
-def binary() -> str:
-    path = os.environ.get("SLLM_STORE_BIN") or os.path.join(ROOT, "target", "debug", "sllm-store")
-    if not os.path.exists(path):
-        pytest.fail(f"{path} not found: build it with `cargo build -p sllm-store` or set SLLM_STORE_BIN")
-    return path
+from store_process import Daemon, binary  # noqa: E402
 
 
 def save(src, storage, model_id):
@@ -35,37 +28,6 @@ def save(src, storage, model_id):
     )
 
 
-class Daemon:
-    def __init__(self, storage, *extra):
-        self.proc = subprocess.Popen(
-            [binary(), "start", "--port", "0", "--storage-path", str(storage), "--device", "host",
-             "--mem-pool-size", "256MiB", "--chunk-size", "1MiB", *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"},
-        )
-        self.lines, ready = [], threading.Event()
-
-        def pump():
-            for line in self.proc.stderr:
-                self.lines.append(line)
-                m = re.search(r"listening on (127\.0\.0\.1:\d+)", line)
-                if m:
-                    self.addr = m.group(1)
-                    ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not ready.wait(30):
-            self.proc.kill()
-            pytest.fail("the daemon did not get ready: " + "".join(self.lines))
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
 class Store:
     """The session's storage path, daemon and models."""
 
@@ -73,7 +35,7 @@ class Store:
         self.work = work
         self.storage = work / "models"
         self.storage.mkdir()
-        self.daemon = Daemon(self.storage)
+        self.daemon = Daemon(self.storage, pool="256MiB", chunk="1MiB")
         self.llama_src = models.tiny_llama(str(work / "src-llama"))
         save(self.llama_src, self.storage, "org/tiny")
         self.bert_src = models.tiny_sentence_bert(str(work / "src-bert"))

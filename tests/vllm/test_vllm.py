@@ -175,7 +175,7 @@ def test_a_daemon_elsewhere_is_named(store, monkeypatch, tmp_path):
     # A daemon on another host: its shared-memory directory is not here.
     shm = tmp_path / "shm"
     shm.mkdir()
-    other = Daemon(store.storage, "--host-shm-dir", str(shm))
+    other = Daemon(store.storage, "--host-shm-dir", str(shm), pool="256MiB", chunk="1MiB")
     try:
         shm.rmdir()
         monkeypatch.setenv("SLLM_STORE_ADDR", other.addr)

@@ -4,22 +4,11 @@ made by `save`."""
 
 import json
 import os
-import re
 import subprocess
-import threading
 
 import numpy as np
 import pytest
-
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-
-
-def binary() -> str:
-    path = os.environ.get("SLLM_STORE_BIN") or os.path.join(ROOT, "target", "debug", "sllm-store")
-    if not os.path.exists(path):
-        pytest.fail(f"{path} not found: build it with `cargo build -p sllm-store` or set SLLM_STORE_BIN")
-    return path
-
+from store_process import Daemon, binary  # noqa: F401 (tests import them from here)
 
 ST_DTYPES = {
     "torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float32": "F32", "torch.float64": "F64",
@@ -95,38 +84,6 @@ def save_model(tmp_path, storage, model, tensors, partition_size="1MiB", extra=N
          "--partition-size", partition_size] + (["--force"] if force else []),
         check=True, capture_output=True, env={**os.environ, "RUST_LOG": "warn"},
     )
-
-
-class Daemon:
-    def __init__(self, storage, *extra, device="host"):
-        self.proc = subprocess.Popen(
-            [binary(), "start", "--port", "0", "--storage-path", str(storage), "--device", device,
-             "--mem-pool-size", "64MiB", "--chunk-size", "256KiB", *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"},
-        )
-        self.lines = []
-        ready = threading.Event()
-
-        def pump():
-            for line in self.proc.stderr:
-                self.lines.append(line)
-                m = re.search(r"listening on (127\.0\.0\.1:\d+)", line)
-                if m:
-                    self.addr = m.group(1)
-                    ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not ready.wait(30):
-            self.proc.kill()
-            pytest.fail("the daemon did not get ready: " + "".join(self.lines))
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 import sllm_client  # noqa: E402
-from conftest import ALL, Daemon, random_tensors, save_model  # noqa: E402
+from conftest import ALL, Daemon, binary, random_tensors, save_model  # noqa: E402
 from sllm_client.errors import SllmStoreError  # noqa: E402
 
 
@@ -92,22 +92,29 @@ def test_host_daemon_is_refused_with_a_clear_error(tmp_path, storage, daemon):
         sllm_client.load_dict("org/h", storage_path=str(storage), server=daemon.addr)
 
 
+def saved_llama(tmp_path, storage, model_id, config, dtype):
+    """A seeded Llama of `config`, saved with `sllm-store save` as
+    `model_id`; returns the model (on the CPU)."""
+    import subprocess
+
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(dtype)
+    src = tmp_path / model_id.replace("/", "-")
+    model.save_pretrained(src, safe_serialization=True)
+    subprocess.run([binary(), "save", "--model", model_id, "--local-model-path", str(src),
+                    "--storage-path", str(storage)], check=True, capture_output=True)
+    return model
+
+
 def test_load_model_matches_from_pretrained(tmp_path, storage, gpu_daemon):
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
     )
-    torch.manual_seed(0)
-    reference = transformers.LlamaForCausalLM(config).to(torch.float32)
-    src = tmp_path / "tiny-llama"
-    reference.save_pretrained(src, safe_serialization=True)
-    import subprocess
-
-    from conftest import binary
-
-    subprocess.run([binary(), "save", "--model", "org/tiny-llama", "--local-model-path", str(src),
-                    "--storage-path", str(storage)], check=True, capture_output=True)
+    reference = saved_llama(tmp_path, storage, "org/tiny-llama", config, torch.float32)
     model = sllm_client.load_model("org/tiny-llama", torch_dtype=torch.float32, storage_path=str(storage),
                                    server=gpu_daemon.addr)
     reference = reference.cuda().eval()
@@ -126,16 +133,7 @@ def test_load_into_an_existing_model_without_a_second_copy(tmp_path, storage, gp
         vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
         num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
-    reference = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
-    src = tmp_path / "llama"
-    reference.save_pretrained(src, safe_serialization=True)
-    import subprocess
-
-    from conftest import binary
-
-    subprocess.run([binary(), "save", "--model", "org/llama", "--local-model-path", str(src),
-                    "--storage-path", str(storage)], check=True, capture_output=True)
+    reference = saved_llama(tmp_path, storage, "org/llama", config, torch.bfloat16)
     torch.manual_seed(1)
     model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).cuda().eval()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
