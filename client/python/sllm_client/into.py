@@ -196,9 +196,10 @@ def stream(
     if span <= window_bytes:
         half, halves = span, 1  # all in one window
     elif split or largest <= window_bytes // 2:
-        half, halves = max(window_bytes // 2, ALIGN), 2  # one half fills while the other is consumed
+        half, halves = window_bytes // 2, 2  # one half fills while the other is consumed
     else:
         half, halves = max(window_bytes, largest), 1  # a tensor too large to double-buffer
+    half = max(-(-half // ALIGN) * ALIGN, ALIGN)  # each half starts aligned for every dtype
     windows = _windows(pieces, half, split)
     halves = min(halves, len(windows))
     config = client.server_config()
@@ -232,10 +233,12 @@ def stream(
                 pending = issue(k + 1)
     finally:
         if pending is not None:
-            # Never free memory the daemon may still be writing into.
+            # Never free memory the daemon may still be writing into: wait
+            # for the copy in flight (callers close this generator while
+            # their client is open).
             try:
                 client.confirm(model_path, pending)
-            except SllmStoreError:
+            except Exception:  # noqa: BLE001 (the load already failed; say why, not this)
                 pass
         staging.close()
 
@@ -294,9 +297,13 @@ def fill(
     for index, rs in staged.items():
         uuid = cuda_driver.device_uuid(index) if config.device_backend == "cuda" else config.device_uuids[0]
         pieces = [Piece((i, 0), r.src_offset, r.size) for i, r in enumerate(rs)]
-        for piece, view in stream(client, model_path, uuid, index, pieces, window_bytes, split=True, report=report):
-            i, start = piece.key
-            rs[i].dst[start: start + piece.size].copy_(view)
+        views = stream(client, model_path, uuid, index, pieces, window_bytes, split=True, report=report)
+        try:
+            for piece, view in views:
+                i, start = piece.key
+                rs[i].dst[start: start + piece.size].copy_(view)
+        finally:
+            views.close()
     report.seconds += time.perf_counter() - started
     return report
 
@@ -410,9 +417,13 @@ def load_into(
         if direct:
             fill(client, model_path, direct, window_bytes, report)
         staged = [Piece(n, int(index[n][0]), int(index[n][1])) for n in list(copy_to) + through]
-        views = iter(())
+        views = (x for x in ())
         if any(p.size for p in staged):
-            views = stream(client, model_path, uuid, device.index, staged, window_bytes, report=report)
+            # What a weights loader is handed is copied out of the window, so
+            # the window gives up the largest such tensor to stay in budget.
+            handed = max((int(index[n][1]) for n in through), default=0)
+            window = max(window_bytes - handed, 1)
+            views = stream(client, model_path, uuid, device.index, staged, window, report=report)
 
         def handed_over():
             for piece in staged:
@@ -434,9 +445,12 @@ def load_into(
                     yield name, tensor.clone()
 
         rest = through_only()
-        if consume is not None:
-            consume(rest)
-        left = [name for name, _t in rest]
+        try:
+            if consume is not None:
+                consume(rest)
+            left = [name for name, _t in rest]
+        finally:
+            views.close()  # now, while the client is open: a copy may be in flight
         if left:
             raise SllmStoreError(f"the model's weight loader stopped before {left[:5]} ({len(left)} tensors)")
     report.seconds = time.perf_counter() - started

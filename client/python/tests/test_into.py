@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import ALL, random_tensors, save_model  # noqa: E402
+from conftest import ALL, Daemon, random_tensors, save_model  # noqa: E402
 from sllm_client import SllmStoreError, StoreClient, load_into_module, read_index  # noqa: E402
 from sllm_client.dtypes import torch_dtype  # noqa: E402
 from sllm_client.into import load_into  # noqa: E402
@@ -113,3 +113,29 @@ def test_mismatches_are_named(tmp_path, storage, daemon):
     with StoreClient(daemon.addr) as client:
         with pytest.raises(SllmStoreError, match="targets on one device"):
             load_into(client, "org/mm", index, {"a": torch.zeros(4, 4), "b": torch.zeros(4, device="meta")})
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_a_failing_weights_loader_fails_the_load_and_leaves_nothing(tmp_path, storage):
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    daemon = Daemon(storage, "--host-shm-dir", str(shm))
+    try:
+        tensors = random_tensors(8, [(f"t{i}", "torch.float32", (100, 50)) for i in range(16)])  # two halves
+        save_model(tmp_path, storage, "org/boom", tensors)
+
+        def boom(weights):
+            next(iter(weights))
+            raise ValueError("the loader failed")
+
+        with pytest.raises(ValueError, match="the loader failed"):
+            load_into_module(Named({}), "org/boom", weights_loader=boom, storage_path=str(storage),
+                             server=daemon.addr, window_bytes=300 << 10)
+        assert list(shm.iterdir()) == []
+        # The daemon is fine, and so is the next load.
+        kept = {}
+        load_into_module(Named({}), "org/boom", weights_loader=lambda ws: kept.update(ws),
+                         storage_path=str(storage), server=daemon.addr, window_bytes=300 << 10)
+        assert {n: raw(t) for n, t in kept.items()} == {n: t[2] for n, t in tensors.items()}
+    finally:
+        daemon.stop()
