@@ -160,10 +160,20 @@ def test_a_layout_for_another_tensor_parallel_size_is_refused(store, monkeypatch
     wrong = {n: (s[0] + 1,) + s[1:] if len(s) else s for n, s in shapes.items()}
     with pytest.raises(SllmStoreError, match="saved for another tensor-parallel size or model"):
         load_weights_into(Params(wrong), str(model_dir), rank=0)
+    # A model with a parameter the store lacks.
+    with pytest.raises(SllmStoreError, match=r"left 1 parameter\(s\) of the model unset, e.g. \['extra.weight'\]"):
+        load_weights_into(Params({**shapes, "extra.weight": (3,)}), str(model_dir), rank=0)
     # The right model loads, every byte.
     right = Params(shapes)
     report = load_weights_into(right, str(model_dir), rank=0)
     assert report.staged_bytes > 0 and report.direct_bytes == 0  # CPU: through shared memory
+    from safetensors.torch import load_file
+
+    source = load_file(str(store.work / "src-rank0" / "model.safetensors"))
+    params = dict(right.named_parameters())
+    assert set(params) == set(source)
+    for name, want in source.items():
+        assert torch.equal(params[name], want), name
 
 
 def test_a_daemon_elsewhere_is_named(store, monkeypatch, tmp_path):

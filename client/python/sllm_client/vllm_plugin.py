@@ -73,20 +73,30 @@ def load_weights_into(model, model_dir: str, rank: int, quantized: bool = False,
     tensor-parallel rank `rank`. Returns the LoadReport."""
     kind, sub = detect_layout(model_dir, rank)
     model_id = model_id_for(model_dir)
+    # Like vLLM's default loader: parameters left unset are an error for an
+    # unquantized model, when we can tell (the rank layout names them all;
+    # a model's load_weights says what it loaded by returning a set).
+    tracked = True
     if kind == "rank":
         report, loaded = load_into_module(model, f"{model_id}/{sub}", window_bytes=window_bytes)
         what = f"{model_id}/{sub}"
     else:
         from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
+        def weights_loader(weights):
+            nonlocal tracked
+            result = model.load_weights(weights)
+            tracked = isinstance(result, (set, frozenset))
+            return result
+
         report, loaded = load_into_module(
-            model, model_id, weights_loader=model.load_weights, accept=_direct_accept(default_weight_loader),
+            model, model_id, weights_loader=weights_loader, accept=_direct_accept(default_weight_loader),
             window_bytes=window_bytes,
         )
         what = model_id
     params = {name for name, _p in model.named_parameters()}
     missing = sorted(params - loaded)
-    if missing and not quantized:
+    if missing and tracked and not quantized:
         raise SllmStoreError(
             f"{what} left {len(missing)} parameter(s) of the model unset, e.g. {missing[:5]}: "
             "is it the model vLLM was asked to serve (and, for rank_<r>/, saved for this tensor-parallel size)?"
