@@ -2,7 +2,7 @@
 # GPU check (shared/DESIGN.md section 6), run on a lent device machine with
 # binaries built here: `cargo build --release` and carry target/release/.
 #
-#   bench/gpu/check.sh [size]        (default 4GiB)
+#   bench/gpu/check.sh [size]        (default 4GiB; its steps are time-boxed to finish within 6 minutes)
 #
 # Starts the daemon with --device cuda, loads a synthetic model into GPU
 # memory allocated by a separate client process (IPC handle), copies it back
@@ -38,7 +38,7 @@ for layout in mirrored packed; do
 done
 here="$(cd "$(dirname "$0")" && pwd)"
 export PYTHONPATH="$here/../../client/python"
-timeout 240 python3 "$here/python_load.py" "$work/checkpoint" "$work/models" demo/llama-synthetic \
+timeout 150 python3 "$here/python_load.py" "$work/checkpoint" "$work/models" demo/llama-synthetic \
     127.0.0.1:18073 2 | tee "$out/python-load.jsonl" || echo "python_load.py failed: $?"
 kill -TERM $daemon; wait $daemon || true
 python3 "$here/h2d.py" 1024 5 | tee "$out/h2d.json"
@@ -46,7 +46,7 @@ export SLLM_STORE_BIN="$(realpath "$bin")/sllm-store" OUT="$(realpath "$out")"
 status=0
 for alloc in "" "expandable_segments:True"; do
     echo "== pytest, PYTORCH_CUDA_ALLOC_CONF=$alloc" | tee -a "$out/pytest.log"
-    env ${alloc:+PYTORCH_CUDA_ALLOC_CONF=$alloc} timeout 240 python3 -m pytest -q -p no:cacheprovider \
+    env ${alloc:+PYTORCH_CUDA_ALLOC_CONF=$alloc} timeout 150 python3 -m pytest -q -p no:cacheprovider \
         "$here/../../client/python/tests" 2>&1 | tee -a "$out/pytest.log" || status=1
 done
 echo "GPU check done: $out (pytest status $status)"
