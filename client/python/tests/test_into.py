@@ -139,3 +139,12 @@ def test_a_failing_weights_loader_fails_the_load_and_leaves_nothing(tmp_path, st
         assert {n: raw(t) for n, t in kept.items()} == {n: t[2] for n, t in tensors.items()}
     finally:
         daemon.stop()
+
+
+def test_load_dict_without_cuda_points_to_the_host_backend(tmp_path, storage, daemon):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    import sllm_client
+
+    with pytest.raises(SllmStoreError, match="load_dict needs CUDA; on a machine without a GPU use load_dict_host"):
+        sllm_client.load_dict("org/any", storage_path=str(storage), server=daemon.addr)

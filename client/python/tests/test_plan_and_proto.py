@@ -106,3 +106,17 @@ def test_direct_copies_send_each_allocation_once_and_at_most_64_per_request():
                 sent.setdefault(uuid, []).append((c.src_offset, handles[uuid][c.handle_idx], c.dst_offset))
     assert sorted(sent["gpu-a"]) == sorted((c.src_offset, h, c.dst_offset) for c, h in items)
     assert len(sent["gpu-b"]) == 3
+
+
+def test_without_a_cuda_driver_the_error_says_what_to_use():
+    import ctypes
+
+    from sllm_client import cuda_driver
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        pytest.skip("this machine has a CUDA driver")
+    except OSError:
+        pass
+    with pytest.raises(SllmStoreError, match=r"libcuda.so.1\) cannot be loaded.*use load_dict_host"):
+        cuda_driver.device_uuid(0)
