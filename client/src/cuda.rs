@@ -6,6 +6,11 @@
 //! The daemon must be another process: CUDA refuses to open an IPC handle in
 //! the process that exported it.
 
+#![allow(
+    unsafe_code,
+    reason = "the client's CUDA buffers: driver calls, IPC handles, reads back; every block says why it is sound"
+)]
+
 use std::ffi::c_void;
 
 use cudarc::driver::sys as cu;

@@ -16,6 +16,11 @@
 //! - dropping the last handle returns the chunk to the free list; the mapping
 //!   outlives every lease because each lease holds the pool's `Arc`.
 
+#![allow(
+    unsafe_code,
+    reason = "the pinned pool: chunk slices over one mapping, and its page-locking; every block says why it is sound"
+)]
+
 use std::sync::{Arc, Mutex};
 
 use memmap2::{Advice, MmapMut, MmapOptions};

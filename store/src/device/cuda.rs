@@ -16,6 +16,11 @@
 //!   has been synchronized; the pool's mapping is kept alive until it is
 //!   unregistered.
 
+#![allow(
+    unsafe_code,
+    reason = "the CUDA backend: driver calls and IPC-mapped device memory; every block says why it is sound"
+)]
+
 use std::ffi::{CStr, c_void};
 use std::sync::{Arc, Mutex};
 

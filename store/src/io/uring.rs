@@ -28,6 +28,11 @@
 //!   fails), nothing new is submitted; reads already in flight are waited for
 //!   and only then are the chunks left unread reported as failed.
 
+#![allow(
+    unsafe_code,
+    reason = "the io_uring engine: buffers handed to the kernel until their completions; every block says why it is sound"
+)]
+
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
