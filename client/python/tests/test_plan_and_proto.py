@@ -120,3 +120,25 @@ def test_without_a_cuda_driver_the_error_says_what_to_use():
         pass
     with pytest.raises(SllmStoreError, match=r"libcuda.so.1\) cannot be loaded.*use load_dict_host"):
         cuda_driver.device_uuid(0)
+
+
+def test_the_python_planner_makes_the_golden_plans():
+    """The same vectors as client/tests/golden_plan.rs (tests/planner/golden.json)."""
+    import json
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "..")
+    with open(os.path.join(root, "tests", "planner", "golden.json")) as f:
+        golden = json.load(f)
+    assert len(golden["cases"]) >= 10
+    for case in golden["cases"]:
+        index = golden["indices"][case["index"]]
+        if "error" in case:
+            with pytest.raises(SllmStoreError) as e:
+                plan(index, case["device_map"], case["layout"])
+            assert str(e.value) == case["error"]
+            continue
+        p = plan(index, case["device_map"], case["layout"])
+        got = [{"device": b.device, "size": b.size, "copies": [[c.src_offset, c.size, c.dst_offset] for c in b.copies]}
+               for b in p.buffers]
+        assert got == case["buffers"], case
+        assert {n: [t.device, t.offset] for n, t in p.tensors.items()} == case["tensors"], case
