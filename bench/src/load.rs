@@ -31,7 +31,7 @@ use crate::engines::{EngineSettings, memcpy, our_engine, pwrite_shm, reference_p
 use crate::fio::{self, FioJob};
 use crate::machine::Machine;
 use crate::peers;
-use crate::report::{Header, OutputArgs, Sample, median};
+use crate::report::{Header, OutputArgs, Sample, median, median_f64};
 
 #[derive(Args, Debug)]
 pub struct LoadArgs {
@@ -410,7 +410,7 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
     let at_model_size = startup_at_model_size.into_inner();
     let mut pool_startup = vec![PoolStartup {
         pool_bytes: pool_for_model.parse()?,
-        median_s: median_f64(&at_model_size),
+        median_s: median_f64(at_model_size.iter().copied()).unwrap_or(0.0),
         runs_s: at_model_size,
     }];
     pool_startup.extend(measure_startups(
@@ -666,17 +666,11 @@ fn measure_startups(
         }
         out.push(PoolStartup {
             pool_bytes: size,
-            median_s: median_f64(&runs_s),
+            median_s: median_f64(runs_s.iter().copied()).unwrap_or(0.0),
             runs_s,
         });
     }
     Ok(out)
-}
-
-fn median_f64(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn markdown(r: &Results) -> String {

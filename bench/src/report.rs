@@ -71,11 +71,26 @@ fn stat_cpu_s(path: &str, first: usize) -> f64 {
     }
 }
 
-/// The median of `samples` by wall time (the upper one of an even count).
+/// The median of `items` by `key` (the upper one of an even count): the one
+/// median of the benchmarks. None when there are no items.
+pub fn median_by<T: Copy>(
+    items: impl IntoIterator<Item = T>,
+    key: impl Fn(&T) -> f64,
+) -> Option<T> {
+    let mut sorted: Vec<T> = items.into_iter().collect();
+    sorted.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    sorted.get(sorted.len() / 2).copied()
+}
+
+/// The median of numbers (the upper one of an even count).
+pub fn median_f64(values: impl IntoIterator<Item = f64>) -> Option<f64> {
+    median_by(values, |v| *v)
+}
+
+/// The median of `samples` by wall time; `samples` is never empty (every
+/// scenario runs at least once).
 pub fn median(samples: &[Sample]) -> Sample {
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(|a, b| a.wall_s.total_cmp(&b.wall_s));
-    sorted[sorted.len() / 2]
+    median_by(samples.iter().copied(), |s| s.wall_s).expect("at least one run")
 }
 
 /// Writes `value` as pretty JSON and `markdown` beside it.

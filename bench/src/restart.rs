@@ -25,7 +25,7 @@ use sllm_store::import::hf_cache::HfCache;
 use crate::cache::{drop_caches, files_under};
 use crate::machine::Machine;
 use crate::pgroup::{self, ProcessGroup};
-use crate::report::{Header, OutputArgs};
+use crate::report::{Header, OutputArgs, median_f64};
 
 /// How often `/v1/models` is polled.
 const POLL: Duration = Duration::from_millis(50);
@@ -771,13 +771,6 @@ fn quote(body: &str) -> String {
     format!("{}... ({} bytes in all)", &body[..end], body.len())
 }
 
-/// The median (the upper one of an even count).
-fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
-    let mut sorted: Vec<f64> = values.into_iter().collect();
-    sorted.sort_by(f64::total_cmp);
-    sorted.get(sorted.len() / 2).copied()
-}
-
 fn ratio(num: Option<f64>, den: Option<f64>) -> Option<f64> {
     match (num, den) {
         (Some(n), Some(d)) if d > 0.0 => Some(n / d),
@@ -788,9 +781,9 @@ fn ratio(num: Option<f64>, den: Option<f64>) -> Option<f64> {
 fn summarize(command: &str, runs: Vec<RunFigures>) -> SideResults {
     SideResults {
         command: command.to_owned(),
-        median_ready_s: median(runs.iter().map(|r| r.ready_s)),
-        median_first_completion_s: median(runs.iter().map(|r| r.first_completion_s)),
-        median_ready_plus_completion_s: median(runs.iter().map(|r| r.ready_plus_completion_s)),
+        median_ready_s: median_f64(runs.iter().map(|r| r.ready_s)),
+        median_first_completion_s: median_f64(runs.iter().map(|r| r.first_completion_s)),
+        median_ready_plus_completion_s: median_f64(runs.iter().map(|r| r.ready_plus_completion_s)),
         runs,
     }
 }
@@ -887,9 +880,9 @@ mod tests {
 
     #[test]
     fn median_takes_the_upper_middle() {
-        assert_eq!(median([3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median([4.0, 1.0]), Some(4.0));
-        assert_eq!(median([]), None);
+        assert_eq!(median_f64([3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median_f64([4.0, 1.0]), Some(4.0));
+        assert_eq!(median_f64([]), None);
     }
 
     #[test]
