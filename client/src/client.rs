@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sllm_proto::storage_client::StorageClient;
 use sllm_proto::{
-    ClearMemRequest, ConfirmModelRequest, DeviceType, GetModelStatusRequest,
+    BackendKind, ClearMemRequest, ConfirmModelRequest, DeviceType, GetModelStatusRequest,
     GetModelStatusResponse, GetServerConfigRequest, LoadModelRequest, MemCopyChunk,
     MemCopyChunkList, MemCopyHandle, MemCopyHandleList, RegisterModelRequest, UnloadModelRequest,
 };
@@ -30,6 +30,10 @@ pub enum ClientError {
     },
     #[error("invalid server address {0:?}: use host:port or unix:<path>")]
     BadAddress(String),
+    #[error(
+        "the daemon serves a device backend this client does not know ({0:?}); use a client of the daemon's version"
+    )]
+    UnknownBackend(String),
 }
 
 impl ClientError {
@@ -55,7 +59,7 @@ fn rpc(op: &'static str) -> impl FnOnce(tonic::Status) -> ClientError {
 pub struct ServerConfig {
     pub mem_pool_size: u64,
     pub chunk_size: u64,
-    pub device_backend: String,
+    pub device_backend: BackendKind,
     pub device_uuids: Vec<String>,
     pub io_engine: String,
     pub host_shm_dir: String,
@@ -229,7 +233,8 @@ impl StoreClient {
         Ok(ServerConfig {
             mem_pool_size: r.mem_pool_size as u64,
             chunk_size: r.chunk_size as u64,
-            device_backend: r.device_backend,
+            device_backend: BackendKind::from_wire(&r.device_backend)
+                .ok_or(ClientError::UnknownBackend(r.device_backend))?,
             device_uuids: r.device_uuids,
             io_engine: r.io_engine,
             host_shm_dir: r.host_shm_dir,

@@ -12,6 +12,44 @@ pub mod storage {
 
 pub use storage::*;
 
+/// The kind of device memory a daemon copies into, as
+/// `GetServerConfigResponse.device_backend` names it on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    /// Shared-memory files standing in for device memory (tests, CI, CPU
+    /// inference); the handle is the file's path.
+    Host,
+    /// CUDA device memory; the handle is a 64-byte `cudaIpcMemHandle_t`.
+    Cuda,
+}
+
+impl BackendKind {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Host => "host",
+            Self::Cuda => "cuda",
+        }
+    }
+
+    /// From the wire name. An empty name is CUDA: ServerlessLLM's daemon,
+    /// CUDA-only, does not fill the field. None for a name this build does
+    /// not know.
+    pub fn from_wire(name: &str) -> Option<Self> {
+        match name {
+            "host" => Some(Self::Host),
+            "cuda" | "" => Some(Self::Cuda),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A device UUID as the protocol writes it (the keys of
 /// `LoadModelRequest.chunks` and `.handles`): lower-case hex, 8-4-4-4-12, no
 /// `GPU-` prefix, as ServerlessLLM and Python's `uuid.UUID` print the 16
@@ -45,6 +83,15 @@ mod tests {
             device_uuid_string(&bytes),
             "5a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9"
         );
+    }
+
+    #[test]
+    fn backend_kinds_round_trip_and_an_unset_one_is_cuda() {
+        for kind in [BackendKind::Host, BackendKind::Cuda] {
+            assert_eq!(BackendKind::from_wire(kind.as_str()), Some(kind));
+        }
+        assert_eq!(BackendKind::from_wire(""), Some(BackendKind::Cuda));
+        assert_eq!(BackendKind::from_wire("rocm"), None);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use tonic::transport::Server;
 
 use crate::device::cuda::CudaBackend;
 use crate::device::host::HostBackend;
-use crate::device::{BackendKind, DeviceBackend, DeviceError};
+use crate::device::{BackendChoice, BackendKind, DeviceBackend, DeviceError};
 use crate::io::{EngineKind, IoError, make_engine};
 use crate::listener::{Connections, TrackRequestsLayer, connection_limit, incoming};
 use crate::pool::{HostPool, PoolError};
@@ -59,7 +59,7 @@ pub struct DaemonConfig {
     pub chunk_bytes: usize,
     pub pool_bytes: usize,
     pub registration_required: bool,
-    pub device: BackendKind,
+    pub device: BackendChoice,
     pub host_devices: usize,
     pub host_shm_dir: PathBuf,
     pub io_engine: EngineKind,
@@ -152,7 +152,7 @@ pub async fn serve(
             .expect("the pool thread does not panic")?;
     let registering = Instant::now();
     backend.register_host_memory(&pool)?;
-    if backend.kind() == "cuda" {
+    if backend.kind() == BackendKind::Cuda {
         tracing::info!(
             seconds = registering.elapsed().as_secs_f64(),
             "pool page-locked for DMA"
@@ -284,13 +284,13 @@ fn make_backend(cfg: &DaemonConfig) -> Result<Arc<dyn DeviceBackend>, DaemonErro
         )?))
     };
     match cfg.device {
-        BackendKind::Host => host(),
-        BackendKind::Cuda => Ok(Arc::new(CudaBackend::probe().map_err(|e| {
+        BackendChoice::Host => host(),
+        BackendChoice::Cuda => Ok(Arc::new(CudaBackend::probe().map_err(|e| {
             DeviceError::Unavailable(format!(
                 "{e}; --device cuda needs an NVIDIA driver and a GPU (use --device host or auto)"
             ))
         })?)),
-        BackendKind::Auto => match CudaBackend::probe() {
+        BackendChoice::Auto => match CudaBackend::probe() {
             Ok(cuda) => Ok(Arc::new(cuda)),
             Err(e) => {
                 tracing::info!(reason = %e, "no CUDA; serving host pseudo-devices");

@@ -3,6 +3,7 @@
 //! codes ([`to_status`]); blocking registry work runs on tokio's blocking
 //! pool so the service never stalls.
 
+use sllm_proto::BackendKind;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -255,10 +256,10 @@ impl Storage for StorageService {
         Ok(Response::new(GetServerConfigResponse {
             mem_pool_size: r.pool().total_bytes() as i64,
             chunk_size: r.pool().chunk_bytes() as i64,
-            device_backend: backend.kind().into(),
+            device_backend: backend.kind().as_str().into(),
             device_uuids: backend.devices().iter().map(|d| d.uuid.clone()).collect(),
             io_engine: r.engine_name().into(),
-            host_shm_dir: if backend.kind() == "host" {
+            host_shm_dir: if backend.kind() == BackendKind::Host {
                 self.host_shm_dir.clone()
             } else {
                 String::new()

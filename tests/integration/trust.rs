@@ -13,7 +13,7 @@ use sllm_client::plan::{DeviceMap, Layout, plan};
 use sllm_client::proto::MemCopyChunk;
 use sllm_client::shm::ShmBuffer;
 use sllm_store::daemon::{DaemonConfig, Listen, serve};
-use sllm_store::device::BackendKind;
+use sllm_store::device::BackendChoice;
 use sllm_store::format::TensorIndex;
 use sllm_store::io::EngineKind;
 use sllm_store::registry::Limits;
@@ -364,7 +364,7 @@ async fn daemon_with_limits(
         chunk_bytes: 64 << 10,
         pool_bytes: 4 << 20,
         registration_required: false,
-        device: BackendKind::Host,
+        device: BackendChoice::Host,
         host_devices,
         host_shm_dir: PathBuf::from(SHM),
         io_engine: EngineKind::Auto,

@@ -21,6 +21,7 @@
     reason = "the CUDA backend: driver calls and IPC-mapped device memory; every block says why it is sound"
 )]
 
+use sllm_proto::BackendKind;
 use std::ffi::{CStr, c_void};
 use std::sync::{Arc, Mutex};
 
@@ -179,8 +180,8 @@ fn enumerate() -> Result<Vec<(cu::CUdevice, DeviceInfo)>, DeviceError> {
 }
 
 impl DeviceBackend for CudaBackend {
-    fn kind(&self) -> &'static str {
-        "cuda"
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cuda
     }
 
     fn devices(&self) -> &[DeviceInfo] {

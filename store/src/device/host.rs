@@ -28,6 +28,7 @@
 //! class is refused to non-members too, and POSIX ACLs are not consulted
 //! (mode bits only).
 
+use sllm_proto::BackendKind;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
@@ -95,8 +96,8 @@ pub fn host_device_uuid(index: usize) -> String {
 }
 
 impl DeviceBackend for HostBackend {
-    fn kind(&self) -> &'static str {
-        "host"
+    fn kind(&self) -> BackendKind {
+        BackendKind::Host
     }
 
     fn devices(&self) -> &[DeviceInfo] {

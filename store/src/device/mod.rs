@@ -28,9 +28,11 @@ pub struct DeviceInfo {
     pub index: usize,
 }
 
-/// Which backend to use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum BackendKind {
+pub use sllm_proto::BackendKind;
+
+/// Which backend the daemon starts with (`--device`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendChoice {
     /// CUDA when a driver and a device are present, else host.
     Auto,
     Cuda,
@@ -88,8 +90,8 @@ pub enum DeviceError {
 
 /// Opens request targets on the devices it serves.
 pub trait DeviceBackend: Send + Sync {
-    /// `cuda` or `host`.
-    fn kind(&self) -> &'static str;
+    /// What it copies into.
+    fn kind(&self) -> BackendKind;
 
     /// The devices served, in index order.
     fn devices(&self) -> &[DeviceInfo];

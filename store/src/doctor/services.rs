@@ -1,6 +1,7 @@
 //! The running services: the store daemon (gRPC health and its settings)
 //! and vLLM's OpenAI server (`GET /v1/models`).
 
+use sllm_proto::BackendKind;
 use std::time::Duration;
 
 use sllm_client::StoreClient;
@@ -74,7 +75,7 @@ pub fn daemon(addr: &str, named: bool) -> Check {
         human_bytes(config.mem_pool_size),
         human_bytes(config.chunk_size)
     );
-    if config.device_backend == "host" {
+    if config.device_backend == BackendKind::Host {
         return Check::warn(
             name,
             format!("{summary}; the host backend copies into shared-memory files, not GPUs"),

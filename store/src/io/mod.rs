@@ -33,11 +33,10 @@ use crate::pool::{ChunkLease, SharedChunk};
 pub const DIRECT_ALIGN: u64 = 4096;
 
 /// Which engine to use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EngineKind {
     /// io_uring where the kernel allows it, else pread.
     Auto,
-    #[value(name = "io_uring")]
     IoUring,
     Pread,
 }

@@ -763,7 +763,7 @@ impl Registry {
         let replica = Replica::start(replica_uuid.into(), host, device_copies, deadline, move |status| {
             match status {
                 ReplicaStatus::Done { bytes, seconds } => {
-                    tracing::info!(model = %name, replica = %uuid, bytes, seconds, gib_per_s = gib_per_s(*bytes, *seconds), backend, "copied to the devices");
+                    tracing::info!(model = %name, replica = %uuid, bytes, seconds, gib_per_s = gib_per_s(*bytes, *seconds), %backend, "copied to the devices");
                     metrics::counter!("sllm_bytes_loaded_total", "target" => "device")
                         .increment(*bytes);
                     metrics::histogram!("sllm_load_seconds", "target" => "device").record(*seconds);

@@ -24,7 +24,7 @@ use crate::progress::TermProgress;
 use sllm_client::StoreClient;
 use sllm_client::plan::Layout;
 use sllm_store::daemon::{DaemonConfig, Listen, serve};
-use sllm_store::device::BackendKind;
+use sllm_store::device::BackendChoice;
 use sllm_store::device::host::DEFAULT_SHM_DIR;
 use sllm_store::io::EngineKind;
 use sllm_store::registry::Limits;
@@ -156,7 +156,7 @@ fn serve_and_load(
         chunk_bytes,
         pool_bytes: (model_bytes as usize).next_multiple_of(chunk_bytes) + 2 * chunk_bytes,
         registration_required: false,
-        device: BackendKind::Host,
+        device: BackendChoice::Host,
         host_devices: 1,
         host_shm_dir: shm_dir,
         io_engine: EngineKind::Auto,

@@ -9,6 +9,9 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
+use sllm_client::proto::BackendKind;
+
+use crate::DeviceArg;
 use sllm_client::cuda::{CudaBuffer, CudaDevice};
 use sllm_client::plan::{DeviceMap, Layout, LoadPlan, plan};
 use sllm_client::shm::ShmBuffer;
@@ -17,13 +20,6 @@ use sllm_store::config::resolve_storage_path;
 use sllm_store::format::partitions::{FileStamp, Partitions};
 use sllm_store::format::{INDEX_FILE, ModelId, TensorIndex};
 use sllm_store::units::{gib_per_s, human_bytes};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum DeviceArg {
-    Auto,
-    Host,
-    Cuda,
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum LayoutArg {
@@ -69,9 +65,9 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
     let model_dir = model.dir_in(&resolve_storage_path(args.storage_path.as_deref()));
     let mut client = StoreClient::connect(&args.server).await?;
     let config = client.server_config().await?;
-    match (args.device, config.device_backend.as_str()) {
-        (DeviceArg::Host | DeviceArg::Auto, "host")
-        | (DeviceArg::Cuda | DeviceArg::Auto, "cuda") => {}
+    match (args.device, config.device_backend) {
+        (DeviceArg::Host | DeviceArg::Auto, BackendKind::Host)
+        | (DeviceArg::Cuda | DeviceArg::Auto, BackendKind::Cuda) => {}
         (wanted, served) => bail!(
             "the daemon at {} serves {served:?} devices, not {wanted:?}; restart it with --device {}",
             args.server,
@@ -97,7 +93,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
             "bytes": r.bytes,
             "model_size": r.model_size,
             "tensors": r.tensors,
-            "backend": config.device_backend,
+            "backend": config.device_backend.as_str(),
             "io_engine": config.io_engine,
             "layout": format!("{:?}", args.layout).to_lowercase(),
             "register_s": r.register_s,
@@ -222,7 +218,7 @@ pub async fn load_model(
         "reading the model's index: pass --storage-path pointing at the daemon's storage path",
     )?;
     let plan = plan(&index, &DeviceMap::single(&device), layout)?;
-    let gpus: Vec<CudaDevice> = if config.device_backend == "cuda" {
+    let gpus: Vec<CudaDevice> = if config.device_backend == BackendKind::Cuda {
         plan.buffers
             .iter()
             .map(|b| CudaDevice::by_uuid(&b.uuid))
@@ -230,7 +226,7 @@ pub async fn load_model(
     } else {
         Vec::new()
     };
-    let buffers = if config.device_backend == "cuda" {
+    let buffers = if config.device_backend == BackendKind::Cuda {
         Buffers::Cuda(
             plan.buffers
                 .iter()

@@ -13,6 +13,48 @@ mod verify;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use sllm_store::device::BackendChoice;
+use sllm_store::io::EngineKind;
+
+/// `--device`: which device backend (the daemon's, or the one a client expects).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DeviceArg {
+    /// CUDA when a driver and a device are present, else host.
+    Auto,
+    /// Shared-memory pseudo-devices.
+    Host,
+    Cuda,
+}
+
+impl From<DeviceArg> for BackendChoice {
+    fn from(arg: DeviceArg) -> Self {
+        match arg {
+            DeviceArg::Auto => BackendChoice::Auto,
+            DeviceArg::Host => BackendChoice::Host,
+            DeviceArg::Cuda => BackendChoice::Cuda,
+        }
+    }
+}
+
+/// `--io-engine`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum EngineArg {
+    /// io_uring where the kernel allows it, else pread.
+    Auto,
+    #[value(name = "io_uring")]
+    IoUring,
+    Pread,
+}
+
+impl From<EngineArg> for EngineKind {
+    fn from(arg: EngineArg) -> Self {
+        match arg {
+            EngineArg::Auto => EngineKind::Auto,
+            EngineArg::IoUring => EngineKind::IoUring,
+            EngineArg::Pread => EngineKind::Pread,
+        }
+    }
+}
 
 /// A fast, ServerlessLLM-compatible model store for LLM serving.
 #[derive(Parser, Debug)]

@@ -4,13 +4,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::{DeviceArg, EngineArg};
 use anyhow::{Context, bail};
 use clap::Args;
 use sllm_store::config::resolve_storage_path;
 use sllm_store::daemon::{DaemonConfig, Listen, run};
-use sllm_store::device::BackendKind;
 use sllm_store::device::host::DEFAULT_SHM_DIR;
-use sllm_store::io::EngineKind;
 use sllm_store::listener::DEFAULT_MAX_CONNECTIONS;
 use sllm_store::registry::Limits;
 use sllm_store::units::ByteSize;
@@ -49,8 +48,8 @@ pub struct StartArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
     registration_required: bool,
     /// Device backend: `cuda`, `host` (shared-memory pseudo-devices), or `auto`.
-    #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
-    device: BackendKind,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
     /// Host backend: number of pseudo-devices.
     #[arg(long, default_value_t = 1)]
     host_devices: usize,
@@ -58,8 +57,8 @@ pub struct StartArgs {
     #[arg(long, default_value = DEFAULT_SHM_DIR)]
     host_shm_dir: PathBuf,
     /// I/O engine: `io_uring`, `pread`, or `auto` (io_uring where the kernel allows it).
-    #[arg(long, value_enum, default_value_t = EngineKind::Auto)]
-    io_engine: EngineKind,
+    #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
+    io_engine: EngineArg,
     /// io_uring: reads in flight.
     #[arg(long, default_value_t = 64)]
     queue_depth: u32,
@@ -126,10 +125,10 @@ pub fn run_start(args: StartArgs) -> anyhow::Result<ExitCode> {
         chunk_bytes: usize::try_from(args.chunk_size.bytes()).context("--chunk-size")?,
         pool_bytes: usize::try_from(args.mem_pool_size.bytes()).context("--mem-pool-size")?,
         registration_required: args.registration_required,
-        device: args.device,
+        device: args.device.into(),
         host_devices: args.host_devices.clamp(1, 64),
         host_shm_dir: args.host_shm_dir,
-        io_engine: args.io_engine,
+        io_engine: args.io_engine.into(),
         queue_depth: args.queue_depth,
         max_io_bytes: io_size as usize,
         metrics_port: args.metrics_port,
