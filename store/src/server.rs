@@ -17,6 +17,7 @@ use sllm_proto::{
 use tonic::{Request, Response, Status};
 
 use crate::device::DeviceError;
+use crate::io::IoError;
 use crate::registry::copy_plan::RequestedCopy;
 use crate::registry::on_disk::OnDiskError;
 use crate::registry::{HostState, Registry, RegistryError};
@@ -89,6 +90,21 @@ pub fn to_status(e: RegistryError) -> Status {
         | RegistryError::TooManyReplicas(_) => Status::resource_exhausted(message),
         RegistryError::ConfirmTimeout { .. } => Status::deadline_exceeded(message),
         RegistryError::ShuttingDown => Status::unavailable(message),
+        // Bytes on disk that are not what the model says they are.
+        RegistryError::ReplicaFailed { ref reason, .. }
+            if matches!(
+                reason.read_error(),
+                Some(IoError::Checksum { .. } | IoError::Truncated { .. })
+            ) =>
+        {
+            Status::data_loss(message)
+        }
+        // Re-saved under the load: load it again.
+        RegistryError::ReplicaFailed { ref reason, .. }
+            if matches!(reason.read_error(), Some(IoError::Changed { .. })) =>
+        {
+            Status::aborted(message)
+        }
         RegistryError::ReplicaFailed { .. }
         | RegistryError::Load { .. }
         | RegistryError::Device(_) => Status::internal(message),

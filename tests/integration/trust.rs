@@ -236,7 +236,10 @@ async fn damaged_bytes_and_tampered_indexes_are_never_served() {
         )
         .await
         .unwrap();
-    let e = client.confirm("o/m", "r1").await.unwrap_err().to_string();
+    let e = client.confirm("o/m", "r1").await.unwrap_err();
+    // Damaged bytes are data loss, not an internal error.
+    assert_eq!(e.code(), Some(Code::DataLoss), "{e}");
+    let e = e.to_string();
     for needle in ["o/m", "tensor.data_1 is damaged: block 0", "save --force"] {
         assert!(e.contains(needle), "{needle:?} in {e}");
     }

@@ -38,6 +38,7 @@ use self::checksums::{HashPool, LoadCheck};
 use self::copy_plan::{PlanError, RequestedCopy, plan_copies};
 use self::host_copy::{HostCopy, LoadOutcome};
 use self::on_disk::{BlockSums, ModelStamp, OnDisk, OnDiskError};
+pub use self::replica::ReplicaError;
 use self::replica::{DeviceCopy, Replica, ReplicaStatus};
 use crate::device::{DeviceBackend, DeviceError};
 use crate::io::{ChunkSpan, IoEngine, IoError, chunk_spans};
@@ -163,7 +164,7 @@ pub enum RegistryError {
     ReplicaFailed {
         uuid: String,
         model: String,
-        reason: String,
+        reason: Box<ReplicaError>,
     },
     #[error("replica {uuid} of model {model} is still copying after {seconds} s")]
     ConfirmTimeout {
@@ -265,9 +266,7 @@ impl ModelEntry {
     }
 
     fn busy(&self) -> bool {
-        self.replicas
-            .values()
-            .any(|r| r.status() == ReplicaStatus::Copying)
+        self.replicas.values().any(|r| r.status().is_copying())
     }
 
     /// Resident, fully loaded (or failed), no replica copying from it, and
@@ -750,9 +749,8 @@ impl Registry {
         // Forget finished replicas nobody confirmed, on every model.
         let retention = self.cfg.limits.replica_retention;
         for e in table.models.values_mut() {
-            e.replicas.retain(|_, r| {
-                r.status() == ReplicaStatus::Copying || r.started.elapsed() < retention
-            });
+            e.replicas
+                .retain(|_, r| r.status().is_copying() || r.started.elapsed() < retention);
         }
         self.check_work(&table, &device_copies)?;
         let entry = table.entry_mut(model)?;
@@ -788,7 +786,7 @@ impl Registry {
             .models
             .values()
             .flat_map(|e| e.replicas.values())
-            .filter(|r| r.status() == ReplicaStatus::Copying)
+            .filter(|r| r.status().is_copying())
             .collect();
         if active.len() >= limits.max_active_replicas {
             return Err(RegistryError::TooManyReplicas(active.len()));
@@ -857,7 +855,7 @@ impl Registry {
             ReplicaStatus::Failed(reason) => Err(RegistryError::ReplicaFailed {
                 uuid: uuid.into(),
                 model: model.into(),
-                reason,
+                reason: Box::new(reason),
             }),
             ReplicaStatus::Copying => unreachable!("finished() waits for a final status"),
         }
@@ -872,7 +870,7 @@ impl Registry {
         let replicas_copying = entry
             .replicas
             .values()
-            .filter(|r| r.status() == ReplicaStatus::Copying)
+            .filter(|r| r.status().is_copying())
             .count();
         let chunks_total = entry.info.spans.len();
         let (state, chunks_landed, load_seconds) = match &entry.host {

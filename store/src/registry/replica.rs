@@ -18,14 +18,58 @@ use tokio::sync::watch;
 use super::copy_plan::CopyPlan;
 use super::host_copy::HostCopy;
 use crate::device::{DeviceInfo, DeviceTarget};
+use crate::io::IoError;
 use crate::lock;
 
 /// Where a replica stands.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub enum ReplicaStatus {
     Copying,
     Done { bytes: u64, seconds: f64 },
-    Failed(String),
+    Failed(ReplicaError),
+}
+
+impl ReplicaStatus {
+    pub fn is_copying(&self) -> bool {
+        matches!(self, Self::Copying)
+    }
+}
+
+/// Why a replica failed: the first error of any of its devices, cloned to
+/// everyone who waits on it. Typed, so that a damaged block reaches the
+/// client as DATA_LOSS, not as an internal error.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ReplicaError {
+    /// A chunk it needed did not land (a damaged block, a changed or
+    /// truncated file, an I/O error).
+    #[error("device {device}: {source}")]
+    Read { device: String, source: IoError },
+    /// The device refused a copy or a synchronize.
+    #[error("device {device}: {reason}")]
+    Device { device: String, reason: String },
+    #[error(
+        "device {device}: still copying at the replica's deadline (the daemon's confirm \
+         timeout); load it again with fewer replicas at once"
+    )]
+    Deadline { device: String },
+    #[error("device {device}: stopped (another device failed, or the replica was aborted)")]
+    Stopped { device: String },
+    #[error("aborted: {0}")]
+    Aborted(String),
+    #[error("cannot start a copy thread: {0}")]
+    NoThread(String),
+    #[error("the copy threads ended without a result")]
+    Lost,
+}
+
+impl ReplicaError {
+    /// The read error behind it, if a chunk failed to land.
+    pub fn read_error(&self) -> Option<&IoError> {
+        match self {
+            Self::Read { source, .. } => Some(source),
+            _ => None,
+        }
+    }
 }
 
 /// One device's share of a replica.
@@ -82,14 +126,14 @@ impl Replica {
             let spawned = std::thread::Builder::new()
                 .name("sllm-copy".into())
                 .spawn(move || {
-                    let device = copy.device.uuid.clone();
                     let result = run_device_copy(&host, copy, &worker.abort, deadline);
                     drop(host);
-                    worker.device_done(result.err().map(|e| format!("device {device}: {e}")));
+                    worker.device_done(result.err());
                 });
             if let Err(e) = spawned {
                 // Devices never started count as done; started ones stop.
-                shared.abort(&format!("cannot start a copy thread: {e}"));
+                shared.record(ReplicaError::NoThread(e.to_string()));
+                shared.abort.store(true, Ordering::Relaxed);
                 for _ in 0..=copies.len() {
                     shared.device_done(None);
                 }
@@ -122,9 +166,9 @@ impl Replica {
     /// Waits until the replica is no longer copying.
     pub async fn finished(&self) -> ReplicaStatus {
         let mut rx = self.status.clone();
-        match rx.wait_for(|s| *s != ReplicaStatus::Copying).await {
+        match rx.wait_for(|s| !s.is_copying()).await {
             Ok(status) => status.clone(),
-            Err(_) => ReplicaStatus::Failed("the copy threads ended without a result".into()),
+            Err(_) => ReplicaStatus::Failed(ReplicaError::Lost),
         }
     }
 }
@@ -137,20 +181,20 @@ struct Shared {
     on_done: Box<dyn Fn(&ReplicaStatus) + Send + Sync>,
     started: Instant,
     abort: AtomicBool,
-    first_error: Mutex<Option<String>>,
+    first_error: Mutex<Option<ReplicaError>>,
 }
 
 impl Shared {
-    fn record(&self, error: String) {
+    fn record(&self, error: ReplicaError) {
         lock(&self.first_error).get_or_insert(error);
     }
 
     fn abort(&self, why: &str) {
-        self.record(format!("aborted: {why}"));
+        self.record(ReplicaError::Aborted(why.to_owned()));
         self.abort.store(true, Ordering::Relaxed);
     }
 
-    fn device_done(&self, error: Option<String>) {
+    fn device_done(&self, error: Option<ReplicaError>) {
         if let Some(e) = error {
             self.record(e);
             self.abort.store(true, Ordering::Relaxed);
@@ -180,13 +224,11 @@ fn run_device_copy(
     mut copy: DeviceCopy,
     abort: &AtomicBool,
     deadline: Instant,
-) -> Result<(), String> {
-    let aborted = || "stopped (another device failed, or the replica was aborted)".to_owned();
-    let late = || {
+) -> Result<(), ReplicaError> {
+    let device = || copy.device.uuid.clone();
+    let late = |device: String| {
         abort.store(true, Ordering::Relaxed);
-        "still copying at the replica's deadline (the daemon's confirm timeout); load it \
-         again with fewer replicas at once"
-            .to_owned()
+        ReplicaError::Deadline { device }
     };
     for (i, pieces) in copy.plan.per_chunk.iter().enumerate() {
         if pieces.is_empty() {
@@ -194,20 +236,31 @@ fn run_device_copy(
         }
         let chunk = match host.wait_chunk_or_abort(i, abort, deadline) {
             Ok(chunk) => chunk,
-            Err(_) if Instant::now() >= deadline => return Err(late()),
-            Err(e) => return Err(e.to_string()),
+            Err(_) if Instant::now() >= deadline => return Err(late(device())),
+            Err(source) => {
+                return Err(ReplicaError::Read {
+                    device: device(),
+                    source,
+                });
+            }
         };
         for p in pieces {
             if abort.load(Ordering::Relaxed) {
-                return Err(aborted());
+                return Err(ReplicaError::Stopped { device: device() });
             }
             if Instant::now() >= deadline {
-                return Err(late());
+                return Err(late(device()));
             }
             copy.target
                 .copy(&chunk, p.chunk_offset, p.len, p.handle_idx, p.dst_offset)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| ReplicaError::Device {
+                    device: device(),
+                    reason: e.to_string(),
+                })?;
         }
     }
-    copy.target.synchronize().map_err(|e| e.to_string())
+    copy.target.synchronize().map_err(|e| ReplicaError::Device {
+        device: device(),
+        reason: e.to_string(),
+    })
 }
