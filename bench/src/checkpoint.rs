@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::Context;
-use sllm_store::synth::{SynthSpec, write_synthetic};
-use sllm_store::units::ByteSize;
+use sllm_convert::synth::{SynthSpec, write_synthetic};
+use sllm_format::units::ByteSize;
 
 use crate::cache::files_under;
 
@@ -79,7 +79,7 @@ fn ensure_converted(
 
 /// The partition files (`tensor.data_<i>`) of a converted model, in order.
 fn partition_files(model_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let partitions = sllm_store::format::partitions::Partitions::discover(model_dir)
+    let partitions = sllm_format::partitions::Partitions::discover(model_dir)
         .with_context(|| format!("listing the partitions of {}", model_dir.display()))?;
     Ok(partitions.iter().map(|p| p.path.clone()).collect())
 }

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use clap::Args;
 use serde::Serialize;
-use sllm_store::units::{ByteSize, gib_per_s};
+use sllm_format::units::{ByteSize, gib_per_s};
 
 use crate::cache::{drop_caches, files_under, warm_up};
 use crate::checkpoint::{ensure_checkpoint, sllm_store_binary, work_dir};

@@ -13,9 +13,9 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use serde::Serialize;
-use sllm_store::format::partitions::Partitions;
-use sllm_store::io::{EngineKind, ModelFiles, chunk_reads, chunk_spans, make_engine};
-use sllm_store::pool::HostPool;
+use sllm_daemon::io::{EngineKind, ModelFiles, chunk_reads, chunk_spans, make_engine};
+use sllm_daemon::pool::HostPool;
+use sllm_format::partitions::Partitions;
 
 use crate::report::{Sample, self_cpu_s};
 

@@ -189,7 +189,7 @@ pub fn run(fio: &Path, job: FioJob, files: &[PathBuf], total_bytes: u64) -> anyh
     // fio skips each file's partial last block.
     let block: u64 = job
         .block
-        .parse::<sllm_store::units::ByteSize>()
+        .parse::<sllm_format::units::ByteSize>()
         .map_or(16 << 20, |b| b.bytes());
     let at_least = total_bytes.saturating_sub(block * files.len() as u64);
     parse(&stdout, total_bytes, at_least).with_context(|| format!("reading fio's report ({job})"))

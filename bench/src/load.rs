@@ -21,8 +21,8 @@ use std::process::Command;
 use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
-use sllm_store::device::host::DEFAULT_SHM_DIR;
-use sllm_store::units::{ByteSize, gib_per_s};
+use sllm_daemon::device::host::DEFAULT_SHM_DIR;
+use sllm_format::units::{ByteSize, gib_per_s};
 
 use crate::cache::drop_caches;
 use crate::checkpoint::{BenchModel, sllm_store_binary, weight_files};
@@ -719,7 +719,7 @@ fn markdown(r: &Results) -> String {
     for p in &r.pool_startup {
         out += &format!(
             "| {} | {:.2} | {} |\n",
-            sllm_store::units::human_bytes(p.pool_bytes),
+            sllm_format::units::human_bytes(p.pool_bytes),
             p.median_s,
             p.runs_s
                 .iter()

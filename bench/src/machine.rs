@@ -79,7 +79,7 @@ impl Machine {
 /// Filesystem type and source device (with the disks under it) of the
 /// mount holding `path`, as the doctor finds them.
 fn mount_of(path: &Path) -> Option<(String, String)> {
-    let loc = sllm_store::doctor::storage::Location::of(path).ok()?;
+    let loc = sllm_doctor::storage::Location::of(path).ok()?;
     let device = format!("{} ({})", loc.source, loc.describe_disks());
     Some((loc.fstype, device))
 }

@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use clap::Args;
 use serde::Serialize;
-use sllm_store::doctor::services::local_agent;
-use sllm_store::doctor::{self, Check, HfEnv, Status};
-use sllm_store::import::hf_cache::HfCache;
+use sllm_convert::import::hf_cache::HfCache;
+use sllm_doctor::services::local_agent;
+use sllm_doctor::{self as doctor, Check, HfEnv, Status};
 
 use crate::cache::{drop_caches, files_under};
 use crate::machine::Machine;
@@ -265,7 +265,7 @@ struct Bench<'a> {
 pub fn run(args: RestartArgs) -> anyhow::Result<()> {
     validate(&args)?;
     let url = args.url.trim_end_matches('/').to_owned();
-    let storage_path = sllm_store::config::resolve_storage_path(args.storage_path.as_deref());
+    let storage_path = sllm_format::config::resolve_storage_path(args.storage_path.as_deref());
 
     let offline_checks = match (&args.model, args.offline) {
         (Some(model), true) => offline_checks(&storage_path, model, &args.revision)?,

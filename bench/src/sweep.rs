@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use serde::Serialize;
-use sllm_store::units::{ByteSize, gib_per_s};
+use sllm_format::units::{ByteSize, gib_per_s};
 
 use crate::cache::drop_caches;
 use crate::checkpoint::{BenchModel, sllm_store_binary};

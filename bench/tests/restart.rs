@@ -356,10 +356,10 @@ fn an_unreachable_daemon_is_reported_before_anything_runs() {
 
 #[test]
 fn offline_runs_both_sides_with_the_hub_switched_off_once_both_can_start() {
-    use sllm_store::format::{ModelId, WriterOptions};
-    use sllm_store::import::hf_cache::HfCache;
-    use sllm_store::save::{SaveRequest, Source, save};
-    use sllm_store::synth::{SynthSpec, write_synthetic};
+    use sllm_convert::import::hf_cache::HfCache;
+    use sllm_convert::save::{SaveRequest, Source, save};
+    use sllm_convert::synth::{SynthSpec, write_synthetic};
+    use sllm_format::{ModelId, WriterOptions};
 
     const HASH: &str = "3333333333333333333333333333333333333333";
     let dir = tempfile::tempdir().unwrap();

@@ -9,7 +9,7 @@ use sllm_client::StoreClient;
 use sllm_client::plan::{DeviceMap, Layout, plan};
 use sllm_client::proto::MemCopyChunk;
 use sllm_client::shm::ShmBuffer;
-use sllm_store::format::TensorIndex;
+use sllm_format::TensorIndex;
 use tonic::Code;
 
 use crate::common::*;

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use sllm_store::synth::{SynthSpec, write_synthetic};
+use sllm_convert::synth::{SynthSpec, write_synthetic};
 
 use crate::common::*;
 

@@ -12,11 +12,11 @@ use sllm_client::StoreClient;
 use sllm_client::plan::{DeviceMap, Layout, plan};
 use sllm_client::proto::MemCopyChunk;
 use sllm_client::shm::ShmBuffer;
-use sllm_store::daemon::{DaemonConfig, Listen, serve};
-use sllm_store::device::BackendChoice;
-use sllm_store::format::TensorIndex;
-use sllm_store::io::EngineKind;
-use sllm_store::registry::Limits;
+use sllm_daemon::daemon::{DaemonConfig, Listen, serve};
+use sllm_daemon::device::BackendChoice;
+use sllm_daemon::io::EngineKind;
+use sllm_daemon::registry::Limits;
+use sllm_format::TensorIndex;
 use tonic::Code;
 
 use crate::common::*;
@@ -362,7 +362,7 @@ async fn daemon_with_limits(
     let cfg = DaemonConfig {
         storage_root: storage.to_owned(),
         listen: Listen::Tcp("127.0.0.1:0".parse().unwrap()),
-        max_connections: sllm_store::listener::DEFAULT_MAX_CONNECTIONS,
+        max_connections: sllm_daemon::listener::DEFAULT_MAX_CONNECTIONS,
         io_threads: 2,
         chunk_bytes: 64 << 10,
         pool_bytes: 4 << 20,

@@ -7,6 +7,7 @@
 //! other. Also home to the small pieces both need: byte sizes (`units`),
 //! durable writes (`durable`) and progress reporting (`progress`).
 
+pub mod config;
 pub mod dtype;
 pub mod durable;
 pub mod index;

@@ -11,23 +11,23 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use sllm_store::format::verify::verify_model;
-use sllm_store::format::{ModelId, WriterOptions};
-use sllm_store::import::SourceCheckpoint;
-use sllm_store::import::compare::compare_with_source;
-use sllm_store::save::{SaveRequest, Source, save};
-use sllm_store::synth::{SynthSpec, write_synthetic};
-use sllm_store::units::{ByteSize, gib_per_s, human_bytes};
+use sllm_convert::import::SourceCheckpoint;
+use sllm_convert::import::compare::compare_with_source;
+use sllm_convert::save::{SaveRequest, Source, save};
+use sllm_convert::synth::{SynthSpec, write_synthetic};
+use sllm_format::units::{ByteSize, gib_per_s, human_bytes};
+use sllm_format::verify::verify_model;
+use sllm_format::{ModelId, WriterOptions};
 
 use crate::load::load_model;
 use crate::progress::TermProgress;
 use sllm_client::StoreClient;
 use sllm_client::plan::Layout;
-use sllm_store::daemon::{DaemonConfig, Listen, serve};
-use sllm_store::device::BackendChoice;
-use sllm_store::device::host::DEFAULT_SHM_DIR;
-use sllm_store::io::EngineKind;
-use sllm_store::registry::Limits;
+use sllm_daemon::daemon::{DaemonConfig, Listen, serve};
+use sllm_daemon::device::BackendChoice;
+use sllm_daemon::device::host::DEFAULT_SHM_DIR;
+use sllm_daemon::io::EngineKind;
+use sllm_daemon::registry::Limits;
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -151,7 +151,7 @@ fn serve_and_load(
     let cfg = DaemonConfig {
         storage_root: storage.to_owned(),
         listen: Listen::Unix(socket.clone()),
-        max_connections: sllm_store::listener::DEFAULT_MAX_CONNECTIONS,
+        max_connections: sllm_daemon::listener::DEFAULT_MAX_CONNECTIONS,
         io_threads: 4,
         chunk_bytes,
         pool_bytes: (model_bytes as usize).next_multiple_of(chunk_bytes) + 2 * chunk_bytes,

@@ -9,9 +9,9 @@ use std::process::ExitCode;
 use clap::Args;
 use serde_json::json;
 use sllm_client::client::DEFAULT_ADDR;
-use sllm_store::config::resolve_storage_path;
-use sllm_store::doctor::{self, Check, DoctorRequest, HfEnv, Status};
-use sllm_store::units::ByteSize;
+use sllm_doctor::{self as doctor, Check, DoctorRequest, HfEnv, Status};
+use sllm_format::config::resolve_storage_path;
+use sllm_format::units::ByteSize;
 
 #[derive(Args, Debug)]
 pub struct DoctorArgs {

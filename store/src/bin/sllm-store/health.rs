@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 use sllm_client::client::DEFAULT_ADDR;
-use sllm_store::doctor::{Status, services};
+use sllm_doctor::{Status, services};
 
 #[derive(Args, Debug)]
 pub struct HealthArgs {

@@ -16,10 +16,10 @@ use sllm_client::cuda::{CudaBuffer, CudaDevice};
 use sllm_client::plan::{DeviceMap, Layout, LoadPlan, plan};
 use sllm_client::shm::ShmBuffer;
 use sllm_client::{ServerConfig, StoreClient, client::DEFAULT_ADDR};
-use sllm_store::config::resolve_storage_path;
-use sllm_store::format::partitions::{FileStamp, Partitions};
-use sllm_store::format::{INDEX_FILE, ModelId, TensorIndex};
-use sllm_store::units::{gib_per_s, human_bytes};
+use sllm_format::config::resolve_storage_path;
+use sllm_format::partitions::{FileStamp, Partitions};
+use sllm_format::units::{gib_per_s, human_bytes};
+use sllm_format::{INDEX_FILE, ModelId, TensorIndex};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum LayoutArg {
@@ -322,7 +322,7 @@ fn verify(
             ok = false;
         }
     }
-    let report = sllm_store::format::verify::verify_model(model_dir, &())?;
+    let report = sllm_format::verify::verify_model(model_dir, &())?;
     for problem in &report.problems {
         eprintln!("damaged: {problem}");
     }

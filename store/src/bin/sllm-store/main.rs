@@ -13,8 +13,8 @@ mod verify;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use sllm_store::device::BackendChoice;
-use sllm_store::io::EngineKind;
+use sllm_daemon::device::BackendChoice;
+use sllm_daemon::io::EngineKind;
 
 /// `--device`: which device backend (the daemon's, or the one a client expects).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use sllm_store::progress::Progress;
+use sllm_format::progress::Progress;
 
 /// Draws the library's progress reports as a bar.
 pub struct TermProgress {

@@ -1,16 +1,16 @@
-//! `sllm-store save`: flags -> [`sllm_store::save::SaveRequest`] -> summary.
+//! `sllm-store save`: flags -> [`sllm_convert::save::SaveRequest`] -> summary.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::bail;
 use clap::Args;
-use sllm_store::config::resolve_storage_path;
-use sllm_store::format::writer::{DEFAULT_ALIGNMENT_BYTES, DEFAULT_PARTITION_LIMIT_BYTES};
-use sllm_store::format::{ModelId, WriterOptions};
-use sllm_store::import::hf_cache::HfCache;
-use sllm_store::save::{SaveReport, SaveRequest, Source, save};
-use sllm_store::units::{ByteSize, gib_per_s, human_bytes};
+use sllm_convert::import::hf_cache::HfCache;
+use sllm_convert::save::{SaveReport, SaveRequest, Source, save};
+use sllm_format::config::resolve_storage_path;
+use sllm_format::units::{ByteSize, gib_per_s, human_bytes};
+use sllm_format::writer::{DEFAULT_ALIGNMENT_BYTES, DEFAULT_PARTITION_LIMIT_BYTES};
+use sllm_format::{ModelId, WriterOptions};
 
 use crate::progress::TermProgress;
 

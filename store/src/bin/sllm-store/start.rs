@@ -7,12 +7,12 @@ use std::process::ExitCode;
 use crate::{DeviceArg, EngineArg};
 use anyhow::{Context, bail};
 use clap::Args;
-use sllm_store::config::resolve_storage_path;
-use sllm_store::daemon::{DaemonConfig, Listen, run};
-use sllm_store::device::host::DEFAULT_SHM_DIR;
-use sllm_store::listener::DEFAULT_MAX_CONNECTIONS;
-use sllm_store::registry::Limits;
-use sllm_store::units::ByteSize;
+use sllm_daemon::daemon::{DaemonConfig, Listen, run};
+use sllm_daemon::device::host::DEFAULT_SHM_DIR;
+use sllm_daemon::listener::DEFAULT_MAX_CONNECTIONS;
+use sllm_daemon::registry::Limits;
+use sllm_format::config::resolve_storage_path;
+use sllm_format::units::ByteSize;
 
 /// Flags of `start`, as ServerlessLLM's CLI spells them, plus ours.
 #[derive(Args, Debug)]

@@ -5,9 +5,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Args;
-use sllm_store::config::resolve_storage_path;
-use sllm_store::format::ModelId;
-use sllm_store::format::verify::{summary_line, verify_model};
+use sllm_format::ModelId;
+use sllm_format::config::resolve_storage_path;
+use sllm_format::verify::{summary_line, verify_model};
 
 use crate::progress::TermProgress;
 

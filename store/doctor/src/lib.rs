@@ -16,6 +16,11 @@
 //! [`offline_readiness`] is the subset the restart benchmark runs before an
 //! offline comparison.
 
+// The doctor reads what the converter and the daemon define.
+use sllm_convert::{import, save};
+use sllm_daemon::{device, io};
+use sllm_format::{self as format, units};
+
 pub mod hf;
 pub mod model;
 pub mod services;
