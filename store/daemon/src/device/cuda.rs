@@ -350,62 +350,39 @@ struct CudaTarget {
 // current first.
 unsafe impl Send for CudaTarget {}
 
-impl CudaTarget {
-    fn err(&self, reason: String) -> DeviceError {
-        DeviceError::Copy {
-            device: self.device.clone(),
-            reason,
-        }
-    }
-}
-
 impl DeviceTarget for CudaTarget {
+    fn device(&self) -> &str {
+        &self.device
+    }
+
     fn buffer_sizes(&self) -> &[u64] {
         &self.sizes
     }
 
-    fn copy(
+    fn copy_checked(
         &mut self,
         chunk: &SharedChunk,
-        src_offset: usize,
-        len: usize,
+        src: std::ops::Range<usize>,
         handle_idx: usize,
         dst_offset: u64,
     ) -> Result<(), DeviceError> {
-        self.ctx.make_current().map_err(|e| self.err(e))?;
-        let src = chunk
-            .bytes()
-            .get(src_offset..src_offset + len)
-            .ok_or_else(|| {
-                self.err(format!(
-                    "source range {src_offset}+{len} is outside the chunk"
-                ))
-            })?;
-        let (Some(&ptr), Some(&size)) = (self.ptrs.get(handle_idx), self.sizes.get(handle_idx))
-        else {
-            return Err(self.err(format!("no handle {handle_idx}")));
-        };
-        if dst_offset
-            .checked_add(len as u64)
-            .is_none_or(|end| end > size)
-        {
-            return Err(self.err(format!(
-                "destination {dst_offset}+{len} is past the allocation's end ({size})"
-            )));
-        }
+        self.ctx.make_current().map_err(|e| self.copy_error(e))?;
+        let src = &chunk.bytes()[src];
+        let ptr = self.ptrs[handle_idx];
         // SAFETY: the destination range lies inside the IPC allocation
-        // (checked above against cuMemGetAddressRange); the source is a
-        // frozen pool chunk, kept alive in `keep` until the stream is
-        // synchronized, and page-locked when the pool was registered.
+        // (`copy` checked it against the extent from cuMemGetAddressRange);
+        // the source is a frozen pool chunk, kept alive in `keep` until the
+        // stream is synchronized, and page-locked when the pool was
+        // registered.
         let queued = unsafe {
             cu::cuMemcpyHtoDAsync_v2(
                 ptr + dst_offset,
                 src.as_ptr().cast::<c_void>(),
-                len,
+                src.len(),
                 self.stream,
             )
         };
-        check("cuMemcpyHtoDAsync", queued).map_err(|e| self.err(e))?;
+        check("cuMemcpyHtoDAsync", queued).map_err(|e| self.copy_error(e))?;
         if !self.keep.last().is_some_and(|k| Arc::ptr_eq(k, chunk)) {
             self.keep.push(Arc::clone(chunk));
         }
@@ -413,10 +390,10 @@ impl DeviceTarget for CudaTarget {
     }
 
     fn synchronize(&mut self) -> Result<(), DeviceError> {
-        self.ctx.make_current().map_err(|e| self.err(e))?;
+        self.ctx.make_current().map_err(|e| self.copy_error(e))?;
         // SAFETY: the stream is live until Drop.
         let done = unsafe { cu::cuStreamSynchronize(self.stream) };
-        check("cuStreamSynchronize", done).map_err(|e| self.err(e))?;
+        check("cuStreamSynchronize", done).map_err(|e| self.copy_error(e))?;
         self.keep.clear();
         Ok(())
     }

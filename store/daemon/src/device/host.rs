@@ -382,47 +382,37 @@ struct HostTarget {
 }
 
 impl DeviceTarget for HostTarget {
+    fn device(&self) -> &str {
+        &self.device
+    }
+
     fn buffer_sizes(&self) -> &[u64] {
         &self.sizes
     }
 
-    fn copy(
-        &mut self,
-        chunk: &SharedChunk,
-        src_offset: usize,
-        len: usize,
-        handle_idx: usize,
-        dst_offset: u64,
-    ) -> Result<(), DeviceError> {
-        let copy_err = |reason: String| DeviceError::Copy {
-            device: self.device.clone(),
-            reason,
-        };
-        let src = chunk
-            .bytes()
-            .get(src_offset..src_offset + len)
-            .ok_or_else(|| {
-                copy_err(format!(
-                    "source range {src_offset}+{len} is outside the chunk"
-                ))
-            })?;
+    /// The size now, not at open: a client that shrank its file must not see
+    /// the daemon grow it back.
+    fn current_size(&self, handle_idx: usize) -> Result<u64, DeviceError> {
         let file = self
             .files
             .get(handle_idx)
-            .ok_or_else(|| copy_err(format!("no handle {handle_idx}")))?;
-        // The size now, not at open: a client that shrank its file must not
-        // see the daemon grow it back.
-        let size = file.metadata().map_err(|e| copy_err(e.to_string()))?.len();
-        if dst_offset
-            .checked_add(len as u64)
-            .is_none_or(|end| end > size)
-        {
-            return Err(copy_err(format!(
-                "destination {dst_offset}+{len} is past the buffer's end ({size})"
-            )));
-        }
-        file.write_all_at(src, dst_offset)
-            .map_err(|e| copy_err(e.to_string()))
+            .ok_or_else(|| self.copy_error(format!("no handle {handle_idx}")))?;
+        Ok(file
+            .metadata()
+            .map_err(|e| self.copy_error(e.to_string()))?
+            .len())
+    }
+
+    fn copy_checked(
+        &mut self,
+        chunk: &SharedChunk,
+        src: std::ops::Range<usize>,
+        handle_idx: usize,
+        dst_offset: u64,
+    ) -> Result<(), DeviceError> {
+        self.files[handle_idx]
+            .write_all_at(&chunk.bytes()[src], dst_offset)
+            .map_err(|e| self.copy_error(e.to_string()))
     }
 
     fn synchronize(&mut self) -> Result<(), DeviceError> {
@@ -433,6 +423,7 @@ impl DeviceTarget for HostTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::Piece;
     use crate::pool::HostPool;
 
     /// This process, as the kernel would report it over a unix socket.
@@ -468,15 +459,21 @@ mod tests {
         let mut lease = pool.try_lease(1).unwrap().pop().unwrap();
         lease.as_mut_slice()[..10].copy_from_slice(b"0123456789");
         let chunk = lease.freeze(10);
-        target.copy(&chunk, 2, 5, 0, 90).unwrap();
+        let piece = |chunk_offset, len, dst_offset| Piece {
+            chunk_offset,
+            len,
+            handle_idx: 0,
+            dst_offset,
+        };
+        target.copy(&chunk, &piece(2, 5, 90)).unwrap();
         target.synchronize().unwrap();
         assert_eq!(&std::fs::read(&buf).unwrap()[90..95], b"23456");
         assert!(
-            target.copy(&chunk, 0, 10, 0, 95).is_err(),
+            target.copy(&chunk, &piece(0, 10, 95)).is_err(),
             "never extends the file"
         );
         assert!(
-            target.copy(&chunk, 5, 10, 0, 0).is_err(),
+            target.copy(&chunk, &piece(5, 10, 0)).is_err(),
             "source outside the chunk"
         );
     }

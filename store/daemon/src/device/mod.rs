@@ -112,24 +112,88 @@ pub trait DeviceBackend: Send + Sync {
     ) -> Result<Box<dyn DeviceTarget>, DeviceError>;
 }
 
+/// Part of a copy that lies within one chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Piece {
+    pub chunk_offset: usize,
+    pub len: usize,
+    pub handle_idx: usize,
+    pub dst_offset: u64,
+}
+
 /// The destination buffers of one request on one device.
 pub trait DeviceTarget: Send {
-    /// Size in bytes of each buffer, by handle index.
+    /// The device's UUID, for errors.
+    fn device(&self) -> &str;
+
+    /// Size in bytes of each buffer, by handle index, as opened.
     fn buffer_sizes(&self) -> &[u64];
 
-    /// Starts copying `chunk.bytes()[src_offset..src_offset + len]` to
-    /// buffer `handle_idx` at `dst_offset`. Bounds were checked by the
-    /// caller against [`buffer_sizes`](Self::buffer_sizes). The target keeps
+    /// Size of buffer `handle_idx` now, for the bounds check of each copy:
+    /// as opened, unless the backend's buffers can change size (the host
+    /// backend re-reads its files, so a client that shrank one is never
+    /// written past its end).
+    fn current_size(&self, handle_idx: usize) -> Result<u64, DeviceError> {
+        self.buffer_sizes()
+            .get(handle_idx)
+            .copied()
+            .ok_or_else(|| self.copy_error(format!("no handle {handle_idx}")))
+    }
+
+    /// Starts copying `piece` of `chunk`: the one bounds check of every
+    /// backend (the source within the chunk, the destination within the
+    /// buffer), then [`copy_checked`](Self::copy_checked). The target keeps
     /// the chunk alive until the copy is complete.
-    fn copy(
+    fn copy(&mut self, chunk: &SharedChunk, piece: &Piece) -> Result<(), DeviceError> {
+        let Piece {
+            chunk_offset,
+            len,
+            handle_idx,
+            dst_offset,
+        } = *piece;
+        if chunk_offset
+            .checked_add(len)
+            .is_none_or(|end| end > chunk.bytes().len())
+        {
+            return Err(self.copy_error(format!(
+                "source range {chunk_offset}+{len} is outside the chunk"
+            )));
+        }
+        let size = self.current_size(handle_idx)?;
+        if dst_offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > size)
+        {
+            return Err(self.copy_error(format!(
+                "destination {dst_offset}+{len} is past the end of buffer {handle_idx} ({size} bytes)"
+            )));
+        }
+        self.copy_checked(
+            chunk,
+            chunk_offset..chunk_offset + len,
+            handle_idx,
+            dst_offset,
+        )
+    }
+
+    /// Starts copying `chunk.bytes()[src]` to buffer `handle_idx` at
+    /// `dst_offset`; both ranges were checked by [`copy`](Self::copy).
+    fn copy_checked(
         &mut self,
         chunk: &SharedChunk,
-        src_offset: usize,
-        len: usize,
+        src: std::ops::Range<usize>,
         handle_idx: usize,
         dst_offset: u64,
     ) -> Result<(), DeviceError>;
 
     /// Waits until every copy started so far is complete.
     fn synchronize(&mut self) -> Result<(), DeviceError>;
+
+    /// A copy error naming this device.
+    fn copy_error(&self, reason: String) -> DeviceError {
+        DeviceError::Copy {
+            device: self.device().to_owned(),
+            reason,
+        }
+    }
 }

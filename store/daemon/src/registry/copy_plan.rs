@@ -7,6 +7,7 @@
 //! other in the chunk and in the same buffer are coalesced, so a mirrored
 //! layout (destination offset = source offset) becomes one copy per chunk.
 
+pub use crate::device::Piece;
 use crate::io::ChunkSpan;
 
 /// One copy as the client asked for it.
@@ -16,15 +17,6 @@ pub struct RequestedCopy {
     pub size: u64,
     pub dst_offset: u64,
     pub handle_idx: u64,
-}
-
-/// Part of a copy that lies within one chunk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Piece {
-    pub chunk_offset: usize,
-    pub len: usize,
-    pub handle_idx: usize,
-    pub dst_offset: u64,
 }
 
 /// A device's copies, by chunk of the model.

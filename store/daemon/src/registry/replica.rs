@@ -252,7 +252,7 @@ fn run_device_copy(
                 return Err(late(device()));
             }
             copy.target
-                .copy(&chunk, p.chunk_offset, p.len, p.handle_idx, p.dst_offset)
+                .copy(&chunk, p)
                 .map_err(|e| ReplicaError::Device {
                     device: device(),
                     reason: e.to_string(),
