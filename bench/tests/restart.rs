@@ -197,6 +197,7 @@ fn a_crash_before_ready_fails_at_once_with_the_log() {
 }
 
 #[test]
+#[ignore = "slow tier (waits out a 3 s timeout): cargo test -- --include-ignored"]
 fn a_server_that_never_answers_times_out_and_is_stopped() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -229,6 +230,7 @@ fn a_server_that_never_answers_times_out_and_is_stopped() {
 }
 
 #[test]
+#[ignore = "slow tier (waits out the 10 s stop grace): cargo test -- --include-ignored"]
 fn a_server_that_ignores_sigterm_is_killed() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();

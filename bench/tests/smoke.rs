@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 #[test]
+#[ignore = "slow tier (fio, both engines, the peers, the daemon): cargo test -- --include-ignored"]
 fn load_benchmark_runs_every_scenario_and_writes_results() {
     let bench = PathBuf::from(env!("CARGO_BIN_EXE_sllm-bench"));
     let store = bench.with_file_name("sllm-store");
