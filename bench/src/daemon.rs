@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use serde::Deserialize;
+use sllm_client::load::LoadReport;
 
 use crate::report::{Sample, pid_cpu_s, time_command_output};
 
@@ -25,16 +25,6 @@ pub struct Daemon {
     pub addr: String,
     /// Seconds from launch to the ready line.
     pub ready_s: f64,
-}
-
-/// What `sllm-store load --json` printed.
-#[derive(Debug, Deserialize)]
-pub struct LoadJson {
-    /// Bytes copied to the device.
-    pub bytes: u64,
-    /// From LoadModelAsync (host) to the replica confirmed.
-    pub device_copy_s: f64,
-    pub backend: String,
 }
 
 impl Daemon {
@@ -92,7 +82,7 @@ impl Daemon {
 
     /// Loads `model` onto the daemon's first device with the CLI; the
     /// sample's CPU is the client's plus the daemon's during the load.
-    pub fn load(&self, model: &str) -> anyhow::Result<(LoadJson, Sample)> {
+    pub fn load(&self, model: &str) -> anyhow::Result<(LoadReport, Sample)> {
         let daemon_cpu = pid_cpu_s(self.child.id());
         let mut cmd = Command::new(&self.bin);
         cmd.args(["load", "--json", "--model", model, "--server", &self.addr])

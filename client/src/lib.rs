@@ -9,12 +9,15 @@
 //!   packed layout;
 //! - [`shm::ShmBuffer`]: device memory for the daemon's host backend (a
 //!   shared-memory file whose path is the handle);
+//! - [`load`]: one load as an inference engine does it, and the
+//!   [`load::LoadReport`] that `sllm-store load --json` prints;
 //! - [`cuda::CudaBuffer`]: GPU memory shared with the daemon through a CUDA
 //!   IPC handle (the client half of the CUDA room; `libcuda` is loaded at run
 //!   time, so the crate builds and runs without CUDA).
 
 pub mod client;
 pub mod cuda;
+pub mod load;
 pub mod plan;
 pub mod shm;
 

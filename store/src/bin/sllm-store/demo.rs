@@ -19,9 +19,9 @@ use sllm_format::units::{ByteSize, gib_per_s, human_bytes};
 use sllm_format::verify::verify_model;
 use sllm_format::{ModelId, WriterOptions};
 
-use crate::load::load_model;
 use crate::progress::TermProgress;
 use sllm_client::StoreClient;
+use sllm_client::load::load_model;
 use sllm_client::plan::Layout;
 use sllm_daemon::daemon::{DaemonConfig, Listen, serve};
 use sllm_daemon::device::BackendChoice;
