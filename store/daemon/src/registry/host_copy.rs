@@ -217,6 +217,7 @@ impl HostCopy {
         i: usize,
         abort: &AtomicBool,
         deadline: Instant,
+        poll: std::time::Duration,
     ) -> Result<SharedChunk, IoError> {
         let mut slots = lock(&self.slots);
         loop {
@@ -231,7 +232,7 @@ impl HostCopy {
                 Some(Slot::Pending) => {
                     slots = self
                         .changed
-                        .wait_timeout(slots, std::time::Duration::from_millis(50))
+                        .wait_timeout(slots, poll)
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .0;
                 }

@@ -20,75 +20,35 @@
 
 pub mod checksums;
 pub mod copy_plan;
+mod error;
 pub mod host_copy;
+mod limits;
 pub mod on_disk;
 pub mod replica;
+mod table;
+
+pub use self::error::RegistryError;
+pub use self::limits::Limits;
+use self::table::{ModelEntry, ModelInfo, Table};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use sllm_format::ModelId;
-use sllm_format::model_id::ModelIdError;
-use sllm_format::partitions::Partitions;
 use sllm_format::units::{gib_per_s, human_bytes};
 
 use self::checksums::{HashPool, LoadCheck};
-use self::copy_plan::{PlanError, RequestedCopy, plan_copies};
+use self::copy_plan::{RequestedCopy, plan_copies};
 use self::host_copy::{HostCopy, LoadOutcome};
-use self::on_disk::{BlockSums, ModelStamp, OnDisk, OnDiskError};
+use self::on_disk::{ModelStamp, OnDisk, OnDiskError};
 pub use self::replica::ReplicaError;
 use self::replica::{DeviceCopy, Replica, ReplicaStatus};
-use crate::device::{DeviceBackend, DeviceError};
+use crate::device::DeviceBackend;
 use crate::io::{ChunkSpan, IoEngine, IoError, chunk_spans};
 use crate::lock;
 use crate::pool::HostPool;
-
-/// How long a ConfirmModel that timed out waits for the aborted copies to
-/// release the client's buffers.
-const ABORT_WAIT: Duration = Duration::from_secs(30);
-
-/// Limits checked on every request.
-#[derive(Clone, Debug)]
-pub struct Limits {
-    /// Copies (`MemCopyChunk`s) in one request, all devices together.
-    pub max_copies_per_request: usize,
-    /// Handles per device in one request.
-    pub max_handles_per_device: usize,
-    /// Replicas copying at once, all models together.
-    pub max_active_replicas: usize,
-    /// Bytes that the replicas copying at once may still have to copy, all
-    /// together: the whole work the daemon accepts at a time.
-    pub max_active_copy_bytes: u64,
-    /// Pieces (copies after splitting per chunk) of the replicas copying at
-    /// once: the memory their plans take.
-    pub max_active_pieces: usize,
-    /// How long ConfirmModel waits for a replica it has not heard of.
-    pub unknown_replica_wait: Duration,
-    /// How long ConfirmModel waits for a replica to finish, and how long a
-    /// replica may copy at all, confirmed or not.
-    pub confirm_timeout: Duration,
-    /// Finished, unconfirmed replicas are forgotten after this long.
-    pub replica_retention: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_copies_per_request: 1 << 20,
-            max_handles_per_device: 64,
-            max_active_replicas: 256,
-            // Four times the memory of eight 141 GiB GPUs: more than any one
-            // host can take in at once, and a bound on what requests can queue.
-            max_active_copy_bytes: 4 << 40,
-            max_active_pieces: 8 << 20,
-            unknown_replica_wait: Duration::from_millis(500),
-            confirm_timeout: Duration::from_secs(1800),
-            replica_retention: Duration::from_secs(600),
-        }
-    }
-}
 
 /// What the registry needs to know at start-up.
 #[derive(Clone, Debug)]
@@ -100,105 +60,6 @@ pub struct RegistryConfig {
     /// index against the manifest (`--skip-checksums` turns it off).
     pub verify_checksums: bool,
     pub limits: Limits,
-}
-
-/// A request the registry refuses or could not carry out. The server maps
-/// each kind to a gRPC status.
-#[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
-    #[error(transparent)]
-    BadModelId(#[from] ModelIdError),
-    #[error("model {model}: {path} leads outside the storage path {root}; refusing to read it")]
-    Escapes {
-        model: String,
-        path: PathBuf,
-        root: PathBuf,
-    },
-    #[error(
-        "model {model} not found: {path} has no tensor.data_0; convert it with `sllm-store save \
-         --model {model}` (storage path {root})"
-    )]
-    NotFound {
-        model: String,
-        path: PathBuf,
-        root: PathBuf,
-    },
-    #[error(
-        "model {model} is not registered and the daemon runs with --registration-required; call RegisterModel first"
-    )]
-    NotRegistered { model: String },
-    #[error(
-        "model {model} is {} but the pool holds only {}; restart the daemon with a larger \
-         --mem-pool-size (or $MEM_POOL_SIZE)",
-        human_bytes(*size), human_bytes(*pool)
-    )]
-    PoolTooSmall { model: String, size: u64, pool: u64 },
-    #[error(
-        "model {model} needs {} of pool memory; {} of {} are free and the rest belongs to models \
-         in use; wait for them, unload some, or raise --mem-pool-size",
-        human_bytes(*size), human_bytes(*free), human_bytes(*pool)
-    )]
-    PoolBusy {
-        model: String,
-        size: u64,
-        free: u64,
-        pool: u64,
-    },
-    #[error("{0}")]
-    InvalidRequest(String),
-    #[error("unknown device {uuid}; this daemon serves {known}")]
-    UnknownDevice { uuid: String, known: String },
-    #[error("model {model}: {source}")]
-    InvalidCopy { model: String, source: PlanError },
-    #[error(transparent)]
-    Device(#[from] DeviceError),
-    #[error("replica {uuid} of model {model} is already in use; use a fresh replica_uuid per load")]
-    ReplicaExists { uuid: String, model: String },
-    #[error(
-        "no replica {uuid} of model {model} was requested; send LoadModelAsync to the GPU first"
-    )]
-    ReplicaUnknown { uuid: String, model: String },
-    #[error("{0} replicas are already being copied; retry when some finish")]
-    TooManyReplicas(usize),
-    #[error("replica {uuid} of model {model} failed: {reason}")]
-    ReplicaFailed {
-        uuid: String,
-        model: String,
-        reason: Box<ReplicaError>,
-    },
-    #[error("replica {uuid} of model {model} is still copying after {seconds} s")]
-    ConfirmTimeout {
-        uuid: String,
-        model: String,
-        seconds: u64,
-    },
-    #[error("loading model {model} failed: {source}")]
-    Load { model: String, source: IoError },
-    #[error("model {model} is not known to this daemon (never registered or loaded)")]
-    UnknownModel { model: String },
-    #[error("model {model}: cannot read {path}: {source}")]
-    Unreadable {
-        model: String,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("model {model} changed on disk while this request was being planned; send it again")]
-    ModelChanged { model: String },
-    #[error("model {model}: {source}")]
-    OnDisk { model: String, source: OnDiskError },
-    #[error(
-        "the replicas being copied already hold {what}; this request adds {adding} more, past \
-         the limit of {limit}: retry when some finish"
-    )]
-    TooMuchWork {
-        what: String,
-        adding: String,
-        limit: String,
-    },
-    #[error("cannot start a worker thread: {0}; the machine is out of threads or memory")]
-    NoThread(std::io::Error),
-    #[error("the daemon is shutting down")]
-    ShuttingDown,
 }
 
 /// Where a model stands in host memory.
@@ -219,91 +80,6 @@ pub enum HostState {
     Loading,
     Loaded,
     Failed(String),
-}
-
-/// A registered model's layout, as read from one version of its files.
-struct ModelInfo {
-    /// When the reading began ([`Table::reads`]): of two readings of one
-    /// model racing each other, the one begun later is at least as fresh.
-    read_ticket: u64,
-    stamp: ModelStamp,
-    partitions: Partitions,
-    spans: Arc<[ChunkSpan]>,
-    size: u64,
-    checksums: Option<Arc<BlockSums>>,
-}
-
-struct ModelEntry {
-    info: Arc<ModelInfo>,
-    host: Option<Arc<HostCopy>>,
-    last_used: u64,
-    replicas: HashMap<String, Arc<Replica>>,
-    /// Why the last load failed, until the next one starts.
-    last_error: Option<String>,
-}
-
-impl ModelEntry {
-    /// Refuses a replica id already in use for this model.
-    fn ensure_replica_free(&self, uuid: &str, model: &str) -> Result<(), RegistryError> {
-        if self.replicas.contains_key(uuid) {
-            return Err(RegistryError::ReplicaExists {
-                uuid: uuid.into(),
-                model: model.into(),
-            });
-        }
-        Ok(())
-    }
-
-    /// Forgets the host copy; a load still in progress that no replica
-    /// reads from is cancelled, so its chunks come back promptly.
-    fn drop_host_copy(&mut self) {
-        if let Some(host) = self.host.take()
-            && !host.is_complete()
-            && !self.busy()
-        {
-            host.cancel();
-        }
-    }
-
-    fn busy(&self) -> bool {
-        self.replicas.values().any(|r| r.status().is_copying())
-    }
-
-    /// Resident, fully loaded (or failed), no replica copying from it, and
-    /// nothing but the registry holding it: evicting it frees its chunks now.
-    fn evictable(&self) -> bool {
-        self.host
-            .as_ref()
-            .is_some_and(|h| h.is_complete() && Arc::strong_count(h) == 1)
-            && !self.busy()
-    }
-}
-
-#[derive(Default)]
-struct Table {
-    models: HashMap<String, ModelEntry>,
-    clock: u64,
-    /// Readings of models begun so far.
-    reads: u64,
-    shutting_down: bool,
-}
-
-impl Table {
-    fn entry(&self, model: &str) -> Result<&ModelEntry, RegistryError> {
-        self.models
-            .get(model)
-            .ok_or_else(|| RegistryError::NotRegistered {
-                model: model.into(),
-            })
-    }
-
-    fn entry_mut(&mut self, model: &str) -> Result<&mut ModelEntry, RegistryError> {
-        self.models
-            .get_mut(model)
-            .ok_or_else(|| RegistryError::NotRegistered {
-                model: model.into(),
-            })
-    }
 }
 
 /// The daemon's state.
@@ -533,12 +309,11 @@ impl Registry {
     fn host_copy(&self, model: &str) -> Result<Arc<HostCopy>, RegistryError> {
         // A copy that just finished loading is evictable a moment before its
         // io thread lets go of it; give such chunks a bounded time to return.
-        const RETRIES: u32 = 50;
-        const PAUSE: Duration = Duration::from_millis(2);
+        let limits = &self.cfg.limits;
         for attempt in 0.. {
             match self.try_host_copy(model) {
-                Err(RegistryError::PoolBusy { .. }) if attempt < RETRIES => {
-                    std::thread::sleep(PAUSE)
+                Err(RegistryError::PoolBusy { .. }) if attempt < limits.pool_busy_retries => {
+                    std::thread::sleep(limits.pool_busy_pause)
                 }
                 other => return other,
             }
@@ -670,10 +445,11 @@ impl Registry {
         client: &crate::device::ClientIdentity,
     ) -> Result<(), RegistryError> {
         let invalid = |m: String| RegistryError::InvalidRequest(m);
-        if replica_uuid.is_empty() || replica_uuid.len() > 128 {
-            return Err(invalid(
-                "replica_uuid must be 1 to 128 characters (a UUID)".into(),
-            ));
+        let max_id = self.cfg.limits.max_replica_id_bytes;
+        if replica_uuid.is_empty() || replica_uuid.len() > max_id {
+            return Err(invalid(format!(
+                "replica_uuid must be 1 to {max_id} characters (a UUID)"
+            )));
         }
         if chunks.is_empty() {
             return Err(invalid(format!(
@@ -758,7 +534,7 @@ impl Registry {
         let backend = self.backend.kind();
         let (name, uuid) = (model.to_owned(), replica_uuid.to_owned());
         let deadline = Instant::now() + self.cfg.limits.confirm_timeout;
-        let replica = Replica::start(replica_uuid.into(), host, device_copies, deadline, move |status| {
+        let replica = Replica::start(replica_uuid.into(), host, device_copies, deadline, self.cfg.limits.chunk_wait_poll, move |status| {
             match status {
                 ReplicaStatus::Done { bytes, seconds } => {
                     tracing::info!(model = %name, replica = %uuid, bytes, seconds, gib_per_s = gib_per_s(*bytes, *seconds), %backend, "copied to the devices");
@@ -830,7 +606,7 @@ impl Registry {
                         model: model.into(),
                     });
                 }
-                None => tokio::time::sleep(Duration::from_millis(20)).await,
+                None => tokio::time::sleep(limits.unknown_replica_poll).await,
             }
         };
         let status = match tokio::time::timeout(limits.confirm_timeout, replica.finished()).await {
@@ -839,7 +615,7 @@ impl Registry {
                 // Stop the copies and wait for them to let go of the
                 // client's buffers before telling it to give up on them.
                 replica.abort("ConfirmModel timed out");
-                let _ = tokio::time::timeout(ABORT_WAIT, replica.finished()).await;
+                let _ = tokio::time::timeout(limits.abort_wait, replica.finished()).await;
                 return Err(RegistryError::ConfirmTimeout {
                     uuid: uuid.into(),
                     model: model.into(),

@@ -11,7 +11,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -89,14 +89,16 @@ pub struct Replica {
 
 impl Replica {
     /// Starts copying from `host` to every device of `copies`; copies still
-    /// running at `deadline` stop and fail the replica. Fails only if a
-    /// thread cannot be started (then nothing was copied by it, and the
+    /// running at `deadline` stop and fail the replica (a copy waiting for a
+    /// chunk looks at the deadline and for an abort every `poll`). Fails
+    /// only if a thread cannot be started (then nothing was copied by it, and the
     /// devices already started are aborted).
     pub fn start(
         uuid: String,
         host: Arc<HostCopy>,
         copies: Vec<DeviceCopy>,
         deadline: Instant,
+        poll: Duration,
         on_done: impl Fn(&ReplicaStatus) + Send + Sync + 'static,
     ) -> std::io::Result<Arc<Self>> {
         let (tx, rx) = watch::channel(ReplicaStatus::Copying);
@@ -126,7 +128,7 @@ impl Replica {
             let spawned = std::thread::Builder::new()
                 .name("sllm-copy".into())
                 .spawn(move || {
-                    let result = run_device_copy(&host, copy, &worker.abort, deadline);
+                    let result = run_device_copy(&host, copy, &worker.abort, deadline, poll);
                     drop(host);
                     worker.device_done(result.err());
                 });
@@ -224,6 +226,7 @@ fn run_device_copy(
     mut copy: DeviceCopy,
     abort: &AtomicBool,
     deadline: Instant,
+    poll: Duration,
 ) -> Result<(), ReplicaError> {
     let device = || copy.device.uuid.clone();
     let late = |device: String| {
@@ -234,7 +237,7 @@ fn run_device_copy(
         if pieces.is_empty() {
             continue;
         }
-        let chunk = match host.wait_chunk_or_abort(i, abort, deadline) {
+        let chunk = match host.wait_chunk_or_abort(i, abort, deadline, poll) {
             Ok(chunk) => chunk,
             Err(_) if Instant::now() >= deadline => return Err(late(device())),
             Err(source) => {
