@@ -444,8 +444,26 @@ impl Registry {
         handles: HashMap<String, Vec<Vec<u8>>>,
         client: &crate::device::ClientIdentity,
     ) -> Result<(), RegistryError> {
+        let request =
+            self.validate_device_request(model, replica_uuid, &chunks, &handles, client)?;
+        self.start_replica(model, replica_uuid, request)
+    }
+
+    /// Every check of a LoadModelAsync(GPU) that needs no pool or replica
+    /// state: the replica id, the counts, each device and its handles, and
+    /// every copy against the model and the buffers. Opens the targets;
+    /// nothing is copied.
+    fn validate_device_request(
+        &self,
+        model: &str,
+        replica_uuid: &str,
+        chunks: &HashMap<String, Vec<RequestedCopy>>,
+        handles: &HashMap<String, Vec<Vec<u8>>>,
+        client: &crate::device::ClientIdentity,
+    ) -> Result<DeviceRequest, RegistryError> {
         let invalid = |m: String| RegistryError::InvalidRequest(m);
-        let max_id = self.cfg.limits.max_replica_id_bytes;
+        let limits = &self.cfg.limits;
+        let max_id = limits.max_replica_id_bytes;
         if replica_uuid.is_empty() || replica_uuid.len() > max_id {
             return Err(invalid(format!(
                 "replica_uuid must be 1 to {max_id} characters (a UUID)"
@@ -457,10 +475,10 @@ impl Registry {
             )));
         }
         let copies: usize = chunks.values().map(Vec::len).sum();
-        if copies > self.cfg.limits.max_copies_per_request {
+        if copies > limits.max_copies_per_request {
             return Err(invalid(format!(
                 "{copies} copies in one request; the limit is {}: coalesce adjacent tensors",
-                self.cfg.limits.max_copies_per_request
+                limits.max_copies_per_request
             )));
         }
         let info = self.ensure_registered(model)?;
@@ -469,7 +487,7 @@ impl Registry {
             .ensure_replica_free(replica_uuid, model)?;
 
         let mut device_copies = Vec::with_capacity(chunks.len());
-        for (uuid, list) in &chunks {
+        for (uuid, list) in chunks {
             let device = self
                 .backend
                 .devices()
@@ -488,11 +506,11 @@ impl Registry {
             let device_handles = handles.get(uuid).filter(|h| !h.is_empty()).ok_or_else(|| {
                 invalid(format!("copies for device {uuid} but no handles for it"))
             })?;
-            if device_handles.len() > self.cfg.limits.max_handles_per_device {
+            if device_handles.len() > limits.max_handles_per_device {
                 return Err(invalid(format!(
                     "{} handles for device {uuid}; the limit is {}",
                     device_handles.len(),
-                    self.cfg.limits.max_handles_per_device
+                    limits.max_handles_per_device
                 )));
             }
             let target = self.backend.open_target(device, device_handles, client)?;
@@ -513,7 +531,25 @@ impl Registry {
                 "handles for device {extra} but no copies for it"
             )));
         }
+        Ok(DeviceRequest {
+            info,
+            copies: device_copies,
+        })
+    }
 
+    /// Runs a validated request: takes the model's host copy (loading it if
+    /// needed), checks the work of all replicas against the limits under
+    /// the table's lock, and starts the replica's threads.
+    fn start_replica(
+        &self,
+        model: &str,
+        replica_uuid: &str,
+        request: DeviceRequest,
+    ) -> Result<(), RegistryError> {
+        let DeviceRequest {
+            info,
+            copies: device_copies,
+        } = request;
         let host = self.host_copy(model)?;
         if !Arc::ptr_eq(host.spans(), &info.spans) {
             // Re-registered (re-saved) between planning and loading.
@@ -521,34 +557,27 @@ impl Registry {
                 model: model.into(),
             });
         }
+        let limits = &self.cfg.limits;
         let mut table = self.table();
         // Forget finished replicas nobody confirmed, on every model.
-        let retention = self.cfg.limits.replica_retention;
         for e in table.models.values_mut() {
-            e.replicas
-                .retain(|_, r| r.status().is_copying() || r.started.elapsed() < retention);
+            e.replicas.retain(|_, r| {
+                r.status().is_copying() || r.started.elapsed() < limits.replica_retention
+            });
         }
         self.check_work(&table, &device_copies)?;
         let entry = table.entry_mut(model)?;
         entry.ensure_replica_free(replica_uuid, model)?;
-        let backend = self.backend.kind();
-        let (name, uuid) = (model.to_owned(), replica_uuid.to_owned());
-        let deadline = Instant::now() + self.cfg.limits.confirm_timeout;
-        let replica = Replica::start(replica_uuid.into(), host, device_copies, deadline, self.cfg.limits.chunk_wait_poll, move |status| {
-            match status {
-                ReplicaStatus::Done { bytes, seconds } => {
-                    tracing::info!(model = %name, replica = %uuid, bytes, seconds, gib_per_s = gib_per_s(*bytes, *seconds), %backend, "copied to the devices");
-                    metrics::counter!("sllm_bytes_loaded_total", "target" => "device")
-                        .increment(*bytes);
-                    metrics::histogram!("sllm_load_seconds", "target" => "device").record(*seconds);
-                }
-                ReplicaStatus::Failed(reason) => {
-                    tracing::error!(model = %name, replica = %uuid, %reason, "copy to the devices failed");
-                    metrics::counter!("sllm_errors_total", "kind" => "copy").increment(1);
-                }
-                ReplicaStatus::Copying => {}
-            }
-        })
+        let deadline = Instant::now() + limits.confirm_timeout;
+        let on_done = replica_outcome_logger(model, replica_uuid, self.backend.kind());
+        let replica = Replica::start(
+            replica_uuid.into(),
+            host,
+            device_copies,
+            deadline,
+            limits.chunk_wait_poll,
+            on_done,
+        )
         .map_err(RegistryError::NoThread)?;
         entry.replicas.insert(replica_uuid.into(), replica);
         Ok(())
@@ -706,5 +735,33 @@ impl Registry {
     /// Bytes of the pool in use, for metrics.
     pub fn pool_used_bytes(&self) -> u64 {
         ((self.pool.total_chunks() - self.pool.free_chunks()) * self.pool.chunk_bytes()) as u64
+    }
+}
+
+/// A LoadModelAsync(GPU) that passed every check: the model's layout it was
+/// planned against, and each device's opened target and plan.
+struct DeviceRequest {
+    info: Arc<ModelInfo>,
+    copies: Vec<DeviceCopy>,
+}
+
+/// What a replica's end is logged and counted as.
+fn replica_outcome_logger(
+    model: &str,
+    replica: &str,
+    backend: crate::device::BackendKind,
+) -> impl Fn(&ReplicaStatus) + Send + Sync + 'static {
+    let (name, uuid) = (model.to_owned(), replica.to_owned());
+    move |status| match status {
+        ReplicaStatus::Done { bytes, seconds } => {
+            tracing::info!(model = %name, replica = %uuid, bytes, seconds, gib_per_s = gib_per_s(*bytes, *seconds), %backend, "copied to the devices");
+            metrics::counter!("sllm_bytes_loaded_total", "target" => "device").increment(*bytes);
+            metrics::histogram!("sllm_load_seconds", "target" => "device").record(*seconds);
+        }
+        ReplicaStatus::Failed(reason) => {
+            tracing::error!(model = %name, replica = %uuid, %reason, "copy to the devices failed");
+            metrics::counter!("sllm_errors_total", "kind" => "copy").increment(1);
+        }
+        ReplicaStatus::Copying => {}
     }
 }
