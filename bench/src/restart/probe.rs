@@ -1,0 +1,115 @@
+//! Talking to the server under test: `/v1/models`, the first completion,
+//! whether the port is taken, and how a crash is described.
+
+use super::*;
+
+pub(super) fn crash(status: ExitStatus, started: Instant) -> (FailureKind, String) {
+    let hint = if status.success() {
+        ": the command must keep the server in the foreground (no `&`, no daemon mode)"
+    } else {
+        ""
+    };
+    (
+        FailureKind::Crash,
+        format!(
+            "the command exited ({status}) {:.1} s after its start, before it was ready{hint}",
+            started.elapsed().as_secs_f64()
+        ),
+    )
+}
+
+/// `Ok` with the first model id when `GET /v1/models` answers 200, else
+/// why not.
+pub(super) fn probe_models(agent: &ureq::Agent, url: &str) -> Result<Option<String>, String> {
+    match agent.get(format!("{url}/v1/models")).call() {
+        Ok(mut response) if response.status() == 200 => Ok(response
+            .body_mut()
+            .read_json::<serde_json::Value>()
+            .ok()
+            .and_then(|v| first_model_id(&v))),
+        Ok(response) => Err(format!("HTTP {}", response.status().as_u16())),
+        Err(ureq::Error::Timeout(_)) => {
+            Err(format!("no answer within {} s", POLL_TIMEOUT.as_secs()))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `data[0].id` of a `/v1/models` answer.
+pub(super) fn first_model_id(models: &serde_json::Value) -> Option<String> {
+    models["data"]
+        .as_array()?
+        .first()?
+        .get("id")?
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// When a server already answers at `url`, what it said.
+pub(super) fn port_taken(url: &str) -> Option<String> {
+    match local_agent(POLL_TIMEOUT)
+        .get(format!("{url}/v1/models"))
+        .call()
+    {
+        Ok(response) => Some(format!(
+            "GET /v1/models: HTTP {}",
+            response.status().as_u16()
+        )),
+        Err(ureq::Error::Timeout(_)) => Some("it accepts connections but does not answer".into()),
+        Err(_) => None,
+    }
+}
+
+/// Seconds a completion took from request to full answer.
+pub(super) fn first_completion(
+    agent: &ureq::Agent,
+    url: &str,
+    model: &str,
+    prompt: &str,
+    max_tokens: u32,
+) -> Result<f64, String> {
+    let endpoint = format!("{url}/v1/completions");
+    let start = Instant::now();
+    let mut response = agent
+        .post(&endpoint)
+        .send_json(serde_json::json!({
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        }))
+        .map_err(|e| format!("POST {endpoint}: {e}"))?;
+    let body = response
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| format!("POST {endpoint}: reading the answer: {e}"))?;
+    let seconds = start.elapsed().as_secs_f64();
+    let status = response.status().as_u16();
+    check_completion(status, &body).map_err(|e| format!("POST {endpoint} (model {model}): {e}"))?;
+    Ok(seconds)
+}
+
+/// A completion must be HTTP 200 with a non-empty `choices` array.
+pub(super) fn check_completion(status: u16, body: &str) -> Result<(), String> {
+    if status != 200 {
+        return Err(format!("HTTP {status}: {}", quote(body)));
+    }
+    let parsed: serde_json::Value = serde_json::from_str(body)
+        .map_err(|e| format!("answer is not JSON ({e}): {}", quote(body)))?;
+    match parsed["choices"].as_array() {
+        Some(choices) if !choices.is_empty() => Ok(()),
+        _ => Err(format!("answer has no choices: {}", quote(body))),
+    }
+}
+
+/// `body` cut to [`BODY_QUOTE`] bytes (on a character boundary).
+pub(super) fn quote(body: &str) -> String {
+    if body.len() <= BODY_QUOTE {
+        return body.to_owned();
+    }
+    let mut end = BODY_QUOTE;
+    while !body.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &body[..end], body.len())
+}
