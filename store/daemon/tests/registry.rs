@@ -183,9 +183,14 @@ fn the_least_recently_used_idle_model_is_evicted_first() {
     for (name, fill) in [("o/a", 1), ("o/b", 2), ("o/c", 3)] {
         f.write(name, 2 * CHUNK - 100, fill);
     }
+    // A copy becomes evictable once its io thread has let go of it, a
+    // moment after it reads as loaded: give each that moment, so the choice
+    // below is between two idle copies.
+    let settle = || std::thread::sleep(Duration::from_millis(200));
     f.load_to_host("o/a");
     f.load_to_host("o/b");
     f.load_to_host("o/a"); // used again: b is now the least recently used
+    settle();
     f.load_to_host("o/c");
     assert_eq!(f.state("o/a"), HostState::Loaded);
     assert_eq!(f.state("o/b"), HostState::NotLoaded);

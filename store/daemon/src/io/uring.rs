@@ -567,6 +567,11 @@ impl<'f> Load<'f> {
             );
             return;
         };
+        // A slot holds a read only while it is in the kernel.
+        debug_assert!(
+            self.in_kernel > 0,
+            "a completion with no read in the kernel"
+        );
         self.in_kernel = self.in_kernel.saturating_sub(1);
         let chunk = &mut self.chunks[s.chunk];
         let Some(&op) = chunk.ops.get(s.op) else {
@@ -598,6 +603,11 @@ impl<'f> Load<'f> {
         };
         self.free_slots.push(slot);
         if let Some(chunk) = self.chunks.get_mut(s.chunk) {
+            debug_assert!(
+                chunk.in_flight > 0,
+                "chunk {} released more reads than it had in flight",
+                s.chunk
+            );
             chunk.in_flight = chunk.in_flight.saturating_sub(1);
         }
         self.settle(s.chunk, landed);
@@ -657,6 +667,7 @@ impl Drop for Load<'_> {
 /// What the completion `res` of slot `s` (reading `op`) means; errors are
 /// built exactly as the pread engine builds them.
 fn outcome(files: &ModelFiles, s: Slot, op: &ReadOp, res: i32) -> Outcome {
+    debug_assert!(s.done_len <= op.len, "a read done past its length");
     let rest = op.len.saturating_sub(s.done_len);
     let path = || {
         files
