@@ -86,8 +86,42 @@ pub enum IoError {
     },
     #[error("the load was cancelled")]
     Cancelled,
+    /// The ring or the kernel failed (io_uring_enter, a short submission).
     #[error("the io engine failed: {0}")]
     Engine(String),
+    /// A read plan that would reach outside its buffer or its files: a bug
+    /// in the planning, refused before any byte is read.
+    #[error("the io engine failed: {0}")]
+    ReadPlan(#[from] ReadPlanError),
+    /// A thread of the load died (`which`: "io", "checksum").
+    #[error("the io engine failed: the {which} thread panicked")]
+    Panicked { which: &'static str },
+    /// An invariant of the load broke: a chunk outside the copy or the
+    /// manifest's blocks. A bug, reported rather than absorbed.
+    #[error("the io engine failed: {0}")]
+    Invariant(String),
+}
+
+/// Why a chunk's read plan was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReadPlanError {
+    #[error("chunk {chunk} holds {len} bytes but its buffer has {capacity}")]
+    Overfull {
+        chunk: usize,
+        len: usize,
+        capacity: usize,
+    },
+    #[error("chunk {chunk} reads partition {part}, which does not exist")]
+    NoPartition { chunk: usize, part: usize },
+    #[error(
+        "chunk {chunk} reads {len} bytes at buffer offset {offset}, past its {capacity}-byte buffer"
+    )]
+    PastBuffer {
+        chunk: usize,
+        len: usize,
+        offset: usize,
+        capacity: usize,
+    },
 }
 
 /// One open partition.
@@ -310,31 +344,33 @@ pub struct ChunkRead {
 impl ChunkRead {
     /// Checks that a chunk's plan stays inside its buffer and names real
     /// partitions, so no read can reach outside the lease.
-    pub fn check(&self, files: &ModelFiles) -> Result<(), String> {
-        let read = self;
-        let capacity = read.lease.capacity();
-        if read.len > capacity {
-            return Err(format!(
-                "chunk {} holds {} bytes but its buffer has {capacity}",
-                read.chunk_no, read.len
-            ));
+    pub fn check(&self, files: &ModelFiles) -> Result<(), ReadPlanError> {
+        let (chunk, capacity) = (self.chunk_no, self.lease.capacity());
+        if self.len > capacity {
+            return Err(ReadPlanError::Overfull {
+                chunk,
+                len: self.len,
+                capacity,
+            });
         }
-        for op in &read.ops {
+        for op in &self.ops {
             if op.part >= files.parts.len() {
-                return Err(format!(
-                    "chunk {} reads partition {}, which does not exist",
-                    read.chunk_no, op.part
-                ));
+                return Err(ReadPlanError::NoPartition {
+                    chunk,
+                    part: op.part,
+                });
             }
             if op
                 .chunk_offset
                 .checked_add(op.len)
                 .is_none_or(|end| end > capacity)
             {
-                return Err(format!(
-                    "chunk {} reads {} bytes at buffer offset {}, past its {capacity}-byte buffer",
-                    read.chunk_no, op.len, op.chunk_offset
-                ));
+                return Err(ReadPlanError::PastBuffer {
+                    chunk,
+                    len: op.len,
+                    offset: op.chunk_offset,
+                    capacity,
+                });
             }
         }
         Ok(())

@@ -69,7 +69,7 @@ impl IoEngine for PreadEngine {
 
 /// Runs one chunk's reads in order.
 fn fill(files: &ModelFiles, mut read: ChunkRead) -> Result<SharedChunk, IoError> {
-    read.check(files).map_err(IoError::Engine)?;
+    read.check(files)?;
     let buf = read.lease.as_mut_slice();
     for op in &read.ops {
         let part = &files.parts[op.part];

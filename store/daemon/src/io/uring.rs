@@ -373,7 +373,7 @@ impl<'f> Load<'f> {
         let chunks = reads
             .into_iter()
             .map(|read| {
-                let error = read.check(files).err().map(|e| (0, IoError::Engine(e)));
+                let error = read.check(files).err().map(|e| (0, IoError::from(e)));
                 ChunkState {
                     chunk_no: read.chunk_no,
                     lease: Some(read.lease),
@@ -1290,12 +1290,12 @@ mod tests {
         let results = once(collect(&engine, &files, reads, &AtomicBool::new(false)), 3);
         assert!(results[0].is_ok());
         assert!(
-            matches!(&results[1], Err(IoError::Engine(m)) if m.contains("past its")),
+            matches!(&results[1], Err(IoError::ReadPlan(e)) if e.to_string().contains("past its")),
             "{:?}",
             results[1]
         );
         assert!(
-            matches!(&results[2], Err(IoError::Engine(m)) if m.contains("holds 8192")),
+            matches!(&results[2], Err(IoError::ReadPlan(e)) if e.to_string().contains("holds 8192")),
             "{:?}",
             results[2]
         );

@@ -171,7 +171,7 @@ impl LoadCheck {
             // partitions agree with it, and never published unchecked.
             out.chunks.push((
                 chunk_no,
-                Err(IoError::Engine(format!(
+                Err(IoError::Invariant(format!(
                     "chunk {chunk_no} lies outside the manifest's checksum blocks"
                 ))),
             ));

@@ -89,7 +89,7 @@ impl HostCopy {
                 }));
                 if read.is_err() {
                     // Nobody may wait forever on a chunk the engine dropped.
-                    this.fail_pending(IoError::Engine("the io thread panicked".into()));
+                    this.fail_pending(IoError::Panicked { which: "io" });
                 }
                 *lock(&this.seconds) = Some(started.elapsed().as_secs_f64());
                 let outcome = LoadOutcome {
@@ -174,7 +174,7 @@ impl HostCopy {
                     check.hash_block(block, &mut |chunk_no, result| this.settle(chunk_no, result))
                 }));
                 if hashed.is_err() {
-                    this.fail_pending(IoError::Engine("a checksum thread panicked".into()));
+                    this.fail_pending(IoError::Panicked { which: "checksum" });
                 }
             });
         }
@@ -237,7 +237,7 @@ impl HostCopy {
                         .0;
                 }
                 None => {
-                    return Err(IoError::Engine(format!(
+                    return Err(IoError::Invariant(format!(
                         "chunk {i} is not part of this copy"
                     )));
                 }
