@@ -13,7 +13,7 @@ use sllm_format::units::{ByteSize, gib_per_s};
 use crate::cache::{drop_caches, files_under, warm_up};
 use crate::checkpoint::{ensure_checkpoint, sllm_store_binary, work_dir};
 use crate::machine::Machine;
-use crate::report::{Header, OutputArgs, Sample, median, time_command};
+use crate::report::{Header, OutputArgs, Sample, Table, median, time_command};
 
 #[derive(Args, Debug)]
 pub struct ConvertArgs {
@@ -143,20 +143,30 @@ fn summarize(samples: Vec<(String, &'static str, Vec<Sample>)>, bytes: u64) -> V
 }
 
 fn markdown(r: &Results) -> String {
-    let mut out = format!(
+    let out = format!(
         "# Conversion: `sllm-store save` against `cp` + fsync\n\n\
-         {}- checkpoint: {:.2} GiB; cold runs drop the page cache with {}\n\n\
-         | scenario | cache | median s | GiB/s | ratio to cp | CPU s/GiB |\n\
-         |---|---|---:|---:|---:|---:|\n",
+         {}- checkpoint: {:.2} GiB; cold runs drop the page cache with {}\n\n",
         r.header.markdown(),
         r.checkpoint_bytes as f64 / (1u64 << 30) as f64,
         r.cold_method,
     );
+    let mut table = Table::new(&[
+        "scenario",
+        "cache",
+        ">median s",
+        ">GiB/s",
+        ">ratio to cp",
+        ">CPU s/GiB",
+    ]);
     for s in &r.scenarios {
-        out += &format!(
-            "| {} | {} | {:.3} | {:.2} | {:.2} | {:.2} |\n",
-            s.name, s.cache, s.median_wall_s, s.gib_per_s, s.ratio_to_cp, s.cpu_s_per_gib
-        );
+        table.row([
+            s.name.to_string(),
+            s.cache.to_string(),
+            format!("{:.3}", s.median_wall_s),
+            format!("{:.2}", s.gib_per_s),
+            format!("{:.2}", s.ratio_to_cp),
+            format!("{:.2}", s.cpu_s_per_gib),
+        ]);
     }
-    out
+    out + table.finish()
 }

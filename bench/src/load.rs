@@ -31,7 +31,7 @@ use crate::engines::{EngineSettings, memcpy, our_engine, pwrite_shm, reference_p
 use crate::fio::{self, FioJob};
 use crate::machine::Machine;
 use crate::peers;
-use crate::report::{Header, OutputArgs, Sample, median, median_f64};
+use crate::report::{Header, OutputArgs, Sample, Table, median, median_f64};
 
 #[derive(Args, Debug)]
 pub struct LoadArgs {
@@ -677,15 +677,23 @@ fn markdown(r: &Results) -> String {
     let mut out = format!(
         "# Loads: disk, pool and device against the machine's limits\n\n\
          {}- model: {:.2} GiB; medians of {} interleaved runs; cold runs drop the page cache with {}\n\
-         - ratio: throughput / the ceiling named (disk = the fio limit; best grid setting {})\n\n\
-         | scenario | cache | median s | GiB/s | ratio | of | CPU s/GiB | how |\n\
-         |---|---|---:|---:|---:|---|---:|---|\n",
+         - ratio: throughput / the ceiling named (disk = the fio limit; best grid setting {})\n\n",
         r.header.markdown(),
         r.model_bytes as f64 / (1u64 << 30) as f64,
         r.runs,
         r.cold_method,
         r.fio_best,
     );
+    let mut table = Table::new(&[
+        "scenario",
+        "cache",
+        ">median s",
+        ">GiB/s",
+        ">ratio",
+        "of",
+        ">CPU s/GiB",
+        "how",
+    ]);
     for s in &r.scenarios {
         let of = match s.ceiling {
             Ceiling::Disk => "disk",
@@ -693,45 +701,49 @@ fn markdown(r: &Results) -> String {
             Ceiling::PinnedH2d => "pinned H2D",
             Ceiling::None => "",
         };
-        out += &format!(
-            "| {} | {} | {:.3} | {:.2} | {} | {} | {:.2} | {} |\n",
-            s.name,
-            s.cache,
-            s.median_wall_s,
-            s.gib_per_s,
+        table.row([
+            s.name.to_string(),
+            s.cache.to_string(),
+            format!("{:.3}", s.median_wall_s),
+            format!("{:.2}", s.gib_per_s),
             s.ratio.map_or(String::new(), |x| format!("{x:.2}")),
-            of,
-            s.cpu_s_per_gib,
-            s.note
-        );
+            of.to_string(),
+            format!("{:.2}", s.cpu_s_per_gib),
+            s.note.to_string(),
+        ]);
     }
-    out += "\n## Targets\n\n| target | value | wanted | met |\n|---|---:|---|---|\n";
+    out += table.finish();
+    let mut targets = Table::new(&["target", ">value", "wanted", "met"]);
     for t in &r.targets {
-        out += &format!(
-            "| {} | {:.2} | {} | {} |\n",
-            t.what,
-            t.value,
-            t.wanted,
-            if t.met { "yes" } else { "**no**" }
-        );
+        targets.row([
+            t.what.to_string(),
+            format!("{:.2}", t.value),
+            t.wanted.to_string(),
+            (if t.met { "yes" } else { "**no**" }).to_string(),
+        ]);
     }
-    out += "\n## Pool start-up (launch to ready)\n\n| pool | median s | runs |\n|---:|---:|---|\n";
+    out += "\n## Targets\n\n";
+    out += targets.finish();
+    let mut pools = Table::new(&[">pool", ">median s", "runs"]);
     for p in &r.pool_startup {
-        out += &format!(
-            "| {} | {:.2} | {} |\n",
+        pools.row([
             sllm_format::units::human_bytes(p.pool_bytes),
-            p.median_s,
+            format!("{:.2}", p.median_s),
             p.runs_s
                 .iter()
                 .map(|s| format!("{s:.2}"))
                 .collect::<Vec<_>>()
-                .join(", ")
-        );
+                .join(", "),
+        ]);
     }
-    out += "\n## fio grid (one cold run each)\n\n| setting | GiB/s |\n|---|---:|\n";
+    out += "\n## Pool start-up (launch to ready)\n\n";
+    out += pools.finish();
+    let mut grid = Table::new(&["setting", ">GiB/s"]);
     for t in &r.fio_grid {
-        out += &format!("| {} | {:.2} |\n", t.job, t.gib_per_s);
+        grid.row([t.job.to_string(), format!("{:.2}", t.gib_per_s)]);
     }
+    out += "\n## fio grid (one cold run each)\n\n";
+    out += grid.finish();
     if !r.skipped.is_empty() {
         out += "\n## Not measured here\n\n";
         for s in &r.skipped {

@@ -71,6 +71,36 @@ fn stat_cpu_s(path: &str, first: usize) -> f64 {
     }
 }
 
+/// A markdown table, the one way the benchmarks write one. A column whose
+/// title starts with `>` is right-aligned (numbers); the `>` is not shown.
+pub struct Table {
+    out: String,
+}
+
+impl Table {
+    pub fn new(columns: &[&str]) -> Self {
+        let titles: Vec<&str> = columns.iter().map(|c| c.trim_start_matches('>')).collect();
+        let rules: Vec<&str> = columns
+            .iter()
+            .map(|c| if c.starts_with('>') { "---:" } else { "---" })
+            .collect();
+        Self {
+            out: format!("| {} |\n|{}|\n", titles.join(" | "), rules.join("|")),
+        }
+    }
+
+    /// One row, its cells already formatted.
+    pub fn row<S: AsRef<str>>(&mut self, cells: impl IntoIterator<Item = S>) -> &mut Self {
+        let cells: Vec<String> = cells.into_iter().map(|c| c.as_ref().to_owned()).collect();
+        self.out += &format!("| {} |\n", cells.join(" | "));
+        self
+    }
+
+    pub fn finish(&self) -> &str {
+        &self.out
+    }
+}
+
 /// The median of `items` by `key` (the upper one of an even count): the one
 /// median of the benchmarks. None when there are no items.
 pub fn median_by<T: Copy>(
@@ -186,5 +216,20 @@ impl OutputArgs {
         write_results(&json, &md, value, markdown)?;
         eprintln!("wrote {} and {}", json.display(), md.display());
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod table_tests {
+    use super::Table;
+
+    #[test]
+    fn a_table_has_its_header_rule_and_rows() {
+        let mut t = Table::new(&["name", ">GiB/s"]);
+        t.row(["a", "1.00"]).row(["b", "2.00"]);
+        assert_eq!(
+            t.finish(),
+            "| name | GiB/s |\n|---|---:|\n| a | 1.00 |\n| b | 2.00 |\n"
+        );
     }
 }

@@ -13,7 +13,7 @@ use crate::cache::drop_caches;
 use crate::checkpoint::{BenchModel, sllm_store_binary};
 use crate::engines::{EngineSettings, our_engine};
 use crate::machine::Machine;
-use crate::report::{Header, OutputArgs, Sample, median};
+use crate::report::{Header, OutputArgs, Sample, Table, median};
 
 #[derive(Args, Debug)]
 pub struct SweepArgs {
@@ -147,29 +147,38 @@ fn markdown(r: &Results) -> String {
         r.model_bytes as f64 / (1u64 << 30) as f64,
         r.cold_method,
     );
-    out += "| engine | best setting | GiB/s | daemon default | GiB/s | default / best |\n|---|---|---:|---|---:|---:|\n";
+    let mut engines = Table::new(&[
+        "engine",
+        "best setting",
+        ">GiB/s",
+        "daemon default",
+        ">GiB/s",
+        ">default / best",
+    ]);
     for engine in ["io_uring", "pread"] {
         let default = EngineSettings::daemon_default(engine);
         let best = r.trials.iter().find(|t| t.settings.engine == engine);
         let at_default = r.trials.iter().find(|t| same(&t.settings, &default));
         if let (Some(best), Some(d)) = (best, at_default) {
-            out += &format!(
-                "| {engine} | {} | {:.2} | {} | {:.2} | {:.2} |\n",
-                best.settings,
-                best.gib_per_s,
-                default,
-                d.gib_per_s,
-                d.gib_per_s / best.gib_per_s
-            );
+            engines.row([
+                engine.to_string(),
+                best.settings.to_string(),
+                format!("{:.2}", best.gib_per_s),
+                default.to_string(),
+                format!("{:.2}", d.gib_per_s),
+                format!("{:.2}", d.gib_per_s / best.gib_per_s),
+            ]);
         }
     }
-    out +=
-        "\n## Every setting, fastest first\n\n| setting | GiB/s | CPU s/GiB |\n|---|---:|---:|\n";
+    out += engines.finish();
+    let mut every = Table::new(&["setting", ">GiB/s", ">CPU s/GiB"]);
     for t in &r.trials {
-        out += &format!(
-            "| {} | {:.2} | {:.2} |\n",
-            t.settings, t.gib_per_s, t.cpu_s_per_gib
-        );
+        every.row([
+            t.settings.to_string(),
+            format!("{:.2}", t.gib_per_s),
+            format!("{:.2}", t.cpu_s_per_gib),
+        ]);
     }
-    out
+    out += "\n## Every setting, fastest first\n\n";
+    out + every.finish()
 }

@@ -25,7 +25,7 @@ use sllm_doctor::{self as doctor, Check, HfEnv, Status};
 use crate::cache::{drop_caches, files_under};
 use crate::machine::Machine;
 use crate::pgroup::{self, ProcessGroup};
-use crate::report::{Header, OutputArgs, median_f64};
+use crate::report::{Header, OutputArgs, Table, median_f64};
 
 /// How often `/v1/models` is polled.
 const POLL: Duration = Duration::from_millis(50);

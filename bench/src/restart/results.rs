@@ -205,24 +205,31 @@ pub(super) fn markdown(r: &Results) -> String {
         }
     }
     for (title, side) in [("Baseline", &r.baseline), ("Fast start", &r.faststart)] {
-        out += &format!(
-            "\n## {title}\n\n`{}`\n\n\
-             | run | order | ready s | first completion s | ready + completion s |\n\
-             |---:|---:|---:|---:|---:|\n",
-            side.command
-        );
+        out += &format!("\n## {title}\n\n`{}`\n\n", side.command);
+        let mut table = Table::new(&[
+            ">run",
+            ">order",
+            ">ready s",
+            ">first completion s",
+            ">ready + completion s",
+        ]);
         for f in &side.runs {
-            out += &format!(
-                "| {} | {} | {:.3} | {:.3} | {:.3} |\n",
-                f.run, f.position, f.ready_s, f.first_completion_s, f.ready_plus_completion_s
-            );
+            table.row([
+                f.run.to_string(),
+                f.position.to_string(),
+                format!("{:.3}", f.ready_s),
+                format!("{:.3}", f.first_completion_s),
+                format!("{:.3}", f.ready_plus_completion_s),
+            ]);
         }
-        out += &format!(
-            "| median | | {} | {} | {} |\n",
+        table.row([
+            "median".to_string(),
+            String::new(),
             seconds(side.median_ready_s),
             seconds(side.median_first_completion_s),
-            seconds(side.median_ready_plus_completion_s)
-        );
+            seconds(side.median_ready_plus_completion_s),
+        ]);
+        out += table.finish();
     }
     let times = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}x"));
     out += &format!(
