@@ -321,6 +321,28 @@ fn bytes_at_once_are_bounded() {
 }
 
 #[test]
+fn pieces_at_once_are_bounded() {
+    let limits = Limits {
+        max_active_pieces: 2,
+        ..Limits::default()
+    };
+    let f = Fixture::new(4, limits);
+    f.write("o/m", 3 * CHUNK, 7);
+    f.load_to_host("o/m");
+    // Three chunks: three pieces, over the bound of two.
+    let e = f.start_replica("o/m", "r", 3 * CHUNK).unwrap_err();
+    assert!(matches!(e, RegistryError::TooMuchWork { .. }), "{e}");
+    assert!(e.to_string().contains("2 pieces"), "{e}");
+    // One chunk's worth: fine.
+    let (_p, h) = f.buffer("one", CHUNK);
+    f.start_with("o/m", "one", vec![copy(0, CHUNK as u64, 0)], vec![h])
+        .unwrap();
+    runtime()
+        .block_on(f.registry.confirm("o/m", "one"))
+        .unwrap();
+}
+
+#[test]
 fn a_finished_replica_nobody_confirms_is_forgotten_after_the_retention() {
     let limits = Limits {
         replica_retention: Duration::from_millis(50),
