@@ -16,9 +16,29 @@ pub mod pool;
 pub mod registry;
 pub mod server;
 
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
 /// Locks `m`, ignoring poisoning: every update under the daemon's locks
 /// leaves its data consistent, and one panicked thread must not wedge the
 /// daemon.
-pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Waits on `cv` (for at most `timeout`, if given), ignoring poisoning as
+/// [`lock`] does.
+pub(crate) fn wait<'a, T>(
+    cv: &Condvar,
+    guard: MutexGuard<'a, T>,
+    timeout: Option<Duration>,
+) -> MutexGuard<'a, T> {
+    match timeout {
+        Some(t) => {
+            cv.wait_timeout(guard, t)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0
+        }
+        None => cv.wait(guard).unwrap_or_else(PoisonError::into_inner),
+    }
 }

@@ -272,10 +272,7 @@ impl LoadCheck {
     pub fn finish(&self, why: IoError) -> Released {
         let mut state = lock(&self.state);
         while state.hashing > 0 {
-            state = self
-                .idle
-                .wait(state)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            state = crate::wait(&self.idle, state, None);
         }
         let mut out = Released::default();
         for (c, held) in state.held.iter_mut().enumerate() {

@@ -230,11 +230,7 @@ impl HostCopy {
                     return Err(IoError::Cancelled);
                 }
                 Some(Slot::Pending) => {
-                    slots = self
-                        .changed
-                        .wait_timeout(slots, poll)
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .0;
+                    slots = crate::wait(&self.changed, slots, Some(poll));
                 }
                 None => {
                     return Err(IoError::Invariant(format!(
