@@ -608,12 +608,7 @@ fn targets(scenarios: &[Scenario]) -> Vec<Target> {
 
 /// The pinned host-to-device bandwidth, as the time for `bytes`.
 fn pinned_h2d(bytes: u64) -> anyhow::Result<Sample> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("gpu/h2d.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .args(["1024", "5"])
-        .output()
-        .context("running bench/gpu/h2d.py")?;
+    let out = crate::scripts::H2D.run(["1024", "5"])?;
     anyhow::ensure!(
         out.status.success(),
         "bench/gpu/h2d.py failed: {}",

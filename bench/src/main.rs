@@ -14,6 +14,7 @@ mod peers;
 mod pgroup;
 mod report;
 mod restart;
+mod scripts;
 mod sweep;
 
 use clap::{Parser, Subcommand};

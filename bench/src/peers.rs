@@ -2,7 +2,7 @@
 //! mmap-and-copy (what safetensors does underneath) and the `safetensors`
 //! package itself loading the source checkpoint to CPU.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, bail};
@@ -28,10 +28,6 @@ impl PeerRun {
     }
 }
 
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("peers.py")
-}
-
 /// Why the Python peers cannot run here, if they cannot.
 pub fn unavailable() -> Option<String> {
     let ok = Command::new("python3")
@@ -46,12 +42,8 @@ pub fn unavailable() -> Option<String> {
 
 /// Runs peer `mode` (`mmap-copy` or `safetensors`) over `files`.
 pub fn run(mode: &str, files: &[PathBuf]) -> anyhow::Result<PeerRun> {
-    let out = Command::new("python3")
-        .arg(script())
-        .arg(mode)
-        .args(files)
-        .output()
-        .context("running python3")?;
+    let out = crate::scripts::PEERS
+        .run(std::iter::once(mode.as_ref()).chain(files.iter().map(|f| f.as_os_str())))?;
     if !out.status.success() {
         bail!(
             "the {mode} peer failed: {}",

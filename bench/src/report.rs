@@ -176,7 +176,7 @@ impl Header {
 /// Flags every benchmark takes: where results go and which binary to run.
 #[derive(Args, Debug)]
 pub struct OutputArgs {
-    /// JSON output [default: bench/results/<benchmark>-<host>-<date>.json].
+    /// JSON output [default: <benchmark>-<host>-<date and time>.json in the current directory; never overwritten].
     #[arg(long)]
     pub json: Option<PathBuf>,
     /// Markdown output [default: beside the JSON, .md].
@@ -188,8 +188,10 @@ pub struct OutputArgs {
 }
 
 impl OutputArgs {
-    /// Prints the markdown and writes the results where the flags say,
-    /// else under bench/results/ named by benchmark, host and date.
+    /// Prints the markdown and writes the results where the flags say, else
+    /// in the current directory, named by benchmark, host, date and time,
+    /// never over an earlier result (run it from `bench/results/` to add to
+    /// the record).
     pub fn save(
         &self,
         header: &Header,
@@ -197,18 +199,10 @@ impl OutputArgs {
         markdown: &str,
     ) -> anyhow::Result<()> {
         print!("{markdown}");
-        let date = &header.date;
-        let stem = format!(
-            "{}-{}-{}",
-            header.benchmark,
-            header.machine.hostname,
-            &date[..10.min(date.len())]
-        );
-        let results_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
-        let json = self
-            .json
-            .clone()
-            .unwrap_or_else(|| results_dir.join(format!("{stem}.json")));
+        let json = match &self.json {
+            Some(path) => path.clone(),
+            None => unused_path(&std::env::current_dir()?, &default_stem(header))?,
+        };
         let md = self
             .markdown
             .clone()
@@ -217,6 +211,33 @@ impl OutputArgs {
         eprintln!("wrote {} and {}", json.display(), md.display());
         Ok(())
     }
+}
+
+/// `<benchmark>-<host>-<YYYY-MM-DD>T<HH-MM-SS>`: sortable, one per run.
+fn default_stem(header: &Header) -> String {
+    let date = &header.date;
+    let when = date[..19.min(date.len())].replace(':', "-");
+    format!("{}-{}-{when}", header.benchmark, header.machine.hostname)
+}
+
+/// `<dir>/<stem>.json`, or `<stem>-2.json`, ... if an earlier run (or its
+/// markdown) is already there.
+fn unused_path(dir: &Path, stem: &str) -> anyhow::Result<PathBuf> {
+    for n in 1..1000 {
+        let name = if n == 1 {
+            stem.to_owned()
+        } else {
+            format!("{stem}-{n}")
+        };
+        let json = dir.join(format!("{name}.json"));
+        if !json.exists() && !json.with_extension("md").exists() {
+            return Ok(json);
+        }
+    }
+    anyhow::bail!(
+        "{} holds 999 results named {stem}: pass --json",
+        dir.display()
+    )
 }
 
 #[cfg(test)]
@@ -231,5 +252,18 @@ mod table_tests {
             t.finish(),
             "| name | GiB/s |\n|---|---:|\n| a | 1.00 |\n| b | 2.00 |\n"
         );
+    }
+
+    #[test]
+    fn results_never_overwrite_an_earlier_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = super::unused_path(dir.path(), "load-h-2026-11-30T10-00-00").unwrap();
+        assert_eq!(first, dir.path().join("load-h-2026-11-30T10-00-00.json"));
+        std::fs::write(&first, "{}").unwrap();
+        let second = super::unused_path(dir.path(), "load-h-2026-11-30T10-00-00").unwrap();
+        assert_eq!(second, dir.path().join("load-h-2026-11-30T10-00-00-2.json"));
+        std::fs::write(second.with_extension("md"), "").unwrap();
+        let third = super::unused_path(dir.path(), "load-h-2026-11-30T10-00-00").unwrap();
+        assert_eq!(third, dir.path().join("load-h-2026-11-30T10-00-00-3.json"));
     }
 }
