@@ -123,7 +123,39 @@ struct Results {
     scenarios: Vec<Scenario>,
     targets: Vec<Target>,
     pool_startup: Vec<PoolStartup>,
+    /// Cores each cold load would need to keep up with faster disks.
+    projections: Vec<Projection>,
     skipped: Vec<String>,
+}
+
+/// NVMe arrays to project onto, in GB/s (decimal, as vendors quote them):
+/// ServerlessLLM's H100 testbed reads about 25, and twice that is in reach.
+const PROJECTED_DISKS_GB_S: [f64; 2] = [25.0, 50.0];
+
+/// How many cores of this machine a cold load would take at a faster
+/// disk's rate: its CPU seconds per GiB times the rate in GiB/s. CPU per
+/// byte is what the projection assumes stays put.
+#[derive(Serialize)]
+struct Projection {
+    scenario: String,
+    cpu_s_per_gib: f64,
+    /// (disk GB/s, cores needed)
+    cores: Vec<(f64, f64)>,
+}
+
+fn projections(scenarios: &[Scenario]) -> Vec<Projection> {
+    scenarios
+        .iter()
+        .filter(|s| s.cache == "cold" && matches!(s.ceiling, Ceiling::Disk))
+        .map(|s| Projection {
+            scenario: s.name.clone(),
+            cpu_s_per_gib: s.cpu_s_per_gib,
+            cores: PROJECTED_DISKS_GB_S
+                .iter()
+                .map(|gb| (*gb, s.cpu_s_per_gib * gb * 1e9 / (1u64 << 30) as f64))
+                .collect(),
+        })
+        .collect()
 }
 
 /// A sample and the cache state it was taken in ("" = the step's own).
@@ -428,6 +460,7 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
         cold_method,
         fio_grid,
         fio_best: best,
+        projections: projections(&scenarios),
         scenarios,
         targets,
         pool_startup,
@@ -733,6 +766,20 @@ fn markdown(r: &Results) -> String {
     }
     out += "\n## Pool start-up (launch to ready)\n\n";
     out += pools.finish();
+    let mut columns = vec!["cold load".to_owned(), ">CPU s/GiB".to_owned()];
+    columns.extend(
+        PROJECTED_DISKS_GB_S
+            .iter()
+            .map(|gb| format!(">cores at {gb} GB/s")),
+    );
+    let mut cores = Table::new(&columns.iter().map(String::as_str).collect::<Vec<_>>());
+    for p in &r.projections {
+        let mut row = vec![p.scenario.clone(), format!("{:.3}", p.cpu_s_per_gib)];
+        row.extend(p.cores.iter().map(|(_, c)| format!("{c:.1}")));
+        cores.row(row);
+    }
+    out += "\n## Cores a faster disk would need (CPU s/GiB x its rate)\n\n";
+    out += cores.finish();
     let mut grid = Table::new(&["setting", ">GiB/s"]);
     for t in &r.fio_grid {
         grid.row([t.job.to_string(), format!("{:.2}", t.gib_per_s)]);
@@ -746,4 +793,32 @@ fn markdown(r: &Results) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_cpu_second_per_gib_at_25_gb_s_is_23_cores() {
+        let scenario = |cache, ceiling| Scenario {
+            name: "engine".into(),
+            cache,
+            ceiling,
+            runs: vec![],
+            median_wall_s: 1.0,
+            gib_per_s: 1.0,
+            ratio: None,
+            cpu_s_per_gib: 1.0,
+            note: String::new(),
+        };
+        let p = projections(&[
+            scenario("cold", Ceiling::Disk),
+            scenario("warm", Ceiling::Memcpy),
+        ]);
+        assert_eq!(p.len(), 1, "cold loads against the disk only");
+        let (gb, cores) = p[0].cores[0];
+        assert_eq!(gb, 25.0);
+        assert!((cores - 23.28).abs() < 0.01, "{cores}");
+    }
 }
