@@ -13,8 +13,20 @@
 # client's CUDA tests (every dtype in both layouts, load_model against
 # from_pretrained, loading into an existing model's parameters with its peak
 # memory), once with torch's default allocator and once with
-# expandable_segments, whose memory goes through a staging buffer.
+# expandable_segments, whose memory goes through a staging buffer. Last,
+# `sllm-bench load --device cuda` (when sllm-bench is in $SLLM_BIN), its
+# results named after the GPU (load-h200-<date>.json) in $OUT.
+#
+# The whole script keeps to 5 min 40 s: each step past the first loads gets
+# what is left of that budget, at most its own cap, and is skipped (said in
+# the output) when too little is left.
 set -euo pipefail
+deadline=$((SECONDS + 340))
+# budget CAP: seconds for the next step, or 0 when too little is left.
+budget() {
+    local left=$((deadline - SECONDS))
+    if [ "$left" -lt 20 ]; then echo 0; elif [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
+}
 size=${1:-4GiB}
 bin=${SLLM_BIN:-target/release}
 out=${OUT:-gpu-check-out}
@@ -38,16 +50,42 @@ for layout in mirrored packed; do
 done
 here="$(cd "$(dirname "$0")" && pwd)"
 export PYTHONPATH="$here/../../client/python"
-timeout 150 python3 "$here/python_load.py" "$work/checkpoint" "$work/models" demo/llama-synthetic \
-    127.0.0.1:18073 2 | tee "$out/python-load.jsonl" || echo "python_load.py failed: $?"
+t=$(budget 90)
+if [ "$t" -gt 0 ]; then
+    timeout "$t" python3 "$here/python_load.py" "$work/checkpoint" "$work/models" demo/llama-synthetic \
+        127.0.0.1:18073 2 | tee "$out/python-load.jsonl" || echo "python_load.py failed: $?"
+else
+    echo "python_load.py skipped: out of time"
+fi
 kill -TERM $daemon; wait $daemon || true
 python3 "$here/h2d.py" 1024 5 | tee "$out/h2d.json"
 export SLLM_STORE_BIN="$(realpath "$bin")/sllm-store" OUT="$(realpath "$out")"
 status=0
 for alloc in "" "expandable_segments:True"; do
+    t=$(budget 100)
+    if [ "$t" -eq 0 ]; then
+        echo "== pytest with PYTORCH_CUDA_ALLOC_CONF=$alloc skipped: out of time" | tee -a "$out/pytest.log"
+        status=1
+        continue
+    fi
     echo "== pytest, PYTORCH_CUDA_ALLOC_CONF=$alloc" | tee -a "$out/pytest.log"
-    env ${alloc:+PYTORCH_CUDA_ALLOC_CONF=$alloc} timeout 150 python3 -m pytest -q -p no:cacheprovider \
+    env ${alloc:+PYTORCH_CUDA_ALLOC_CONF=$alloc} timeout "$t" python3 -m pytest -q -p no:cacheprovider \
         "$here/../../client/python/tests" 2>&1 | tee -a "$out/pytest.log" || status=1
 done
-echo "GPU check done: $out (pytest status $status)"
+if [ -x "$bin/sllm-bench" ]; then
+    t=$(budget 120)
+    gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 \
+        | grep -oiE 'h100|h200|a100|l40s?|b200' | tr 'A-Z' 'a-z' || true)
+    if [ "$t" -gt 0 ]; then
+        # No fio on the device machine: the disk's ratios are left out, and
+        # say so; the device copy against the pinned H2D ceiling is measured.
+        timeout "$t" "$bin/sllm-bench" load --device cuda --size "$size" --runs 2 --quick \
+            --pool-startup 32GiB --dir "$work/bench" --sllm-store "$bin/sllm-store" \
+            --json "$out/load-${gpu:-gpu}-$(date -u +%Y-%m-%dT%H-%M-%S).json" \
+            > "$out/sllm-bench-load.txt" 2>&1 || echo "sllm-bench load failed or ran out of time: see $out/sllm-bench-load.txt"
+    else
+        echo "sllm-bench load skipped: out of time"
+    fi
+fi
+echo "GPU check done in $SECONDS s: $out (pytest status $status)"
 exit $status
