@@ -100,6 +100,9 @@ struct Target {
 #[derive(Serialize)]
 struct PoolStartup {
     pool_bytes: u64,
+    /// The device backend the daemon started with: page-locking the pool
+    /// is part of a CUDA start.
+    backend: &'static str,
     runs_s: Vec<f64>,
     median_s: f64,
 }
@@ -218,7 +221,9 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
     let best = finalists.first().copied();
 
     let pool_for_model = (bytes + (64 << 20)).to_string();
-    let startup_at_model_size = RefCell::new(Vec::new());
+    // Launch-to-ready of the end-to-end daemons, per backend.
+    let startup_at_model_size =
+        RefCell::new(std::collections::BTreeMap::<&'static str, Vec<f64>>::new());
     let mut steps: Vec<Step> = Vec::new();
     match &fio_bin {
         Ok(fio_bin) => steps.push(Step {
@@ -305,7 +310,7 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let backends: Vec<&str> = if cuda {
+    let backends: Vec<&'static str> = if cuda {
         vec!["host", "cuda"]
     } else {
         vec!["host"]
@@ -327,7 +332,7 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
             run: Box::new(move || {
                 drop_caches(parts);
                 let daemon = Daemon::start(sllm_store, storage, pool, &["--device", backend])?;
-                startups.borrow_mut().push(daemon.ready_s);
+                startups.borrow_mut().entry(backend).or_default().push(daemon.ready_s);
                 let (cold, cold_cpu) = daemon.load(model)?;
                 let (warm, warm_cpu) = daemon.load(model)?;
                 daemon.stop()?;
@@ -448,17 +453,21 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
     let targets = targets(&scenarios);
 
     drop(steps);
-    let at_model_size = startup_at_model_size.into_inner();
-    let mut pool_startup = vec![PoolStartup {
-        pool_bytes: pool_for_model.parse()?,
-        median_s: median_f64(at_model_size.iter().copied()).unwrap_or(0.0),
-        runs_s: at_model_size,
-    }];
+    let mut pool_startup = Vec::new();
+    for (backend, runs_s) in startup_at_model_size.into_inner() {
+        pool_startup.push(PoolStartup {
+            pool_bytes: pool_for_model.parse()?,
+            backend,
+            median_s: median_f64(runs_s.iter().copied()).unwrap_or(0.0),
+            runs_s,
+        });
+    }
     pool_startup.extend(measure_startups(
         &sllm_store,
         &storage,
         &args,
         &machine,
+        if cuda { "cuda" } else { "host" },
         &mut skipped,
     )?);
 
@@ -666,12 +675,14 @@ fn pinned_h2d(bytes: u64) -> anyhow::Result<Sample> {
     })
 }
 
-/// Launch-to-ready times of the daemon for each requested pool size.
+/// Launch-to-ready times of the daemon for each requested pool size, with
+/// the backend users run (`cuda` page-locks the pool as it starts).
 fn measure_startups(
     sllm_store: &Path,
     storage: &Path,
     args: &LoadArgs,
     machine: &Machine,
+    backend: &'static str,
     skipped: &mut Vec<String>,
 ) -> anyhow::Result<Vec<PoolStartup>> {
     let sizes: Vec<u64> = if args.pool_startup.is_empty() {
@@ -696,13 +707,14 @@ fn measure_startups(
                 sllm_store,
                 storage,
                 &size.to_string(),
-                &["--device", "host"],
+                &["--device", backend],
             )?;
             runs_s.push(daemon.ready_s);
             daemon.stop()?;
         }
         out.push(PoolStartup {
             pool_bytes: size,
+            backend,
             median_s: median_f64(runs_s.iter().copied()).unwrap_or(0.0),
             runs_s,
         });
@@ -762,10 +774,11 @@ fn markdown(r: &Results) -> String {
     }
     out += "\n## Targets\n\n";
     out += targets.finish();
-    let mut pools = Table::new(&[">pool", ">median s", "runs"]);
+    let mut pools = Table::new(&[">pool", "backend", ">median s", "runs"]);
     for p in &r.pool_startup {
         pools.row([
             sllm_format::units::human_bytes(p.pool_bytes),
+            p.backend.to_string(),
             format!("{:.2}", p.median_s),
             p.runs_s
                 .iter()
