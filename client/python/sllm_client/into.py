@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from . import cuda_driver
-from .client import CopyChunk, StoreClient
+from .client import CopyChunk, ServerConfig, StoreClient
 from .dtypes import torch_dtype
 from .errors import SllmStoreError
 
@@ -173,6 +173,7 @@ def _windows(pieces: Sequence[Piece], half: int, split: bool) -> List[List[Tuple
 
 def stream(
     client: StoreClient,
+    config: ServerConfig,
     model_path: str,
     device_uuid: str,
     device,
@@ -186,7 +187,8 @@ def stream(
     anything for the host backend). A yielded view is valid until the
     generator is resumed past the end of its window: consumers copy out (or
     use) it before asking for more. Without `split`, a window is at least
-    as large as the largest piece."""
+    as large as the largest piece. `config` is the daemon's, as the
+    caller asked for it once per load."""
     report = report if report is not None else LoadReport()
     pieces = [p for p in pieces if p.size > 0]
     if not pieces:
@@ -202,7 +204,6 @@ def stream(
     half = max(-(-half // ALIGN) * ALIGN, ALIGN)  # each half starts aligned for every dtype
     windows = _windows(pieces, half, split)
     halves = min(halves, len(windows))
-    config = client.server_config()
     staging = _staging(config, device, half * halves)
     report.staging_bytes = max(report.staging_bytes, half * halves)
     pending = None  # the replica in flight
@@ -263,6 +264,7 @@ def _device_index(tensor) -> Optional[int]:
 
 def fill(
     client: StoreClient,
+    config: ServerConfig,
     model_path: str,
     regions: Sequence[Region],
     window_bytes: int,
@@ -275,7 +277,6 @@ def fill(
 
     report = report if report is not None else LoadReport()
     started = time.perf_counter()
-    config = client.server_config()
     direct: Dict[int, List[Tuple[Region, int, bytes]]] = {}  # device -> (region, offset in base, handle)
     staged: Dict[object, List[Region]] = {}
     for r in regions:
@@ -297,7 +298,7 @@ def fill(
     for index, rs in staged.items():
         uuid = cuda_driver.device_uuid(index) if config.device_backend == "cuda" else config.device_uuids[0]
         pieces = [Piece((i, 0), r.src_offset, r.size) for i, r in enumerate(rs)]
-        views = stream(client, model_path, uuid, index, pieces, window_bytes, split=True, report=report)
+        views = stream(client, config, model_path, uuid, index, pieces, window_bytes, split=True, report=report)
         try:
             for piece, view in views:
                 i, start = piece.key
@@ -394,7 +395,8 @@ def load_into(
     if len(devices) > 1:
         raise SllmStoreError(f"load_into takes targets on one device; got {sorted(map(str, devices))}")
     device = next(iter(devices)) if devices else torch.device("cpu")
-    uuid = _uuid_for(client, device)  # the daemon serves this kind of device, and this one
+    config = client.server_config()
+    uuid = uuid_for(client, config, device)  # the daemon serves this kind of device, and this one
     direct, copy_to, through = [], {}, []
     for name, entry in index.items():
         offset, size, shape, _stride, dtype = entry
@@ -415,7 +417,7 @@ def load_into(
             )
     with torch.no_grad():
         if direct:
-            fill(client, model_path, direct, window_bytes, report)
+            fill(client, config, model_path, direct, window_bytes, report)
         staged = [Piece(n, int(index[n][0]), int(index[n][1])) for n in list(copy_to) + through]
         views = (x for x in ())
         if any(p.size for p in staged):
@@ -423,7 +425,7 @@ def load_into(
             # the window gives up the largest such tensor to stay in budget.
             handed = max((int(index[n][1]) for n in through), default=0)
             window = max(window_bytes - handed, 1)
-            views = stream(client, model_path, uuid, device.index, staged, window, report=report)
+            views = stream(client, config, model_path, uuid, device.index, staged, window, report=report)
 
         def handed_over():
             for piece in staged:
@@ -469,13 +471,14 @@ def _same_bytes(target, entry) -> bool:
     )
 
 
-def _uuid_for(client: StoreClient, device) -> str:
-    config = client.server_config()
+def uuid_for(client: StoreClient, config: ServerConfig, device) -> str:
+    """The protocol's UUID of torch `device`, once the daemon (`config`) is
+    known to serve that kind of device and that one; else what to do."""
     if config.device_backend == "host":
         if device.type != "cpu":
             raise SllmStoreError(
                 f"the daemon at {client.server} serves host memory but the model is on {device}; "
-                "start the daemon with --device cuda"
+                "start the daemon with --device cuda (or load with load_dict_host)"
             )
         return config.device_uuids[0]
     if device.type != "cuda":

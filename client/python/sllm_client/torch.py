@@ -15,7 +15,7 @@ from .client import StoreClient
 from .dtypes import torch_dtype
 from .errors import SllmStoreError
 from .host import load_consistently
-from .into import Region, default_window_bytes, fill, stored_tensor
+from .into import Region, default_window_bytes, fill, stored_tensor, uuid_for
 from .plan import plan
 
 
@@ -52,20 +52,10 @@ def _load_dict(model_path: str, index: dict, device_map, server: "str | None", l
     import torch
 
     indices = {prefix: int(str(d).removeprefix("cuda:")) for prefix, d in device_map.items()}
-    uuids = {i: device_uuid(i) for i in set(indices.values())}
     with StoreClient(server) as client:
         config = client.server_config()
-        if config.device_backend != "cuda":
-            raise SllmStoreError(
-                f"the daemon at {client.server} serves {config.device_backend} devices; "
-                "start it with --device cuda, or use load_dict_host"
-            )
-        missing = [u for u in uuids.values() if u not in config.device_uuids]
-        if missing:
-            raise SllmStoreError(
-                f"the daemon at {client.server} does not serve GPUs {missing}: is it on this machine, "
-                "and does it see these GPUs (CUDA_VISIBLE_DEVICES)?"
-            )
+        # The daemon serves CUDA, and every GPU of the map: one check for all loads.
+        uuids = {i: uuid_for(client, config, torch.device(f"cuda:{i}")) for i in set(indices.values())}
         p = plan(index, {prefix: uuids[i] for prefix, i in indices.items()}, layout)
         by_uuid = {u: i for i, u in uuids.items()}
         buffers, regions = {}, []
@@ -74,7 +64,7 @@ def _load_dict(model_path: str, index: dict, device_map, server: "str | None", l
             buffers[b.device] = buf
             regions += [Region(c, c.src_offset, c.size, buf[c.dst_offset: c.dst_offset + c.size]) for c in b.copies]
         model_bytes = sum(int(e[1]) for e in index.values())
-        fill(client, model_path, regions, window_bytes or default_window_bytes(model_bytes))
+        fill(client, config, model_path, regions, window_bytes or default_window_bytes(model_bytes))
     out = {}
     for name, entry in index.items():
         place = p.tensors[name]
