@@ -2,7 +2,6 @@
 //! `bench/gpu/h2d.py`), embedded in the binary: a copied or installed
 //! `sllm-bench` runs from any directory, with no path into its source tree.
 
-use std::path::Path;
 use std::process::{Command, Output};
 
 use anyhow::Context;
@@ -37,15 +36,10 @@ impl Script {
         let path = dir.path().join(self.name);
         std::fs::write(&path, self.source)
             .with_context(|| format!("writing {}", path.display()))?;
-        self.command(&path)
+        Command::new("python3")
+            .arg(&path)
             .args(args)
             .output()
             .with_context(|| format!("running python3 {}", self.name))
-    }
-
-    fn command(&self, path: &Path) -> Command {
-        let mut cmd = Command::new("python3");
-        cmd.arg(path);
-        cmd
     }
 }
