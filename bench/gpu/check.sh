@@ -58,6 +58,26 @@ else
     echo "python_load.py skipped: out of time"
 fi
 kill -TERM $daemon; wait $daemon || true
+# Where the warm copies' time goes: the daemon logs, per replica, opening
+# the IPC handles, waiting for chunks, issuing copies, the final sync,
+# closing the handles, and the device's own time for the copies (events).
+grep "copied to the devices" "$out/daemon.log" > "$out/copy-figures.log" || true
+# The same warm loads with the chunks spread over several streams.
+for streams in 2 4; do
+    t=$(budget 40)
+    [ "$t" -eq 0 ] && { echo "--copy-streams $streams skipped: out of time"; continue; }
+    "$bin/sllm-store" start --device cuda --storage-path "$work/models" --port 18074 \
+        --mem-pool-size 8GiB --copy-streams "$streams" > "$out/daemon-streams-$streams.log" 2>&1 &
+    daemon=$!
+    for _ in $(seq 100); do grep -q "listening on" "$out/daemon-streams-$streams.log" && break; sleep 0.2; done
+    for run in cold warm warm; do
+        timeout "$t" "$bin/sllm-store" load --model demo/llama-synthetic --server 127.0.0.1:18074 \
+            --storage-path "$work/models" --device cuda --json \
+            | sed "s/^{/{\"copy_streams\":$streams,\"run\":\"$run\",/" | tee -a "$out/loads-streams.jsonl" || true
+    done
+    kill -TERM $daemon; wait $daemon || true
+    grep "copied to the devices" "$out/daemon-streams-$streams.log" | sed "s/^/streams=$streams /" >> "$out/copy-figures.log" || true
+done
 python3 "$here/h2d.py" 1024 5 | tee "$out/h2d.json"
 export SLLM_STORE_BIN="$(realpath "$bin")/sllm-store" OUT="$(realpath "$out")"
 status=0

@@ -34,6 +34,11 @@ pub struct LoadReport {
     /// `mirrored` or `packed`.
     pub layout: String,
     pub register_s: f64,
+    /// The client's own part: planning, finding the devices and allocating
+    /// the buffers (a new CUDA context in a fresh process; an inference
+    /// engine has done all this before it loads). Part of `total_s`.
+    #[serde(default)]
+    pub alloc_s: f64,
     /// The daemon's own time to read the model into its pool.
     pub host_load_s: f64,
     /// From LoadModelAsync (host) to the replica confirmed.
@@ -53,9 +58,10 @@ impl LoadReport {
     /// The phases, one per line, for people.
     pub fn phases(&self) -> String {
         let mut out = format!(
-            "  register     {:>8.3} s\n  host load    {:>8.3} s  {:>7.2} GiB/s  (in the daemon)\n  \
+            "  register     {:>8.3} s\n  allocate     {:>8.3} s  (this client's buffers)\n  host load    {:>8.3} s  {:>7.2} GiB/s  (in the daemon)\n  \
              device copy  {:>8.3} s  {:>7.2} GiB/s  (overlaps the host load)\n  total        {:>8.3} s  {:>7.2} GiB/s\n",
             self.register_s,
+            self.alloc_s,
             self.host_load_s,
             gib_per_s(self.model_size, self.host_load_s),
             self.device_copy_s,
@@ -165,6 +171,7 @@ pub async fn load_model(
             .map(|m| FileStamp::of(&m))
     };
     let stamp_before = index_stamp();
+    let allocating = Instant::now();
     let index = TensorIndex::read(model_dir)?;
     let plan = plan(&index, &DeviceMap::single(&device), layout)?;
     let gpus: Vec<CudaDevice> = if config.device_backend == BackendKind::Cuda {
@@ -194,6 +201,7 @@ pub async fn load_model(
         )
     };
 
+    let alloc_s = allocating.elapsed().as_secs_f64();
     client.load_to_host(model.as_str()).await?;
     let copy_started = Instant::now();
     let replica = uuid::Uuid::new_v4().to_string();
@@ -240,6 +248,7 @@ pub async fn load_model(
         }
         .to_owned(),
         register_s,
+        alloc_s,
         host_load_s,
         device_copy_s,
         total_s,

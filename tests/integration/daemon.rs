@@ -115,6 +115,7 @@ async fn loads_verify_in_both_layouts_through_the_cli_and_the_client() {
     for key in [
         "bytes",
         "register_s",
+        "alloc_s",
         "host_load_s",
         "device_copy_s",
         "total_s",

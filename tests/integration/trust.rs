@@ -376,6 +376,7 @@ async fn daemon_with_limits(
         metrics_port: None,
         verify_checksums: true,
         checksum_threads: 1,
+        copy_streams: 1,
         limits,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -70,6 +70,8 @@ pub struct DaemonConfig {
     pub verify_checksums: bool,
     /// Threads hashing blocks as they are read.
     pub checksum_threads: usize,
+    /// CUDA: streams each request's chunks are spread over.
+    pub copy_streams: usize,
     pub limits: Limits,
 }
 
@@ -285,13 +287,17 @@ fn make_backend(cfg: &DaemonConfig) -> Result<Arc<dyn DeviceBackend>, DaemonErro
     };
     match cfg.device {
         BackendChoice::Host => host(),
-        BackendChoice::Cuda => Ok(Arc::new(CudaBackend::probe().map_err(|e| {
-            DeviceError::Unavailable(format!(
-                "{e}; --device cuda needs an NVIDIA driver and a GPU (use --device host or auto)"
-            ))
-        })?)),
+        BackendChoice::Cuda => Ok(Arc::new(
+            CudaBackend::probe()
+                .map_err(|e| {
+                    DeviceError::Unavailable(format!(
+                        "{e}; --device cuda needs an NVIDIA driver and a GPU (use --device host or auto)"
+                    ))
+                })?
+                .with_copy_streams(cfg.copy_streams),
+        )),
         BackendChoice::Auto => match CudaBackend::probe() {
-            Ok(cuda) => Ok(Arc::new(cuda)),
+            Ok(cuda) => Ok(Arc::new(cuda.with_copy_streams(cfg.copy_streams))),
             Err(e) => {
                 tracing::info!(reason = %e, "no CUDA; serving host pseudo-devices");
                 host()

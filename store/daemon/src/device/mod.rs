@@ -186,8 +186,25 @@ pub trait DeviceTarget: Send {
         dst_offset: u64,
     ) -> Result<(), DeviceError>;
 
-    /// Waits until every copy started so far is complete.
+    /// Every copy from the current chunk has been started: a backend that
+    /// copies asynchronously lets go of the chunks whose copies have
+    /// completed, and may wait for the oldest so that it holds only a few
+    /// (a streamed load needs them back in the pool). Copies from another
+    /// chunk end the current one too; this only says so earlier.
+    fn end_chunk(&mut self) -> Result<(), DeviceError> {
+        Ok(())
+    }
+
+    /// Waits until every copy started so far is complete, and lets go of
+    /// every chunk.
     fn synchronize(&mut self) -> Result<(), DeviceError>;
+
+    /// Seconds the device itself took for the copies synchronized so far,
+    /// from the first starting to the last ending, where it can tell (CUDA
+    /// events); for telling DMA time from the daemon's own.
+    fn device_seconds(&self) -> Option<f64> {
+        None
+    }
 
     /// A copy error naming this device.
     fn copy_error(&self, reason: String) -> DeviceError {

@@ -513,7 +513,9 @@ impl Registry {
                     limits.max_handles_per_device
                 )));
             }
+            let opening = Instant::now();
             let target = self.backend.open_target(device, device_handles, client)?;
+            let open_s = opening.elapsed().as_secs_f64();
             let plan = plan_copies(&info.spans, info.size, list, target.buffer_sizes()).map_err(
                 |source| RegistryError::InvalidCopy {
                     model: model.into(),
@@ -524,6 +526,7 @@ impl Registry {
                 device: device.clone(),
                 target,
                 plan,
+                open_s,
             });
         }
         if let Some(extra) = handles.keys().find(|k| !chunks.contains_key(*k)) {
@@ -753,8 +756,27 @@ fn replica_outcome_logger(
 ) -> impl Fn(&ReplicaStatus) + Send + Sync + 'static {
     let (name, uuid) = (model.to_owned(), replica.to_owned());
     move |status| match status {
-        ReplicaStatus::Done { bytes, seconds } => {
-            tracing::info!(model = %name, replica = %uuid, bytes, seconds, gib_per_s = gib_per_s(*bytes, *seconds), %backend, "copied to the devices");
+        ReplicaStatus::Done {
+            bytes,
+            seconds,
+            figures: f,
+        } => {
+            tracing::info!(
+                model = %name,
+                replica = %uuid,
+                bytes,
+                seconds,
+                gib_per_s = gib_per_s(*bytes, *seconds),
+                %backend,
+                open_s = f.open_s,
+                wait_s = f.wait_s,
+                issue_s = f.issue_s,
+                sync_s = f.sync_s,
+                close_s = f.close_s,
+                device_s = f.device_s,
+                device_gib_per_s = f.device_s.map(|s| gib_per_s(*bytes, s)),
+                "copied to the devices"
+            );
             metrics::counter!("sllm_bytes_loaded_total", "target" => "device").increment(*bytes);
             metrics::histogram!("sllm_load_seconds", "target" => "device").record(*seconds);
         }

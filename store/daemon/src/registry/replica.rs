@@ -25,8 +25,47 @@ use crate::lock;
 #[derive(Clone, Debug)]
 pub enum ReplicaStatus {
     Copying,
-    Done { bytes: u64, seconds: f64 },
+    Done {
+        bytes: u64,
+        seconds: f64,
+        figures: CopyFigures,
+    },
     Failed(ReplicaError),
+}
+
+/// Where a replica's time went, each figure the longest of its devices':
+/// what the log's "copied to the devices" line reports, to tell the link's
+/// speed from the daemon's own costs.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CopyFigures {
+    /// Opening the client's buffers (IPC handles), before the copies.
+    pub open_s: f64,
+    /// Waiting for chunks to land in the pool.
+    pub wait_s: f64,
+    /// Starting copies, with waits for chunks still being copied.
+    pub issue_s: f64,
+    /// Waiting for the last copies to complete.
+    pub sync_s: f64,
+    /// Letting go of the client's buffers (closing IPC handles).
+    pub close_s: f64,
+    /// The device's own time from the first copy to the last (CUDA).
+    pub device_s: Option<f64>,
+}
+
+impl CopyFigures {
+    fn max(self, other: Self) -> Self {
+        Self {
+            open_s: self.open_s.max(other.open_s),
+            wait_s: self.wait_s.max(other.wait_s),
+            issue_s: self.issue_s.max(other.issue_s),
+            sync_s: self.sync_s.max(other.sync_s),
+            close_s: self.close_s.max(other.close_s),
+            device_s: match (self.device_s, other.device_s) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            },
+        }
+    }
 }
 
 impl ReplicaStatus {
@@ -77,6 +116,8 @@ pub struct DeviceCopy {
     pub device: DeviceInfo,
     pub target: Box<dyn DeviceTarget>,
     pub plan: CopyPlan,
+    /// Seconds it took to open `target`.
+    pub open_s: f64,
 }
 
 /// A replica in progress or finished.
@@ -112,6 +153,7 @@ impl Replica {
             started,
             abort: AtomicBool::new(false),
             first_error: Mutex::new(None),
+            figures: Mutex::new(CopyFigures::default()),
         });
         let replica = Arc::new(Self {
             uuid,
@@ -128,8 +170,13 @@ impl Replica {
             let spawned = std::thread::Builder::new()
                 .name("sllm-copy".into())
                 .spawn(move || {
-                    let result = run_device_copy(&host, copy, &worker.abort, deadline, poll);
+                    let (result, figures) =
+                        run_device_copy(&host, copy, &worker.abort, deadline, poll);
                     drop(host);
+                    {
+                        let mut all = lock(&worker.figures);
+                        *all = all.max(figures);
+                    }
                     worker.device_done(result.err());
                 });
             if let Err(e) = spawned {
@@ -184,6 +231,7 @@ struct Shared {
     started: Instant,
     abort: AtomicBool,
     first_error: Mutex<Option<ReplicaError>>,
+    figures: Mutex<CopyFigures>,
 }
 
 impl Shared {
@@ -214,6 +262,7 @@ impl Shared {
             None => ReplicaStatus::Done {
                 bytes: self.bytes,
                 seconds: self.started.elapsed().as_secs_f64(),
+                figures: *lock(&self.figures),
             },
         };
         self.tx.send_replace(status.clone());
@@ -221,49 +270,74 @@ impl Shared {
     }
 }
 
+/// Copies one device's share; the target (the client's buffers) is closed
+/// before it returns, and its figures say where the time went.
 fn run_device_copy(
     host: &HostCopy,
     mut copy: DeviceCopy,
     abort: &AtomicBool,
     deadline: Instant,
     poll: Duration,
+) -> (Result<(), ReplicaError>, CopyFigures) {
+    let mut figures = CopyFigures {
+        open_s: copy.open_s,
+        ..CopyFigures::default()
+    };
+    let result = copy_pieces(host, &mut copy, abort, deadline, poll, &mut figures);
+    figures.device_s = copy.target.device_seconds();
+    let closing = Instant::now();
+    drop(copy);
+    figures.close_s = closing.elapsed().as_secs_f64();
+    (result, figures)
+}
+
+fn copy_pieces(
+    host: &HostCopy,
+    copy: &mut DeviceCopy,
+    abort: &AtomicBool,
+    deadline: Instant,
+    poll: Duration,
+    figures: &mut CopyFigures,
 ) -> Result<(), ReplicaError> {
-    let device = || copy.device.uuid.clone();
+    let device = copy.device.uuid.clone();
     let late = |device: String| {
         abort.store(true, Ordering::Relaxed);
         ReplicaError::Deadline { device }
+    };
+    let refused = |device: &str, e: crate::device::DeviceError| ReplicaError::Device {
+        device: device.to_owned(),
+        reason: e.to_string(),
     };
     for (i, pieces) in copy.plan.per_chunk.iter().enumerate() {
         if pieces.is_empty() {
             continue;
         }
-        let chunk = match host.wait_chunk_or_abort(i, abort, deadline, poll) {
+        let waiting = Instant::now();
+        let chunk = host.wait_chunk_or_abort(i, abort, deadline, poll);
+        figures.wait_s += waiting.elapsed().as_secs_f64();
+        let chunk = match chunk {
             Ok(chunk) => chunk,
-            Err(_) if Instant::now() >= deadline => return Err(late(device())),
-            Err(source) => {
-                return Err(ReplicaError::Read {
-                    device: device(),
-                    source,
-                });
-            }
+            Err(_) if Instant::now() >= deadline => return Err(late(device)),
+            Err(source) => return Err(ReplicaError::Read { device, source }),
         };
+        let issuing = Instant::now();
         for p in pieces {
             if abort.load(Ordering::Relaxed) {
-                return Err(ReplicaError::Stopped { device: device() });
+                return Err(ReplicaError::Stopped { device });
             }
             if Instant::now() >= deadline {
-                return Err(late(device()));
+                return Err(late(device));
             }
             copy.target
                 .copy(&chunk, p)
-                .map_err(|e| ReplicaError::Device {
-                    device: device(),
-                    reason: e.to_string(),
-                })?;
+                .map_err(|e| refused(&device, e))?;
         }
+        drop(chunk);
+        copy.target.end_chunk().map_err(|e| refused(&device, e))?;
+        figures.issue_s += issuing.elapsed().as_secs_f64();
     }
-    copy.target.synchronize().map_err(|e| ReplicaError::Device {
-        device: device(),
-        reason: e.to_string(),
-    })
+    let syncing = Instant::now();
+    copy.target.synchronize().map_err(|e| refused(&device, e))?;
+    figures.sync_s = syncing.elapsed().as_secs_f64();
+    Ok(())
 }

@@ -165,6 +165,7 @@ fn serve_and_load(
         metrics_port: None,
         verify_checksums: true,
         checksum_threads: 2,
+        copy_streams: 1,
         limits: Limits::default(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -75,6 +75,9 @@ pub struct StartArgs {
     /// Threads that checksum blocks as they are read [default: the CPUs, at most 8].
     #[arg(long)]
     checksum_threads: Option<usize>,
+    /// CUDA: streams each request's chunks are spread over, round robin (1 to 8).
+    #[arg(long, default_value_t = 1)]
+    copy_streams: usize,
 }
 
 pub fn run_start(args: StartArgs) -> anyhow::Result<ExitCode> {
@@ -117,6 +120,13 @@ pub fn run_start(args: StartArgs) -> anyhow::Result<ExitCode> {
         Some(n) => bail!("--checksum-threads must be between 1 and 256, got {n}"),
         None => std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
     };
+    if !(1..=sllm_daemon::device::cuda::MAX_COPY_STREAMS).contains(&args.copy_streams) {
+        bail!(
+            "--copy-streams must be between 1 and {}, got {}",
+            sllm_daemon::device::cuda::MAX_COPY_STREAMS,
+            args.copy_streams
+        );
+    }
     let cfg = DaemonConfig {
         storage_root: resolve_storage_path(args.storage_path.as_deref()),
         listen,
@@ -134,6 +144,7 @@ pub fn run_start(args: StartArgs) -> anyhow::Result<ExitCode> {
         metrics_port: args.metrics_port,
         verify_checksums: !args.skip_checksums,
         checksum_threads,
+        copy_streams: args.copy_streams,
         limits: Limits::default(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
