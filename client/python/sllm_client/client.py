@@ -165,4 +165,6 @@ class StoreClient:
             "host_load_seconds": r.host_load_seconds,
             "error": r.error,
             "replicas_copying": r.replicas_copying,
+            "resident_bytes": r.resident_bytes,
+            "streamed": r.streamed,
         }

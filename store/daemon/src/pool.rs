@@ -21,7 +21,8 @@
     reason = "the pinned pool: chunk slices over one mapping, and its page-locking; every block says why it is sound"
 )]
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use memmap2::{Advice, MmapMut, MmapOptions};
 
@@ -72,6 +73,8 @@ struct PoolInner {
     chunk_bytes: usize,
     chunks: usize,
     free: Mutex<Vec<usize>>,
+    /// Notified whenever a chunk returns to the free list.
+    returned: Condvar,
 }
 
 // SAFETY: `base` points into `_map`, which lives as long as the inner pool.
@@ -156,6 +159,7 @@ impl HostPool {
                 chunk_bytes,
                 chunks,
                 free: Mutex::new(free),
+                returned: Condvar::new(),
             }),
             backing: PoolBacking { hugetlb, locked },
         })
@@ -211,6 +215,33 @@ impl HostPool {
                 })
                 .collect(),
         )
+    }
+}
+
+impl HostPool {
+    /// Leases as many chunks as are free now, at most `max` (none when
+    /// none is free).
+    pub fn lease_up_to(&self, max: usize) -> Vec<ChunkLease> {
+        let mut free = crate::lock(&self.inner.free);
+        let at = free.len().saturating_sub(max);
+        let mut indices: Vec<usize> = free.drain(at..).collect();
+        drop(free);
+        indices.reverse();
+        indices
+            .into_iter()
+            .map(|index| ChunkLease {
+                pool: Arc::clone(&self.inner),
+                index,
+            })
+            .collect()
+    }
+
+    /// Waits at most `timeout` for a chunk to return while none is free.
+    pub fn wait_for_free(&self, timeout: Duration) {
+        let free = crate::lock(&self.inner.free);
+        if free.is_empty() {
+            drop(crate::wait(&self.inner.returned, free, Some(timeout)));
+        }
     }
 }
 
@@ -293,6 +324,7 @@ impl Drop for ChunkLease {
         if let Ok(mut free) = self.pool.free.lock() {
             free.push(self.index);
         }
+        self.pool.returned.notify_all();
     }
 }
 

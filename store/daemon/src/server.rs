@@ -87,6 +87,7 @@ pub fn to_status(e: RegistryError) -> Status {
         }
         RegistryError::PoolTooSmall { .. }
         | RegistryError::PoolBusy { .. }
+        | RegistryError::StreamBusy { .. }
         | RegistryError::TooManyReplicas(_) => Status::resource_exhausted(message),
         RegistryError::ConfirmTimeout { .. } => Status::deadline_exceeded(message),
         RegistryError::ShuttingDown => Status::unavailable(message),
@@ -307,6 +308,8 @@ impl Storage for StorageService {
             host_load_seconds: st.load_seconds.unwrap_or(0.0),
             error,
             replicas_copying: st.replicas_copying as i32,
+            resident_bytes: st.resident_bytes as i64,
+            streamed: st.streamed,
         }))
     }
 }

@@ -4,177 +4,13 @@
 //! here directly: eviction order, the limits, replica retention, a model
 //! changed under a load, and the abort paths.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use sllm_daemon::device::host::HostBackend;
-use sllm_daemon::device::{ClientIdentity, DeviceBackend};
-use sllm_daemon::io::IoEngine;
-use sllm_daemon::io::pread::PreadEngine;
-use sllm_daemon::pool::HostPool;
-use sllm_daemon::registry::checksums::HashPool;
-use sllm_daemon::registry::copy_plan::RequestedCopy;
-use sllm_daemon::registry::{HostState, Limits, Registry, RegistryConfig, RegistryError};
-use sllm_format::{StoreWriter, TensorEntry, WriterOptions};
-
-const CHUNK: usize = 64 << 10;
-
-struct Fixture {
-    tmp: tempfile::TempDir,
-    registry: Arc<Registry>,
-    device: String,
-}
-
-impl Fixture {
-    /// A registry over a pool of `chunks` chunks of 64 KiB.
-    fn new(chunks: usize, limits: Limits) -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        for dir in ["models", "shm"] {
-            std::fs::create_dir(tmp.path().join(dir)).unwrap();
-        }
-        let pool = HostPool::new(chunks * CHUNK, CHUNK, 1).unwrap();
-        let engine: Arc<dyn IoEngine> = Arc::new(PreadEngine::new(2));
-        let backend: Arc<dyn DeviceBackend> =
-            Arc::new(HostBackend::new(1, &tmp.path().join("shm")).unwrap());
-        let device = backend.devices()[0].uuid.clone();
-        let cfg = RegistryConfig {
-            storage_root: tmp.path().join("models"),
-            registration_required: false,
-            max_io_bytes: 1 << 20,
-            verify_checksums: true,
-            limits,
-        };
-        let registry = Registry::new(cfg, pool, engine, backend, HashPool::new(1).unwrap());
-        Self {
-            tmp,
-            registry,
-            device,
-        }
-    }
-
-    fn models(&self) -> PathBuf {
-        self.tmp.path().join("models")
-    }
-
-    /// Model `name`: one tensor of `len` bytes, each byte `fill`.
-    fn write(&self, name: &str, len: usize, fill: u8) {
-        write_model(&self.models().join(name), len, fill);
-    }
-
-    /// Replaces model `name` as `save --force` does: a new directory
-    /// renamed over the old one.
-    fn resave(&self, name: &str, len: usize, fill: u8) {
-        let flat = name.replace('/', "-");
-        let staged = self.tmp.path().join(format!("staged-{flat}-{fill}"));
-        write_model(&staged, len, fill);
-        let old = self.tmp.path().join(format!("old-{flat}-{fill}"));
-        std::fs::rename(self.models().join(name), &old).unwrap();
-        std::fs::rename(&staged, self.models().join(name)).unwrap();
-    }
-
-    /// Loads `model` into the pool and waits until it has landed.
-    fn load_to_host(&self, model: &str) {
-        self.registry.load_to_host(model).unwrap();
-        self.wait_loaded(model);
-    }
-
-    fn wait_loaded(&self, model: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match self.registry.status(model).unwrap().state {
-                HostState::Loaded => return,
-                HostState::Failed(e) => panic!("{model} failed to load: {e}"),
-                _ if Instant::now() > deadline => panic!("{model} did not load in 20 s"),
-                _ => std::thread::sleep(Duration::from_millis(5)),
-            }
-        }
-    }
-
-    fn state(&self, model: &str) -> HostState {
-        self.registry.status(model).unwrap().state
-    }
-
-    /// A buffer file of `len` bytes under the backend's directory.
-    fn buffer(&self, name: &str, len: usize) -> (PathBuf, Vec<u8>) {
-        let path = self.tmp.path().join("shm").join(name);
-        std::fs::write(&path, vec![0u8; len]).unwrap();
-        let handle = path.as_os_str().as_encoded_bytes().to_vec();
-        (path, handle)
-    }
-
-    /// Starts a replica copying all of `model` (`len` bytes) into a new buffer.
-    fn start_replica(
-        &self,
-        model: &str,
-        replica: &str,
-        len: usize,
-    ) -> Result<PathBuf, RegistryError> {
-        let (path, handle) = self.buffer(replica, len);
-        self.start_with(model, replica, vec![copy(0, len as u64, 0)], vec![handle])?;
-        Ok(path)
-    }
-
-    fn start_with(
-        &self,
-        model: &str,
-        replica: &str,
-        copies: Vec<RequestedCopy>,
-        handles: Vec<Vec<u8>>,
-    ) -> Result<(), RegistryError> {
-        self.registry.load_to_devices(
-            model,
-            replica,
-            HashMap::from([(self.device.clone(), copies)]),
-            HashMap::from([(self.device.clone(), handles)]),
-            &me(),
-        )
-    }
-}
-
-fn me() -> ClientIdentity {
-    ClientIdentity::Known {
-        uid: rustix::process::getuid().as_raw(),
-        gid: Some(rustix::process::getgid().as_raw()),
-        pid: None,
-    }
-}
-
-fn copy(src_offset: u64, size: u64, dst_offset: u64) -> RequestedCopy {
-    RequestedCopy {
-        src_offset,
-        size,
-        dst_offset,
-        handle_idx: 0,
-    }
-}
-
-fn write_model(dir: &Path, len: usize, fill: u8) {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut w = StoreWriter::new(dir, WriterOptions::default()).unwrap();
-    let offset = w.begin_record(len as u64).unwrap();
-    w.write(&vec![fill; len]).unwrap();
-    w.end_record().unwrap();
-    w.add_entry(
-        "w".into(),
-        TensorEntry {
-            offset,
-            size: len as u64,
-            shape: vec![len as u64],
-            stride: vec![1],
-            dtype: "torch.uint8".into(),
-        },
-    );
-    w.finish(None).unwrap();
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap()
-}
+use common::{CHUNK, Fixture, copy, me, runtime};
+use sllm_daemon::registry::{HostState, Limits, RegistryError};
 
 #[test]
 fn the_least_recently_used_idle_model_is_evicted_first() {
@@ -195,15 +31,6 @@ fn the_least_recently_used_idle_model_is_evicted_first() {
     assert_eq!(f.state("o/a"), HostState::Loaded);
     assert_eq!(f.state("o/b"), HostState::NotLoaded);
     assert_eq!(f.state("o/c"), HostState::Loaded);
-}
-
-#[test]
-fn a_model_larger_than_the_pool_is_refused_with_the_sizes() {
-    let f = Fixture::new(2, Limits::default());
-    f.write("o/big", 3 * CHUNK, 1);
-    let e = f.registry.load_to_host("o/big").unwrap_err();
-    assert!(matches!(e, RegistryError::PoolTooSmall { .. }), "{e}");
-    assert!(e.to_string().contains("--mem-pool-size"), "{e}");
 }
 
 #[test]

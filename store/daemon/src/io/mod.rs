@@ -86,6 +86,20 @@ pub enum IoError {
     },
     #[error("the load was cancelled")]
     Cancelled,
+    /// A streamed load's ring stayed full: no device took its chunks.
+    #[error(
+        "no device took the streamed chunks for {seconds} s ({held} chunks waiting in the ring): \
+         a model larger than the pool (or than what the pool can spare) is streamed to the \
+         devices that load it, not kept in host memory; follow LoadModelAsync(CPU) with \
+         LoadModelAsync(GPU), or restart the daemon with a --mem-pool-size larger than the model"
+    )]
+    NotDrained { seconds: u64, held: usize },
+    /// A streamed load found no free chunk in the pool for too long.
+    #[error(
+        "no chunk of the pool came free for {seconds} s while streaming: other loads and \
+         copies hold it; load again when they finish, or raise --mem-pool-size"
+    )]
+    PoolBusy { seconds: u64 },
     /// The ring or the kernel failed (io_uring_enter, a short submission).
     #[error("the io engine failed: {0}")]
     Engine(String),
@@ -280,12 +294,25 @@ pub fn chunk_reads(
     max_io: usize,
 ) -> Vec<ChunkRead> {
     debug_assert_eq!(spans.len(), leases.len());
-    spans
+    chunk_reads_from(files, spans, 0, leases, max_io)
+}
+
+/// The reads of chunks `first..first + leases.len()` of the model whose
+/// chunks are `spans`, one lease each, numbered as chunks of the model.
+pub fn chunk_reads_from(
+    files: &ModelFiles,
+    spans: &[ChunkSpan],
+    first: usize,
+    leases: Vec<ChunkLease>,
+    max_io: usize,
+) -> Vec<ChunkRead> {
+    debug_assert!(first + leases.len() <= spans.len());
+    spans[first..]
         .iter()
         .zip(leases)
         .enumerate()
-        .map(|(chunk_no, (span, lease))| ChunkRead {
-            chunk_no,
+        .map(|(i, (span, lease))| ChunkRead {
+            chunk_no: first + i,
             lease,
             len: span.len,
             ops: plan_chunk(files, span, max_io),

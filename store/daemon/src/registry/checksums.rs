@@ -283,6 +283,21 @@ impl LoadCheck {
         out
     }
 
+    /// The chunks before `first` that share a checksum block with chunk
+    /// `first`: a copy that starts with chunks `..first` already resident
+    /// lands these again, so that those blocks can be hashed whole.
+    pub fn chunks_sharing_blocks_with(&self, first: usize) -> Range<usize> {
+        let Some(blocks) = self.chunk_blocks.get(first) else {
+            return 0..0;
+        };
+        let start = blocks
+            .clone()
+            .map(|b| self.block_chunks[b].start)
+            .min()
+            .unwrap_or(first);
+        start.min(first)..first
+    }
+
     /// Submits `job` to the hashing threads.
     pub fn submit(&self, job: impl FnOnce() + Send + 'static) {
         self.pool.submit(Box::new(job));

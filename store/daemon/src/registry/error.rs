@@ -38,11 +38,19 @@ pub enum RegistryError {
     )]
     NotRegistered { model: String },
     #[error(
-        "model {model} is {} but the pool holds only {}; restart the daemon with a larger \
-         --mem-pool-size (or $MEM_POOL_SIZE)",
-        human_bytes(*size), human_bytes(*pool)
+        "model {model} is {} and streams through the pool, which must then hold at least {} \
+         (one checksum block of its manifest, in whole chunks) but holds only {}; restart the \
+         daemon with a larger --mem-pool-size (or $MEM_POOL_SIZE), or a smaller --chunk-size",
+        human_bytes(*size), human_bytes(*needed), human_bytes(*pool)
     )]
-    PoolTooSmall { model: String, size: u64, pool: u64 },
+    PoolTooSmall {
+        model: String,
+        size: u64,
+        needed: u64,
+        pool: u64,
+    },
+    #[error("model {model}: other replicas are streaming it; send the request again")]
+    StreamBusy { model: String },
     #[error(
         "model {model} needs {} of pool memory; {} of {} are free and the rest belongs to models \
          in use; wait for them, unload some, or raise --mem-pool-size",

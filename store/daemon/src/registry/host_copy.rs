@@ -1,24 +1,46 @@
-//! One copy of a model in the host pool: its chunks, each pending, landed or
-//! failed, filled by an io engine on a thread of its own. Replicas wait on
-//! individual chunks, so device copies start as soon as a chunk lands rather
-//! than when the whole model has. With the manifest's checksums, a chunk
-//! counts as landed only once its blocks matched ([`super::checksums`]).
+//! One copy of a model in the host pool: its chunks, each pending, landed,
+//! failed or (streamed past) released, filled by an io engine on a thread of
+//! its own. Replicas wait on individual chunks, so device copies start as
+//! soon as a chunk lands rather than when the whole model has. With the
+//! manifest's checksums, a chunk counts as landed only once its blocks
+//! matched ([`super::checksums`]).
+//!
+//! A copy is *whole* (every chunk leased up front and kept) or *streamed*
+//! (the model does not fit beside what the pool must keep). A streamed copy
+//! keeps a prefix of chunks, `keep`, and passes the rest through a ring:
+//! - at most `ring` chunks past the prefix are leased at once (being read,
+//!   or landed and not yet taken by every consumer); the io thread reads
+//!   ahead as far as the ring and the pool's free chunks allow, in batches;
+//! - each device thread of each replica reading the copy is a [`Consumer`]
+//!   and walks the chunks in order; a chunk past the prefix is released (the
+//!   copy lets go of it) once every consumer has taken or passed it, and
+//!   returns to the pool when the last device copy from it completes;
+//! - consumers attach only before the first chunk is released: a replica
+//!   that comes later gets a new copy, which starts from the chunks still
+//!   resident;
+//! - a ring that no consumer drains for `drain_timeout` fails the copy, so a
+//!   load that no device request follows does not hold the pool forever.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::checksums::{LoadCheck, Released};
-use crate::io::{ChunkSpan, IoEngine, IoError, ModelFiles, chunk_reads};
+use crate::io::{ChunkSpan, IoEngine, IoError, ModelFiles, chunk_reads_from};
 use crate::lock;
-use crate::pool::{ChunkLease, SharedChunk};
+use crate::pool::{ChunkLease, HostPool, SharedChunk};
 use sllm_format::partitions::Partitions;
+
+/// How often waits of the io thread look at `cancel`.
+const POLL: Duration = Duration::from_millis(20);
 
 #[derive(Clone)]
 enum Slot {
     Pending,
     Landed(SharedChunk),
     Failed(IoError),
+    /// Streamed past: every consumer has it, the copy no longer does.
+    Released,
 }
 
 /// How a finished load went, for logs and metrics.
@@ -28,6 +50,67 @@ pub struct LoadOutcome {
     pub seconds: f64,
     pub engine: &'static str,
     pub error: Option<IoError>,
+    /// Read through a ring, and the chunks it keeps.
+    pub streamed: Option<usize>,
+}
+
+/// Where the chunks a copy reads come from.
+pub enum Source {
+    /// A lease for every chunk not already resident, in order.
+    Whole(Vec<ChunkLease>),
+    /// Leased from the pool as the ring allows.
+    Streamed(Stream),
+}
+
+/// A streamed copy's bounds.
+#[derive(Clone, Debug)]
+pub struct Stream {
+    pub pool: HostPool,
+    /// Chunks `0..keep` stay once landed.
+    pub keep: usize,
+    /// Chunks past the prefix held at once, at most.
+    pub ring: usize,
+    /// How long a full ring may wait for a consumer to take a chunk.
+    pub drain_timeout: Duration,
+}
+
+struct State {
+    slots: Vec<Slot>,
+    /// Chunks `0..keep` are never released (the whole model for a whole
+    /// copy).
+    keep: usize,
+    /// Device threads reading this copy.
+    consumers: usize,
+    /// Per chunk: consumers that took or passed it.
+    taken: Vec<usize>,
+    /// Chunks released so far.
+    released: usize,
+    /// Chunks past the prefix whose reads were issued.
+    issued_past_keep: usize,
+    /// When a consumer last took or passed a chunk (or the copy began).
+    last_progress: Instant,
+}
+
+impl State {
+    /// Releases chunk `i` if it is landed past the prefix and every
+    /// consumer has it.
+    fn maybe_release(&mut self, i: usize) -> bool {
+        if i >= self.keep
+            && self.consumers > 0
+            && self.taken[i] >= self.consumers
+            && matches!(self.slots[i], Slot::Landed(_))
+        {
+            self.slots[i] = Slot::Released;
+            self.released += 1;
+            return true;
+        }
+        false
+    }
+
+    /// Chunks past the prefix the copy holds or is reading.
+    fn ring_held(&self) -> usize {
+        self.issued_past_keep - self.released
+    }
 }
 
 /// A model's chunks in the pool.
@@ -36,7 +119,11 @@ pub struct HostCopy {
     spans: Arc<[ChunkSpan]>,
     /// Checks chunks against the manifest before they count as landed.
     check: Option<LoadCheck>,
-    slots: Mutex<Vec<Slot>>,
+    /// `Some(ring)` for a streamed copy.
+    ring: Option<usize>,
+    /// Bytes read from disk (the chunks not resident at the start).
+    read_bytes: u64,
+    state: Mutex<State>,
     changed: Condvar,
     cancel: AtomicBool,
     complete: AtomicBool,
@@ -46,47 +133,72 @@ pub struct HostCopy {
 }
 
 impl HostCopy {
-    /// Starts reading `spans` of the model in `partitions` into `leases`
-    /// (one per span) with `engine`, checking them with `check` when given
-    /// (made for the same spans); `on_done` runs on the io thread when every
-    /// chunk has landed or failed. Fails only if no thread can be started
-    /// (the leases then return to the pool).
+    /// Starts reading the chunks of the model in `partitions` (cut into
+    /// `spans`) that `resident` (a prefix of chunks already in the pool)
+    /// lacks, from `source` with `engine`, checking them with `check` when
+    /// given (made for the same spans); `on_done` runs on the io thread when
+    /// every chunk has landed or failed. Fails only if no thread can be
+    /// started (the leases then return to the pool).
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         partitions: Partitions,
         spans: Arc<[ChunkSpan]>,
-        leases: Vec<ChunkLease>,
+        resident: Vec<SharedChunk>,
+        source: Source,
         engine: Arc<dyn IoEngine>,
         max_io_bytes: usize,
         check: Option<LoadCheck>,
         on_done: impl FnOnce(&Arc<HostCopy>, LoadOutcome) + Send + 'static,
     ) -> std::io::Result<Arc<Self>> {
-        debug_assert_eq!(spans.len(), leases.len());
+        let n = spans.len();
+        let first_missing = resident.len().min(n);
+        let (keep, ring) = match &source {
+            Source::Whole(leases) => {
+                debug_assert_eq!(first_missing + leases.len(), n);
+                (n, None)
+            }
+            Source::Streamed(s) => (s.keep.clamp(first_missing, n), Some(s.ring.max(1))),
+        };
+        let mut slots = vec![Slot::Pending; n];
+        for (slot, chunk) in slots.iter_mut().zip(&resident) {
+            *slot = Slot::Landed(Arc::clone(chunk));
+        }
         let copy = Arc::new(Self {
             spans: Arc::clone(&spans),
             check,
-            slots: Mutex::new(vec![Slot::Pending; spans.len()]),
+            ring,
+            read_bytes: spans[first_missing..].iter().map(|s| s.len as u64).sum(),
+            state: Mutex::new(State {
+                slots,
+                keep,
+                consumers: 0,
+                taken: vec![0; n],
+                released: 0,
+                issued_past_keep: 0,
+                last_progress: Instant::now(),
+            }),
             changed: Condvar::new(),
             cancel: AtomicBool::new(false),
-            complete: AtomicBool::new(spans.is_empty()),
+            complete: AtomicBool::new(first_missing == n),
             failed: Mutex::new(None),
-            seconds: Mutex::new(spans.is_empty().then_some(0.0)),
+            seconds: Mutex::new((first_missing == n).then_some(0.0)),
         });
         let this = Arc::clone(&copy);
         std::thread::Builder::new()
             .name("sllm-load".into())
             .spawn(move || {
                 let started = Instant::now();
-                let bytes = spans.iter().map(|s| s.len as u64).sum();
+                let bytes = this.read_bytes;
                 let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    Self::read_all(
-                        &this,
+                    this.read_all(
                         &partitions,
-                        &spans,
-                        leases,
+                        &resident,
+                        source,
                         engine.as_ref(),
                         max_io_bytes,
                     )
                 }));
+                drop(resident);
                 if read.is_err() {
                     // Nobody may wait forever on a chunk the engine dropped.
                     this.fail_pending(IoError::Panicked { which: "io" });
@@ -97,6 +209,7 @@ impl HostCopy {
                     seconds: started.elapsed().as_secs_f64(),
                     engine: engine.name(),
                     error: lock(&this.failed).clone(),
+                    streamed: this.ring.map(|_| this.keep()),
                 };
                 on_done(&this, outcome);
             })?;
@@ -108,8 +221,14 @@ impl HostCopy {
         &self.spans
     }
 
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
     fn fail_pending(&self, error: IoError) {
-        let pending: Vec<usize> = lock(&self.slots)
+        let pending: Vec<usize> = self
+            .state()
+            .slots
             .iter()
             .enumerate()
             .filter(|(_, s)| matches!(s, Slot::Pending))
@@ -121,35 +240,116 @@ impl HostCopy {
     }
 
     fn read_all(
-        this: &Arc<Self>,
+        self: &Arc<Self>,
         partitions: &Partitions,
-        spans: &[ChunkSpan],
-        leases: Vec<ChunkLease>,
+        resident: &[SharedChunk],
+        source: Source,
         engine: &dyn IoEngine,
         max_io_bytes: usize,
     ) {
+        let first = resident.len();
         let files = match ModelFiles::open(partitions) {
             Ok(files) => files,
             Err(e) => {
-                for i in 0..spans.len() {
-                    this.settle(i, Err(e.clone()));
-                }
+                drop(source);
+                self.fail_pending(e);
                 return;
             }
         };
-        let reads = chunk_reads(&files, spans, leases, max_io_bytes);
-        engine.run(
-            &files,
-            reads,
-            &this.cancel,
-            &mut |chunk_no, result| match &this.check {
-                None => this.settle(chunk_no, result),
-                Some(check) => this.release(check.land(chunk_no, result)),
-            },
-        );
-        if let Some(check) = &this.check {
-            let why = this.error().unwrap_or(IoError::Cancelled);
-            this.release(check.finish(why));
+        if let Some(check) = &self.check {
+            // Blocks that straddle the resident prefix and the rest need the
+            // prefix's bytes to be hashed again.
+            for c in check.chunks_sharing_blocks_with(first) {
+                self.release(check.land(c, Ok(Arc::clone(&resident[c]))));
+            }
+        }
+        let mut landed = |chunk_no, result| match &self.check {
+            None => self.settle(chunk_no, result),
+            Some(check) => self.release(check.land(chunk_no, result)),
+        };
+        match source {
+            Source::Whole(leases) => {
+                let reads = chunk_reads_from(&files, &self.spans, first, leases, max_io_bytes);
+                engine.run(&files, reads, &self.cancel, &mut landed);
+            }
+            Source::Streamed(stream) => {
+                let mut next = first;
+                while next < self.spans.len() {
+                    let leases = match self.next_leases(next, &stream) {
+                        Ok(leases) => leases,
+                        Err(e) => {
+                            self.fail_pending(e);
+                            break;
+                        }
+                    };
+                    let count = leases.len();
+                    let reads = chunk_reads_from(&files, &self.spans, next, leases, max_io_bytes);
+                    engine.run(&files, reads, &self.cancel, &mut landed);
+                    next += count;
+                }
+            }
+        }
+        if let Some(check) = &self.check {
+            let why = self.error().unwrap_or(IoError::Cancelled);
+            self.release(check.finish(why));
+        }
+    }
+
+    /// Leases for the next batch of a streamed copy, from chunk `next` on:
+    /// prefix chunks while the pool has them free (the prefix ends where it
+    /// has none), then as many as the ring has room for, half the ring at
+    /// most so that reading one half overlaps copying the other. Waits for
+    /// room and for free chunks; gives up on cancel, or when neither comes
+    /// within the drain timeout.
+    fn next_leases(&self, next: usize, stream: &Stream) -> Result<Vec<ChunkLease>, IoError> {
+        let n = self.spans.len();
+        let batch = (stream.ring / 2).max(1);
+        {
+            let mut state = self.state();
+            if next < state.keep {
+                let want = (state.keep - next).min(batch);
+                drop(state);
+                let leases = stream.pool.lease_up_to(want);
+                if !leases.is_empty() {
+                    return Ok(leases);
+                }
+                // No free chunk to keep: the prefix ends here.
+                state = self.state();
+                state.keep = next;
+            }
+        }
+        loop {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(self.error().unwrap_or(IoError::Cancelled));
+            }
+            let state = self.state();
+            let room = stream.ring.saturating_sub(state.ring_held());
+            if room == 0 {
+                if state.last_progress.elapsed() >= stream.drain_timeout {
+                    return Err(IoError::NotDrained {
+                        seconds: stream.drain_timeout.as_secs(),
+                        held: state.ring_held(),
+                    });
+                }
+                drop(crate::wait(&self.changed, state, Some(POLL)));
+                continue;
+            }
+            let want = room.min(batch).min(n - next);
+            drop(state);
+            let leases = stream.pool.lease_up_to(want);
+            if leases.is_empty() {
+                let state = self.state();
+                if state.last_progress.elapsed() >= stream.drain_timeout {
+                    return Err(IoError::PoolBusy {
+                        seconds: stream.drain_timeout.as_secs(),
+                    });
+                }
+                drop(state);
+                stream.pool.wait_for_free(POLL);
+                continue;
+            }
+            self.state().issued_past_keep += leases.len();
+            return Ok(leases);
         }
     }
 
@@ -181,9 +381,10 @@ impl HostCopy {
     }
 
     fn settle(&self, chunk_no: usize, result: Result<SharedChunk, IoError>) {
-        let mut slots = lock(&self.slots);
+        let mut state = self.state();
         // A chunk settles once: what waiters saw never changes.
-        let Some(slot) = slots
+        let Some(slot) = state
+            .slots
             .get_mut(chunk_no)
             .filter(|s| matches!(s, Slot::Pending))
         else {
@@ -202,26 +403,63 @@ impl HostCopy {
                 Slot::Failed(e)
             }
         };
-        if slots.iter().all(|s| !matches!(s, Slot::Pending)) {
+        // Every consumer may have passed it already.
+        state.maybe_release(chunk_no);
+        if state.slots.iter().all(|s| !matches!(s, Slot::Pending)) {
             self.complete.store(true, Ordering::Release);
         }
-        drop(slots);
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    /// Adds `devices` consumers, one per device thread of a replica; `None`
+    /// once a chunk has been released (their copies would lack it: read a
+    /// new copy instead).
+    pub fn attach(self: &Arc<Self>, devices: usize) -> Option<Vec<Consumer>> {
+        let mut state = self.state();
+        if state.released > 0 {
+            return None;
+        }
+        state.consumers += devices;
+        state.last_progress = Instant::now();
+        Some(
+            (0..devices)
+                .map(|_| Consumer {
+                    host: Arc::clone(self),
+                    next: 0,
+                })
+                .collect(),
+        )
+    }
+
+    /// Marks chunks `from..to` as taken or passed by one consumer.
+    fn pass(&self, from: usize, to: usize) {
+        if from >= to {
+            return;
+        }
+        let mut state = self.state();
+        for i in from..to.min(state.taken.len()) {
+            state.taken[i] += 1;
+            state.maybe_release(i);
+        }
+        state.last_progress = Instant::now();
+        drop(state);
         self.changed.notify_all();
     }
 
     /// Waits for chunk `i`, giving up when `abort` is set (checked every
-    /// 50 ms while waiting) or at `deadline`. A chunk cancelled because
+    /// `poll` while waiting) or at `deadline`. A chunk cancelled because
     /// another one failed reports that first failure, the cause worth telling.
-    pub fn wait_chunk_or_abort(
+    fn wait_chunk_or_abort(
         &self,
         i: usize,
         abort: &AtomicBool,
         deadline: Instant,
-        poll: std::time::Duration,
+        poll: Duration,
     ) -> Result<SharedChunk, IoError> {
-        let mut slots = lock(&self.slots);
+        let mut state = self.state();
         loop {
-            match slots.get(i) {
+            match state.slots.get(i) {
                 Some(Slot::Landed(chunk)) => return Ok(Arc::clone(chunk)),
                 Some(Slot::Failed(e)) => return Err(self.error().unwrap_or_else(|| e.clone())),
                 Some(Slot::Pending)
@@ -230,7 +468,12 @@ impl HostCopy {
                     return Err(IoError::Cancelled);
                 }
                 Some(Slot::Pending) => {
-                    slots = crate::wait(&self.changed, slots, Some(poll));
+                    state = crate::wait(&self.changed, state, Some(poll));
+                }
+                Some(Slot::Released) => {
+                    return Err(IoError::Invariant(format!(
+                        "chunk {i} was released before a consumer of it took it"
+                    )));
                 }
                 None => {
                     return Err(IoError::Invariant(format!(
@@ -244,21 +487,68 @@ impl HostCopy {
     /// Asks the io engine to stop; pending chunks fail as cancelled.
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::Relaxed);
+        self.changed.notify_all();
     }
 
-    /// Every chunk has landed or failed.
+    /// Every chunk has landed, failed or been streamed past.
     pub fn is_complete(&self) -> bool {
         self.complete.load(Ordering::Acquire)
     }
 
-    /// Chunks landed so far, and chunks in all.
+    /// Read through a ring rather than whole.
+    pub fn is_streamed(&self) -> bool {
+        self.ring.is_some()
+    }
+
+    /// Chunks kept once landed.
+    pub fn keep(&self) -> usize {
+        self.state().keep
+    }
+
+    /// Whether a replica can still read every chunk of this copy.
+    pub fn attachable(&self) -> bool {
+        self.state().released == 0
+    }
+
+    /// Chunks in the pool now, and chunks in all.
     pub fn progress(&self) -> (usize, usize) {
-        let slots = lock(&self.slots);
-        let landed = slots
+        let state = self.state();
+        let landed = state
+            .slots
             .iter()
             .filter(|s| matches!(s, Slot::Landed(_)))
             .count();
-        (landed, slots.len())
+        (landed, state.slots.len())
+    }
+
+    /// Bytes of the model in the pool now.
+    pub fn resident_bytes(&self) -> u64 {
+        let state = self.state();
+        state
+            .slots
+            .iter()
+            .zip(self.spans.iter())
+            .filter(|(s, _)| matches!(s, Slot::Landed(_)))
+            .map(|(_, span)| span.len as u64)
+            .sum()
+    }
+
+    /// Bytes read from disk (the chunks not resident when it began).
+    pub fn read_bytes(&self) -> u64 {
+        self.read_bytes
+    }
+
+    /// The kept chunks that have landed, from the first on, up to the first
+    /// that has not: what a new copy of the same files can start from.
+    pub fn resident_prefix(&self) -> Vec<SharedChunk> {
+        let state = self.state();
+        state.slots[..state.keep]
+            .iter()
+            .map_while(|s| match s {
+                Slot::Landed(chunk) => Some(Arc::clone(chunk)),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Seconds the load took, once it is over.
@@ -269,5 +559,46 @@ impl HostCopy {
     /// The load's error, once one chunk failed.
     pub fn error(&self) -> Option<IoError> {
         lock(&self.failed).clone()
+    }
+}
+
+/// One device thread's walk through a copy's chunks, in order. Chunks it
+/// skips count as passed; dropping it passes the rest, so a device that
+/// fails or stops never holds a streamed copy's ring.
+pub struct Consumer {
+    host: Arc<HostCopy>,
+    /// The first chunk not yet taken or passed.
+    next: usize,
+}
+
+impl Consumer {
+    /// The copy being read.
+    pub fn host(&self) -> &HostCopy {
+        &self.host
+    }
+
+    /// Passes the chunks before `i`, then waits for chunk `i` (see
+    /// [`HostCopy::wait_chunk_or_abort`]) and takes it.
+    pub fn take(
+        &mut self,
+        i: usize,
+        abort: &AtomicBool,
+        deadline: Instant,
+        poll: Duration,
+    ) -> Result<SharedChunk, IoError> {
+        debug_assert!(i >= self.next, "chunks are taken in order");
+        self.host.pass(self.next, i);
+        self.next = self.next.max(i);
+        let chunk = self.host.wait_chunk_or_abort(i, abort, deadline, poll)?;
+        self.host.pass(i, i + 1);
+        self.next = i + 1;
+        Ok(chunk)
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        let n = self.host.spans.len();
+        self.host.pass(self.next, n);
     }
 }

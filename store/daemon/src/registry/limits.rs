@@ -40,6 +40,12 @@ pub struct Limits {
     /// handing back retries this many times, this far apart.
     pub pool_busy_retries: u32,
     pub pool_busy_pause: Duration,
+    /// How long a streamed load's full ring waits for a device to take a
+    /// chunk before it fails and hands its chunks back.
+    pub stream_drain_timeout: Duration,
+    /// Bytes a streamed load's ring holds at most (at least two chunks, or
+    /// what one checksum block spans, whichever is more).
+    pub stream_ring_bytes: u64,
 }
 
 impl Default for Limits {
@@ -61,6 +67,10 @@ impl Default for Limits {
             chunk_wait_poll: Duration::from_millis(50),
             pool_busy_retries: 50,
             pool_busy_pause: Duration::from_millis(2),
+            // Long enough for an inference engine to build its model and
+            // allocate its memory between LoadModelAsync(CPU) and (GPU).
+            stream_drain_timeout: Duration::from_secs(120),
+            stream_ring_bytes: 1 << 30,
         }
     }
 }

@@ -41,7 +41,7 @@ use sllm_format::units::{gib_per_s, human_bytes};
 
 use self::checksums::{HashPool, LoadCheck};
 use self::copy_plan::{RequestedCopy, plan_copies};
-use self::host_copy::{HostCopy, LoadOutcome};
+use self::host_copy::{HostCopy, LoadOutcome, Source, Stream};
 use self::on_disk::{ModelStamp, OnDisk, OnDiskError};
 pub use self::replica::ReplicaError;
 use self::replica::{DeviceCopy, Replica, ReplicaStatus};
@@ -71,6 +71,13 @@ pub struct ModelStatus {
     pub chunks_total: usize,
     pub load_seconds: Option<f64>,
     pub replicas_copying: usize,
+    /// Bytes in the pool now.
+    pub resident_bytes: u64,
+    /// The copy in the pool was streamed (keeps a prefix at most).
+    pub streamed: bool,
+    /// Bytes the copy in the pool read from disk: less than the model's
+    /// size when it started from chunks a streamed copy kept.
+    pub read_bytes: u64,
 }
 
 /// A model's host copy, from the outside.
@@ -304,15 +311,18 @@ impl Registry {
         self.host_copy(model).map(|_| ())
     }
 
-    /// The model's host copy, starting a load when there is none. Blocking:
-    /// may wait briefly for chunks an evicted copy is still handing back.
+    /// The model's host copy that a replica can still read whole, starting
+    /// a load when there is none. Blocking: may wait briefly for chunks an
+    /// evicted copy is still handing back.
     fn host_copy(&self, model: &str) -> Result<Arc<HostCopy>, RegistryError> {
         // A copy that just finished loading is evictable a moment before its
-        // io thread lets go of it; give such chunks a bounded time to return.
+        // io thread lets go of it; give such chunks a bounded time to return
+        // before streaming a model that would fit whole.
         let limits = &self.cfg.limits;
         for attempt in 0.. {
-            match self.try_host_copy(model) {
-                Err(RegistryError::PoolBusy { .. }) if attempt < limits.pool_busy_retries => {
+            let patient = attempt < limits.pool_busy_retries;
+            match self.try_host_copy(model, patient) {
+                Err(RegistryError::PoolBusy { .. }) if patient => {
                     std::thread::sleep(limits.pool_busy_pause)
                 }
                 other => return other,
@@ -321,7 +331,7 @@ impl Registry {
         unreachable!("the loop returns")
     }
 
-    fn try_host_copy(&self, model: &str) -> Result<Arc<HostCopy>, RegistryError> {
+    fn try_host_copy(&self, model: &str, patient: bool) -> Result<Arc<HostCopy>, RegistryError> {
         let mut table = self.table();
         if table.shutting_down {
             return Err(RegistryError::ShuttingDown);
@@ -330,44 +340,31 @@ impl Registry {
         let clock = table.clock;
         let entry = table.entry_mut(model)?;
         entry.last_used = clock;
+        let mut resident = Vec::new();
         if let Some(host) = entry.host.as_ref().filter(|h| h.error().is_none()) {
-            return Ok(Arc::clone(host));
+            if host.attachable() {
+                return Ok(Arc::clone(host));
+            }
+            // Streamed past: a new copy starts from what is still resident.
+            resident = host.resident_prefix();
         }
         entry.host = None;
         entry.last_error = None;
         let info = Arc::clone(&entry.info);
-        let needed = info.spans.len();
-        if needed > self.pool.total_chunks() {
-            return Err(RegistryError::PoolTooSmall {
-                model: model.into(),
-                size: info.size,
-                pool: self.pool.total_bytes() as u64,
-            });
+        resident.truncate(info.spans.len());
+        let source = self.source_for(&mut table, model, &info, resident.len(), patient)?;
+        if let Source::Streamed(stream) = &source {
+            tracing::info!(
+                model,
+                size = %human_bytes(info.size),
+                pool = %human_bytes(self.pool.total_bytes() as u64),
+                resident_chunks = resident.len(),
+                keep_chunks = stream.keep,
+                ring_chunks = stream.ring,
+                "streaming through the pool: it does not fit beside what the pool keeps"
+            );
+            metrics::counter!("sllm_streamed_loads_total").increment(1);
         }
-        let leases = loop {
-            if let Some(leases) = self.pool.try_lease(needed) {
-                break leases;
-            }
-            let victim = table
-                .models
-                .iter()
-                .filter(|(name, e)| name.as_str() != model && e.evictable())
-                .min_by_key(|(_, e)| e.last_used)
-                .map(|(name, _)| name.clone());
-            let Some(victim) = victim else {
-                return Err(RegistryError::PoolBusy {
-                    model: model.into(),
-                    size: info.size,
-                    free: (self.pool.free_chunks() * self.pool.chunk_bytes()) as u64,
-                    pool: self.pool.total_bytes() as u64,
-                });
-            };
-            tracing::info!(model = %victim, "evicting from the pool (least recently used)");
-            metrics::counter!("sllm_evictions_total").increment(1);
-            if let Some(e) = table.models.get_mut(&victim) {
-                e.host = None;
-            }
-        };
         let this = self.this.clone();
         let name = model.to_owned();
         let check = info.checksums.as_ref().map(|sums| {
@@ -381,7 +378,8 @@ impl Registry {
         let host = HostCopy::start(
             info.partitions.clone(),
             Arc::clone(&info.spans),
-            leases,
+            resident,
+            source,
             Arc::clone(&self.engine),
             self.cfg.max_io_bytes,
             check,
@@ -396,6 +394,84 @@ impl Registry {
         Ok(host)
     }
 
+    /// Where a new copy of `model` gets its chunks: leased whole up front
+    /// when the missing ones fit in what is free plus what idle models
+    /// hold (evicting those least recently used), else through a ring.
+    /// A streamed copy keeps as many chunks as are free beyond its ring; it
+    /// evicts only to make room for the ring.
+    fn source_for(
+        &self,
+        table: &mut Table,
+        model: &str,
+        info: &ModelInfo,
+        resident: usize,
+        patient: bool,
+    ) -> Result<Source, RegistryError> {
+        let pool = &self.pool;
+        let missing = info.spans.len() - resident;
+        let idle_chunks: usize = table
+            .models
+            .iter()
+            .filter(|(name, e)| name.as_str() != model && e.evictable())
+            .filter_map(|(_, e)| e.host.as_ref())
+            .map(|h| h.progress().0)
+            .sum();
+        if missing <= pool.free_chunks() + idle_chunks {
+            loop {
+                if let Some(leases) = pool.try_lease(missing) {
+                    return Ok(Source::Whole(leases));
+                }
+                if !evict_one(table, model) {
+                    break;
+                }
+            }
+        }
+        // Chunks of copies that are done but still held for a moment: worth
+        // a short wait when the model would fit whole.
+        let soon_free = table.models.iter().any(|(name, e)| {
+            name.as_str() != model && !e.busy() && e.host.as_ref().is_some_and(|h| h.is_complete())
+        });
+        if patient && soon_free && missing <= pool.total_chunks() {
+            return Err(RegistryError::PoolBusy {
+                model: model.into(),
+                size: info.size,
+                free: (pool.free_chunks() * pool.chunk_bytes()) as u64,
+                pool: pool.total_bytes() as u64,
+            });
+        }
+        let chunk = pool.chunk_bytes() as u64;
+        let limits = &self.cfg.limits;
+        // A checksum block spans at most this many chunks; a ring smaller
+        // than that could never verify one.
+        let block_chunks = info
+            .checksums
+            .as_ref()
+            .map_or(1, |s| s.block_bytes.div_ceil(chunk) as usize + 1);
+        let ring = ((limits.stream_ring_bytes / chunk) as usize)
+            .min(pool.total_chunks() / 2)
+            .max(2)
+            .max(block_chunks)
+            .min(missing.max(1));
+        if ring > pool.total_chunks() {
+            return Err(RegistryError::PoolTooSmall {
+                model: model.into(),
+                size: info.size,
+                needed: ring as u64 * chunk,
+                pool: pool.total_bytes() as u64,
+            });
+        }
+        while pool.free_chunks() < ring && evict_one(table, model) {}
+        // With no chunk free now, the copy waits for chunks that loads and
+        // copies in progress hand back (for at most the drain timeout).
+        let free = pool.free_chunks();
+        Ok(Source::Streamed(Stream {
+            pool: pool.clone(),
+            keep: resident + free.saturating_sub(ring),
+            ring,
+            drain_timeout: limits.stream_drain_timeout,
+        }))
+    }
+
     fn load_finished(&self, model: &str, copy: &Arc<HostCopy>, outcome: LoadOutcome) {
         match &outcome.error {
             None => {
@@ -405,7 +481,13 @@ impl Registry {
                     seconds = outcome.seconds,
                     gib_per_s = gib_per_s(outcome.bytes, outcome.seconds),
                     engine = outcome.engine,
-                    "loaded into the host pool"
+                    kept_chunks = outcome.streamed,
+                    "{}",
+                    if outcome.streamed.is_some() {
+                        "streamed through the host pool"
+                    } else {
+                        "loaded into the host pool"
+                    }
                 );
                 metrics::counter!("sllm_bytes_loaded_total", "target" => "host")
                     .increment(outcome.bytes);
@@ -428,7 +510,14 @@ impl Registry {
                     && entry.host.as_ref().is_some_and(|h| Arc::ptr_eq(h, copy))
                 {
                     entry.host = None;
-                    entry.last_error = Some(e.to_string());
+                    entry.last_error = Some(match e {
+                        IoError::NotDrained { .. } => format!(
+                            "model {model} is {} and the pool holds {}: {e}",
+                            human_bytes(entry.info.size),
+                            human_bytes(self.pool.total_bytes() as u64)
+                        ),
+                        e => e.to_string(),
+                    });
                 }
             }
         }
@@ -553,37 +642,47 @@ impl Registry {
             info,
             copies: device_copies,
         } = request;
-        let host = self.host_copy(model)?;
-        if !Arc::ptr_eq(host.spans(), &info.spans) {
-            // Re-registered (re-saved) between planning and loading.
-            return Err(RegistryError::ModelChanged {
-                model: model.into(),
-            });
-        }
         let limits = &self.cfg.limits;
-        let mut table = self.table();
-        // Forget finished replicas nobody confirmed, on every model.
-        for e in table.models.values_mut() {
-            e.replicas.retain(|_, r| {
-                r.status().is_copying() || r.started.elapsed() < limits.replica_retention
-            });
+        // A streamed copy that another replica has begun to drain lacks
+        // chunks this one needs: then a new copy is made, a few times over
+        // if other replicas keep winning the race.
+        for _ in 0..3 {
+            let host = self.host_copy(model)?;
+            if !Arc::ptr_eq(host.spans(), &info.spans) {
+                // Re-registered (re-saved) between planning and loading.
+                return Err(RegistryError::ModelChanged {
+                    model: model.into(),
+                });
+            }
+            let mut table = self.table();
+            // Forget finished replicas nobody confirmed, on every model.
+            for e in table.models.values_mut() {
+                e.replicas.retain(|_, r| {
+                    r.status().is_copying() || r.started.elapsed() < limits.replica_retention
+                });
+            }
+            self.check_work(&table, &device_copies)?;
+            let entry = table.entry_mut(model)?;
+            entry.ensure_replica_free(replica_uuid, model)?;
+            let Some(consumers) = host.attach(device_copies.len()) else {
+                continue;
+            };
+            let deadline = Instant::now() + limits.confirm_timeout;
+            let on_done = replica_outcome_logger(model, replica_uuid, self.backend.kind());
+            let replica = Replica::start(
+                replica_uuid.into(),
+                device_copies.into_iter().zip(consumers).collect(),
+                deadline,
+                limits.chunk_wait_poll,
+                on_done,
+            )
+            .map_err(RegistryError::NoThread)?;
+            entry.replicas.insert(replica_uuid.into(), replica);
+            return Ok(());
         }
-        self.check_work(&table, &device_copies)?;
-        let entry = table.entry_mut(model)?;
-        entry.ensure_replica_free(replica_uuid, model)?;
-        let deadline = Instant::now() + limits.confirm_timeout;
-        let on_done = replica_outcome_logger(model, replica_uuid, self.backend.kind());
-        let replica = Replica::start(
-            replica_uuid.into(),
-            host,
-            device_copies,
-            deadline,
-            limits.chunk_wait_poll,
-            on_done,
-        )
-        .map_err(RegistryError::NoThread)?;
-        entry.replicas.insert(replica_uuid.into(), replica);
-        Ok(())
+        Err(RegistryError::StreamBusy {
+            model: model.into(),
+        })
     }
 
     /// Refuses a replica that would take the work of the replicas copying
@@ -703,6 +802,9 @@ impl Registry {
             chunks_total,
             load_seconds,
             replicas_copying,
+            resident_bytes: entry.host.as_ref().map_or(0, |h| h.resident_bytes()),
+            streamed: entry.host.as_ref().is_some_and(|h| h.is_streamed()),
+            read_bytes: entry.host.as_ref().map_or(0, |h| h.read_bytes()),
         })
     }
 
@@ -739,6 +841,26 @@ impl Registry {
     pub fn pool_used_bytes(&self) -> u64 {
         ((self.pool.total_chunks() - self.pool.free_chunks()) * self.pool.chunk_bytes()) as u64
     }
+}
+
+/// Evicts the idle model (not `model`) used least recently; false when none
+/// is idle.
+fn evict_one(table: &mut Table, model: &str) -> bool {
+    let victim = table
+        .models
+        .iter()
+        .filter(|(name, e)| name.as_str() != model && e.evictable())
+        .min_by_key(|(_, e)| e.last_used)
+        .map(|(name, _)| name.clone());
+    let Some(victim) = victim else {
+        return false;
+    };
+    tracing::info!(model = %victim, "evicting from the pool (least recently used)");
+    metrics::counter!("sllm_evictions_total").increment(1);
+    if let Some(e) = table.models.get_mut(&victim) {
+        e.host = None;
+    }
+    true
 }
 
 /// A LoadModelAsync(GPU) that passed every check: the model's layout it was

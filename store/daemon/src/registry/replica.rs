@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::copy_plan::CopyPlan;
-use super::host_copy::HostCopy;
+use super::host_copy::Consumer;
 use crate::device::{DeviceInfo, DeviceTarget};
 use crate::io::IoError;
 use crate::lock;
@@ -129,15 +129,15 @@ pub struct Replica {
 }
 
 impl Replica {
-    /// Starts copying from `host` to every device of `copies`; copies still
+    /// Starts copying to every device of `copies`, each reading its host
+    /// copy as its own [`Consumer`]; copies still
     /// running at `deadline` stop and fail the replica (a copy waiting for a
     /// chunk looks at the deadline and for an abort every `poll`). Fails
     /// only if a thread cannot be started (then nothing was copied by it, and the
     /// devices already started are aborted).
     pub fn start(
         uuid: String,
-        host: Arc<HostCopy>,
-        copies: Vec<DeviceCopy>,
+        copies: Vec<(DeviceCopy, Consumer)>,
         deadline: Instant,
         poll: Duration,
         on_done: impl Fn(&ReplicaStatus) + Send + Sync + 'static,
@@ -147,8 +147,8 @@ impl Replica {
         let shared = Arc::new(Shared {
             tx,
             remaining: AtomicUsize::new(copies.len()),
-            bytes: copies.iter().map(|c| c.plan.bytes).sum(),
-            pieces: copies.iter().map(|c| c.plan.pieces()).sum(),
+            bytes: copies.iter().map(|(c, _)| c.plan.bytes).sum(),
+            pieces: copies.iter().map(|(c, _)| c.plan.pieces()).sum(),
             on_done: Box::new(on_done),
             started,
             abort: AtomicBool::new(false),
@@ -165,14 +165,13 @@ impl Replica {
             shared.finish();
         }
         let mut copies = copies.into_iter();
-        while let Some(copy) = copies.next() {
-            let (host, worker) = (Arc::clone(&host), Arc::clone(&shared));
+        while let Some((copy, consumer)) = copies.next() {
+            let worker = Arc::clone(&shared);
             let spawned = std::thread::Builder::new()
                 .name("sllm-copy".into())
                 .spawn(move || {
                     let (result, figures) =
-                        run_device_copy(&host, copy, &worker.abort, deadline, poll);
-                    drop(host);
+                        run_device_copy(consumer, copy, &worker.abort, deadline, poll);
                     {
                         let mut all = lock(&worker.figures);
                         *all = all.max(figures);
@@ -273,7 +272,7 @@ impl Shared {
 /// Copies one device's share; the target (the client's buffers) is closed
 /// before it returns, and its figures say where the time went.
 fn run_device_copy(
-    host: &HostCopy,
+    mut consumer: Consumer,
     mut copy: DeviceCopy,
     abort: &AtomicBool,
     deadline: Instant,
@@ -283,7 +282,17 @@ fn run_device_copy(
         open_s: copy.open_s,
         ..CopyFigures::default()
     };
-    let result = copy_pieces(host, &mut copy, abort, deadline, poll, &mut figures);
+    let result = copy_pieces(
+        &mut consumer,
+        &mut copy,
+        abort,
+        deadline,
+        poll,
+        &mut figures,
+    );
+    // The rest of the chunks are passed: a streamed copy may go on without
+    // this device.
+    drop(consumer);
     figures.device_s = copy.target.device_seconds();
     let closing = Instant::now();
     drop(copy);
@@ -292,7 +301,7 @@ fn run_device_copy(
 }
 
 fn copy_pieces(
-    host: &HostCopy,
+    consumer: &mut Consumer,
     copy: &mut DeviceCopy,
     abort: &AtomicBool,
     deadline: Instant,
@@ -313,7 +322,7 @@ fn copy_pieces(
             continue;
         }
         let waiting = Instant::now();
-        let chunk = host.wait_chunk_or_abort(i, abort, deadline, poll);
+        let chunk = consumer.take(i, abort, deadline, poll);
         figures.wait_s += waiting.elapsed().as_secs_f64();
         let chunk = match chunk {
             Ok(chunk) => chunk,

@@ -1,0 +1,187 @@
+//! Models larger than the pool, in-process: streamed through a ring of pool
+//! chunks to the host backend's buffers, byte-exactly, with a prefix kept
+//! for the next load; two replicas at once; and every way a streamed load
+//! can end early (never drained, unloaded, shut down) handing the pool back.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{CHUNK, Fixture, pattern, runtime, write_bytes};
+use sllm_daemon::registry::{HostState, Limits, RegistryError};
+use sllm_format::WriterOptions;
+
+/// Chunks in the pool of every test here.
+const POOL: usize = 8;
+
+/// One checksum block per chunk, so the ring can be small.
+fn options() -> WriterOptions {
+    WriterOptions {
+        block_bytes: CHUNK as u64,
+        ..WriterOptions::default()
+    }
+}
+
+/// A pool of 8 chunks and `o/big`, `chunks` chunks long (the last one
+/// short); returns its bytes.
+fn fixture(chunks: usize, limits: Limits) -> (Fixture, Vec<u8>) {
+    let f = Fixture::new(POOL, limits);
+    let bytes = pattern(chunks * CHUNK - 100);
+    write_bytes(&f.models().join("o/big"), &bytes, options());
+    (f, bytes)
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within 20 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_model_three_times_the_pool_streams_byte_exactly_and_keeps_a_prefix() {
+    let (f, bytes) = fixture(3 * POOL, Limits::default());
+    f.registry.load_to_host("o/big").unwrap();
+    let path = f.start_replica("o/big", "r1", bytes.len()).unwrap();
+    runtime()
+        .block_on(f.registry.confirm("o/big", "r1"))
+        .unwrap();
+    assert!(std::fs::read(&path).unwrap() == bytes, "bytes differ");
+
+    let st = f.registry.status("o/big").unwrap();
+    assert!(st.streamed);
+    assert_eq!(st.state, HostState::Loaded);
+    // The partition is the tensor padded to the writer's alignment.
+    assert_eq!(st.read_bytes, st.size);
+    // The ring takes half the pool; the other half keeps the first chunks.
+    assert_eq!(st.resident_bytes, (POOL / 2 * CHUNK) as u64);
+    assert_eq!(st.chunks_landed, POOL / 2);
+    wait_until("the ring's chunks back in the pool", || {
+        f.registry.pool_used_bytes() == st.resident_bytes
+    });
+}
+
+#[test]
+fn a_second_load_copies_the_kept_prefix_and_reads_only_the_rest() {
+    let (f, bytes) = fixture(3 * POOL, Limits::default());
+    f.start_replica("o/big", "r1", bytes.len()).unwrap();
+    runtime()
+        .block_on(f.registry.confirm("o/big", "r1"))
+        .unwrap();
+    let kept = f.registry.status("o/big").unwrap().resident_bytes;
+    assert!(kept > 0);
+
+    let path = f.start_replica("o/big", "r2", bytes.len()).unwrap();
+    runtime()
+        .block_on(f.registry.confirm("o/big", "r2"))
+        .unwrap();
+    assert!(std::fs::read(&path).unwrap() == bytes, "bytes differ");
+    let st = f.registry.status("o/big").unwrap();
+    assert_eq!(st.read_bytes, st.size - kept);
+    assert_eq!(st.resident_bytes, kept, "the prefix is kept again");
+}
+
+#[test]
+fn two_replicas_of_a_streamed_model_at_once_both_get_every_byte() {
+    let (f, bytes) = fixture(3 * POOL, Limits::default());
+    f.registry.load_to_host("o/big").unwrap();
+    let a = f.start_replica("o/big", "a", bytes.len()).unwrap();
+    let b = f.start_replica("o/big", "b", bytes.len()).unwrap();
+    let rt = runtime();
+    rt.block_on(f.registry.confirm("o/big", "a")).unwrap();
+    rt.block_on(f.registry.confirm("o/big", "b")).unwrap();
+    assert!(std::fs::read(&a).unwrap() == bytes, "replica a differs");
+    assert!(std::fs::read(&b).unwrap() == bytes, "replica b differs");
+}
+
+#[test]
+fn a_model_that_fits_is_still_loaded_whole() {
+    let (f, bytes) = fixture(POOL, Limits::default());
+    f.load_to_host("o/big");
+    let st = f.registry.status("o/big").unwrap();
+    assert!(!st.streamed);
+    assert_eq!(st.resident_bytes, st.size);
+    assert!(st.size >= bytes.len() as u64);
+}
+
+#[test]
+fn a_streamed_load_no_device_drains_fails_and_hands_the_pool_back() {
+    let limits = Limits {
+        stream_drain_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let (f, _bytes) = fixture(3 * POOL, limits);
+    f.registry.load_to_host("o/big").unwrap();
+    wait_until("the load to fail", || {
+        matches!(f.state("o/big"), HostState::Failed(_))
+    });
+    let HostState::Failed(why) = f.state("o/big") else {
+        unreachable!()
+    };
+    for needle in ["no device took", "LoadModelAsync(GPU)", "--mem-pool-size"] {
+        assert!(why.contains(needle), "{needle:?} in {why}");
+    }
+    wait_until("the pool to be empty", || f.registry.pool_used_bytes() == 0);
+    // The next load with a device streams from the start again.
+    let (path, handle) = f.buffer("after", 3 * POOL * CHUNK - 100);
+    f.start_with(
+        "o/big",
+        "after",
+        vec![common::copy(0, (3 * POOL * CHUNK - 100) as u64, 0)],
+        vec![handle],
+    )
+    .unwrap();
+    runtime()
+        .block_on(f.registry.confirm("o/big", "after"))
+        .unwrap();
+    assert_eq!(
+        std::fs::read(path).unwrap(),
+        pattern(3 * POOL * CHUNK - 100)
+    );
+}
+
+#[test]
+fn unloading_a_streamed_load_before_any_device_cancels_it() {
+    let (f, _bytes) = fixture(3 * POOL, Limits::default());
+    f.registry.load_to_host("o/big").unwrap();
+    f.registry.unload("o/big").unwrap();
+    wait_until("the pool to be empty", || f.registry.pool_used_bytes() == 0);
+    assert_eq!(f.state("o/big"), HostState::NotLoaded);
+}
+
+#[test]
+fn unloading_during_a_streamed_copy_lets_it_finish_then_frees_the_pool() {
+    let (f, bytes) = fixture(4 * POOL, Limits::default());
+    let path = f.start_replica("o/big", "r", bytes.len()).unwrap();
+    f.registry.unload("o/big").unwrap();
+    runtime()
+        .block_on(f.registry.confirm("o/big", "r"))
+        .unwrap();
+    assert!(std::fs::read(&path).unwrap() == bytes, "bytes differ");
+    wait_until("the pool to be empty", || f.registry.pool_used_bytes() == 0);
+}
+
+#[test]
+fn shutdown_stops_a_streamed_copy_and_frees_the_pool() {
+    let (f, bytes) = fixture(4 * POOL, Limits::default());
+    f.start_replica("o/big", "r", bytes.len()).unwrap();
+    f.registry.shutdown();
+    // Finished before the abort, or failed because of it: an answer either way.
+    let _ = runtime().block_on(f.registry.confirm("o/big", "r"));
+    wait_until("the pool to be empty", || f.registry.pool_used_bytes() == 0);
+    let e = f.registry.load_to_host("o/big").unwrap_err();
+    assert!(matches!(e, RegistryError::ShuttingDown), "{e}");
+}
+
+#[test]
+fn a_pool_smaller_than_one_checksum_block_is_refused_with_the_sizes() {
+    let f = Fixture::new(2, Limits::default());
+    // The default block (32 MiB) spans hundreds of these 64 KiB chunks.
+    common::write_model(&f.models().join("o/big"), 3 * CHUNK, 1);
+    let e = f.registry.load_to_host("o/big").unwrap_err();
+    assert!(matches!(e, RegistryError::PoolTooSmall { .. }), "{e}");
+    for needle in ["--mem-pool-size", "--chunk-size", "checksum block"] {
+        assert!(e.to_string().contains(needle), "{needle:?} in {e}");
+    }
+}
