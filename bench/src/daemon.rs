@@ -95,6 +95,11 @@ impl Daemon {
         Ok((json, sample))
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Stops the daemon with SIGTERM and waits for it.
     pub fn stop(mut self) -> anyhow::Result<()> {
         self.terminate()

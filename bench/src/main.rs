@@ -15,6 +15,7 @@ mod pgroup;
 mod report;
 mod restart;
 mod scripts;
+mod stream;
 mod sweep;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +36,9 @@ enum Command {
     /// vLLM's restart time, the usual start against the start through
     /// sllm-store: launch to ready and the first completion, interleaved runs.
     Restart(restart::RestartArgs),
+    /// Models larger than the pool: cold loads streamed through it against the in-pool one,
+    /// and what the kept prefix saves the next load.
+    Stream(stream::StreamArgs),
     /// Our engines across chunk sizes, queue depths, read sizes and threads.
     Sweep(sweep::SweepArgs),
 }
@@ -51,6 +55,7 @@ fn main() -> anyhow::Result<()> {
         Command::Convert(args) => convert::run(args),
         Command::Load(args) => load::run(args),
         Command::Restart(args) => restart::run(args),
+        Command::Stream(args) => stream::run(args),
         Command::Sweep(args) => sweep::run(args),
     }
 }

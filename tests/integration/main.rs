@@ -12,6 +12,7 @@ mod kill;
 mod python;
 mod save_bad_input;
 mod save_roundtrip;
+mod streaming;
 mod trust;
 mod verify;
 mod vllm;

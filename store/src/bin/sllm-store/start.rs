@@ -75,6 +75,10 @@ pub struct StartArgs {
     /// Threads that checksum blocks as they are read [default: the CPUs, at most 8].
     #[arg(long)]
     checksum_threads: Option<usize>,
+    /// A model larger than the pool streams through it to the devices that load it; this long
+    /// (seconds) its ring waits for a device request before the load fails and frees the pool.
+    #[arg(long, default_value_t = 120)]
+    stream_drain_timeout: u64,
     /// CUDA: streams each request's chunks are spread over, round robin (1 to 8).
     #[arg(long, default_value_t = 1)]
     copy_streams: usize,
@@ -145,7 +149,10 @@ pub fn run_start(args: StartArgs) -> anyhow::Result<ExitCode> {
         verify_checksums: !args.skip_checksums,
         checksum_threads,
         copy_streams: args.copy_streams,
-        limits: Limits::default(),
+        limits: Limits {
+            stream_drain_timeout: std::time::Duration::from_secs(args.stream_drain_timeout.max(1)),
+            ..Limits::default()
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

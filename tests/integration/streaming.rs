@@ -1,0 +1,153 @@
+//! Models larger than the pool through the real daemon: loaded byte-exactly
+//! with `sllm-store load --verify` while the daemon's memory stays at the
+//! pool's size, a client that dies before its device request, and a SIGTERM
+//! in the middle of a stream.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use sllm_convert::synth::{SynthSpec, write_synthetic};
+
+use crate::common::*;
+
+/// A 64 MiB pool in 16 MiB chunks: the manifest's 32 MiB checksum blocks
+/// need a ring of three, which leaves one chunk to keep.
+const POOL: &[&str] = &["--mem-pool-size", "64MiB", "--chunk-size", "16MiB"];
+
+/// Saves a synthetic model of about `bytes` as `org/big`.
+fn save_big(home: &Path, storage: &Path, bytes: u64) {
+    let src = home.join("src");
+    write_synthetic(
+        &src,
+        &SynthSpec {
+            target_bytes: bytes,
+            shards: 2,
+            seed: 5,
+        },
+    )
+    .unwrap();
+    run_ok(
+        sllm_store(home)
+            .args(["save", "--model", "org/big", "--local-model-path"])
+            .arg(&src)
+            .arg("--storage-path")
+            .arg(storage),
+    );
+}
+
+/// Resident memory of process `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib << 10
+}
+
+async fn wait_status(
+    daemon: &Daemon,
+    what: &str,
+    mut done: impl FnMut(&sllm_proto::GetModelStatusResponse) -> bool,
+) -> sllm_proto::GetModelStatusResponse {
+    let mut client = daemon.client().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = client.model_status("org/big").await.unwrap();
+        if done(&st) {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within 30 s: {st:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn a_model_four_times_the_pool_loads_byte_exactly_and_the_daemon_stays_at_the_pool() {
+    let tmp = tempfile::tempdir().unwrap();
+    let storage = tmp.path().join("models");
+    save_big(tmp.path(), &storage, 256 << 20);
+    let daemon = Daemon::start(tmp.path(), &storage, POOL);
+    let before = rss(daemon.child.id());
+    for run in ["cold", "with the kept prefix"] {
+        let out = run_ok(
+            sllm_store(tmp.path())
+                .args(["load", "--model", "org/big", "--verify", "--json"])
+                .args(["--server", &daemon.addr, "--storage-path"])
+                .arg(&storage),
+        );
+        let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(report["verified"], true, "{run}: {out}");
+        assert!(
+            report["model_size"].as_u64().unwrap() > 4 * (64 << 20) - (16 << 20),
+            "{out}"
+        );
+    }
+    let grown = rss(daemon.child.id()).saturating_sub(before);
+    assert!(
+        grown < 24 << 20,
+        "the daemon grew by {grown} bytes streaming 4x its pool"
+    );
+    let log = daemon.log_text();
+    assert!(log.contains("streaming through the pool"), "{log}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let st = rt.block_on(wait_status(&daemon, "a kept prefix", |st| st.streamed));
+    assert_eq!(st.resident_bytes, 16 << 20, "{st:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_dies_before_its_device_request_frees_the_pool_after_the_drain_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let storage = tmp.path().join("models");
+    save_big(tmp.path(), &storage, 160 << 20);
+    let mut extra = POOL.to_vec();
+    extra.extend(["--stream-drain-timeout", "1"]);
+    let daemon = Daemon::start(tmp.path(), &storage, &extra);
+    {
+        let mut client = daemon.client().await;
+        client.load_to_host("org/big").await.unwrap();
+        // The client goes away without a LoadModelAsync(GPU).
+    }
+    let st = wait_status(&daemon, "the stream to fail", |st| !st.error.is_empty()).await;
+    for needle in ["no device took", "LoadModelAsync(GPU)", "--mem-pool-size"] {
+        assert!(st.error.contains(needle), "{needle:?} in {}", st.error);
+    }
+    assert_eq!(st.resident_bytes, 0, "{st:?}");
+    // The pool is whole again: a model that fits loads whole.
+    save_model(
+        tmp.path(),
+        &storage,
+        "org/small",
+        &tensors_of(3 << 20, 2),
+        "1MiB",
+    );
+    let out = run_ok(
+        sllm_store(tmp.path())
+            .args(["load", "--model", "org/small", "--verify", "--json"])
+            .args(["--server", &daemon.addr, "--storage-path"])
+            .arg(&storage),
+    );
+    assert!(out.contains("\"verified\":true"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_in_the_middle_of_a_stream_stops_the_daemon_promptly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let storage = tmp.path().join("models");
+    save_big(tmp.path(), &storage, 160 << 20);
+    let mut daemon = Daemon::start(tmp.path(), &storage, POOL);
+    let mut client = daemon.client().await;
+    client.load_to_host("org/big").await.unwrap();
+    // The ring fills and waits for a device that never asks.
+    wait_status(&daemon, "chunks in the ring", |st| st.chunks_landed > 1).await;
+    let started = Instant::now();
+    let status = daemon.terminate(15).expect("the daemon stops on SIGTERM");
+    assert!(status.success(), "{status:?}: {}", daemon.log_text());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+}
