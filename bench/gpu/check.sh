@@ -14,8 +14,9 @@
 # from_pretrained, loading into an existing model's parameters with its peak
 # memory), once with torch's default allocator and once with
 # expandable_segments, whose memory goes through a staging buffer. Last,
-# `sllm-bench load --device cuda` (when sllm-bench is in $SLLM_BIN), its
-# results named after the GPU (load-h200-<date>.json) in $OUT.
+# `sllm-bench load --device cuda` and `sllm-bench stream --device cuda`
+# (when sllm-bench is in $SLLM_BIN), their results named after the GPU
+# (load-h200-<date>.json, stream-h200-<date>.json) in $OUT.
 #
 # The whole script keeps to 5 min 40 s: each step past the first loads gets
 # what is left of that budget, at most its own cap, and is skipped (said in
@@ -105,6 +106,16 @@ if [ -x "$bin/sllm-bench" ]; then
             > "$out/sllm-bench-load.txt" 2>&1 || echo "sllm-bench load failed or ran out of time: see $out/sllm-bench-load.txt"
     else
         echo "sllm-bench load skipped: out of time"
+    fi
+    # A model 2x and 4x the pool, streamed through it to the GPU.
+    t=$(budget 90)
+    if [ "$t" -gt 0 ]; then
+        timeout "$t" "$bin/sllm-bench" stream --device cuda --size 2GiB --runs 1 \
+            --dir "$work/bench" --sllm-store "$bin/sllm-store" \
+            --json "$out/stream-${gpu:-gpu}-$(date -u +%Y-%m-%dT%H-%M-%S).json" \
+            > "$out/sllm-bench-stream.txt" 2>&1 || echo "sllm-bench stream failed or ran out of time: see $out/sllm-bench-stream.txt"
+    else
+        echo "sllm-bench stream skipped: out of time"
     fi
 fi
 echo "GPU check done in $SECONDS s: $out (pytest status $status)"

@@ -171,7 +171,11 @@ fn rows(scenarios: &[Scenario], bytes: u64) -> Vec<Row> {
         .map(|s| {
             let cold = med(&s.cold_s);
             let second = med(&s.second_s);
-            let resident = med(&s.resident_bytes.iter().map(|&b| b as f64).collect::<Vec<_>>());
+            let resident = med(&s
+                .resident_bytes
+                .iter()
+                .map(|&b| b as f64)
+                .collect::<Vec<_>>());
             Row {
                 name: s.name.clone(),
                 pool_bytes: s.pool_bytes,

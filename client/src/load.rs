@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use sllm_format::partitions::{FileStamp, Partitions};
-use sllm_format::units::gib_per_s;
+use sllm_format::units::{gib_per_s, human_bytes};
 use sllm_format::{INDEX_FILE, ModelId, TensorIndex};
 use sllm_proto::BackendKind;
 
@@ -43,6 +43,13 @@ pub struct LoadReport {
     pub host_load_s: f64,
     /// From LoadModelAsync (host) to the replica confirmed.
     pub device_copy_s: f64,
+    /// The model did not fit beside what the pool keeps and was streamed
+    /// through it.
+    #[serde(default)]
+    pub streamed: bool,
+    /// Bytes of the model left in the daemon's pool after the load.
+    #[serde(default)]
+    pub resident_bytes: u64,
     pub total_s: f64,
     pub gib_per_s: f64,
     /// With `verify`: whether every tensor matched the files (and they
@@ -69,6 +76,13 @@ impl LoadReport {
             self.total_s,
             gib_per_s(self.bytes, self.total_s),
         );
+        if self.streamed {
+            out += &format!(
+                "  streamed     larger than what the pool can spare: {} of {} stayed in it for the next load\n",
+                human_bytes(self.resident_bytes),
+                human_bytes(self.model_size)
+            );
+        }
         if let Some(ok) = self.verified {
             out += &format!(
                 "  verified     {}\n",
@@ -227,7 +241,8 @@ pub async fn load_model(
         });
     }
     let total_s = total.elapsed().as_secs_f64();
-    let host_load_s = client.model_status(model.as_str()).await?.host_load_seconds;
+    let status = client.model_status(model.as_str()).await?;
+    let host_load_s = status.host_load_seconds;
     let mut problems = Vec::new();
     let verified = if verify_bytes {
         problems = verify(model, model_dir, &index, &plan, &buffers)?;
@@ -251,6 +266,8 @@ pub async fn load_model(
         alloc_s,
         host_load_s,
         device_copy_s,
+        streamed: status.streamed,
+        resident_bytes: status.resident_bytes.max(0) as u64,
         total_s,
         gib_per_s: gib_per_s(bytes, total_s),
         verified,

@@ -80,6 +80,7 @@ fn a_model_four_times_the_pool_loads_byte_exactly_and_the_daemon_stays_at_the_po
         );
         let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
         assert_eq!(report["verified"], true, "{run}: {out}");
+        assert_eq!(report["streamed"], true, "{run}: {out}");
         assert!(
             report["model_size"].as_u64().unwrap() > 4 * (64 << 20) - (16 << 20),
             "{out}"

@@ -577,6 +577,11 @@ impl Consumer {
         &self.host
     }
 
+    /// Whether chunk `i` can be taken without waiting.
+    pub fn ready(&self, i: usize) -> bool {
+        !matches!(self.host.state().slots.get(i), Some(Slot::Pending))
+    }
+
     /// Passes the chunks before `i`, then waits for chunk `i` (see
     /// [`HostCopy::wait_chunk_or_abort`]) and takes it.
     pub fn take(

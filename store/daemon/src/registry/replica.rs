@@ -322,6 +322,11 @@ fn copy_pieces(
             continue;
         }
         let waiting = Instant::now();
+        if consumer.host().is_streamed() && !consumer.ready(i) {
+            // The ring may need chunks this device still holds for copies
+            // that have completed: hand them back before waiting.
+            copy.target.synchronize().map_err(|e| refused(&device, e))?;
+        }
         let chunk = consumer.take(i, abort, deadline, poll);
         figures.wait_s += waiting.elapsed().as_secs_f64();
         let chunk = match chunk {
