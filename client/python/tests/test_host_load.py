@@ -7,7 +7,7 @@ import ml_dtypes
 import pytest
 
 import sllm_client
-from conftest import ALL, random_tensors, save_model
+from conftest import ALL, Daemon, random_tensors, save_model
 from sllm_client.dtypes import numpy_dtype
 from sllm_client.host import _load_dict_host, load_consistently
 
@@ -112,3 +112,17 @@ def test_a_load_that_fails_because_of_a_resave_is_loaded_again(tmp_path, storage
     # An error with the model unchanged is the caller's to see.
     with pytest.raises(sllm_client.SllmStoreError, match="unknown layout"):
         load_consistently("org/grow", str(storage), lambda index: _load_dict_host("org/grow", index, daemon.addr, "x"))
+
+
+def test_a_model_larger_than_the_pool_streams_through_it(tmp_path, storage):
+    # 32 MiB checksum blocks in 4 MiB chunks need a ring of ten; 48 MiB keeps two.
+    daemon = Daemon(storage, pool="48MiB", chunk="4MiB")
+    try:
+        tensors = random_tensors(7, [(f"w{i}", "torch.float16", (1024, 6 * 1024 + i)) for i in range(6)])
+        save_model(tmp_path, storage, "org/big", tensors, partition_size="32MiB")
+        for _ in range(2):  # cold, then from the kept prefix
+            check(sllm_client.load_dict_host("org/big", storage_path=str(storage), server=daemon.addr), tensors)
+        status = sllm_client.StoreClient(daemon.addr).model_status("org/big")
+        assert status["streamed"] and 0 < status["resident_bytes"] < 48 << 20, status
+    finally:
+        daemon.stop()

@@ -55,6 +55,26 @@ def test_every_dtype_lands_in_the_module(tmp_path, storage, daemon, window):
         assert report.requests > 1
 
 
+def test_a_model_larger_than_the_pool_streams_once_through_the_windows(tmp_path, storage):
+    # 32 MiB checksum blocks in 4 MiB chunks need a ring of ten; 48 MiB keeps two.
+    daemon = Daemon(storage, pool="48MiB", chunk="4MiB")
+    try:
+        tensors = random_tensors(8, [(f"w{i}", "torch.float16", (1024, 6 * 1024 + i)) for i in range(6)])
+        save_model(tmp_path, storage, "org/big", tensors, partition_size="32MiB")
+        module = Named(tensors)
+        report, loaded = load_into_module(module, "org/big", storage_path=str(storage), server=daemon.addr,
+                                          window_bytes=8 << 20)
+        assert loaded == set(tensors) and report.requests > 4
+        params = dict(module.named_parameters())
+        for name, (_dt, _shape, want) in tensors.items():
+            assert raw(params[name]) == want, name
+        # One window after another reads the model from disk once.
+        log = "".join(daemon.lines)
+        assert log.count("streaming through the pool") == 1, log[-3000:]
+    finally:
+        daemon.stop()
+
+
 def test_a_different_dtype_is_cast_like_copy_(tmp_path, storage, daemon):
     tensors = random_tensors(2, [("w", "torch.float16", (64, 33)), ("b", "torch.float16", (33,))])
     # Finite values, so the cast compares exactly.

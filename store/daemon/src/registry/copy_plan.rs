@@ -28,6 +28,14 @@ pub struct CopyPlan {
 }
 
 impl CopyPlan {
+    /// The first chunk a piece comes from (past the last chunk when none).
+    pub fn first_chunk(&self) -> usize {
+        self.per_chunk
+            .iter()
+            .position(|p| !p.is_empty())
+            .unwrap_or(self.per_chunk.len())
+    }
+
     /// Number of pieces after coalescing.
     pub fn pieces(&self) -> usize {
         self.per_chunk.iter().map(Vec::len).sum()

@@ -13,13 +13,18 @@
 //!   ahead as far as the ring and the pool's free chunks allow, in batches;
 //! - each device thread of each replica reading the copy is a [`Consumer`]
 //!   and walks the chunks in order; a chunk past the prefix is released (the
-//!   copy lets go of it) once every consumer has taken or passed it, and
-//!   returns to the pool when the last device copy from it completes;
-//! - consumers attach only before the first chunk is released: a replica
-//!   that comes later gets a new copy, which starts from the chunks still
-//!   resident;
+//!   copy lets go of it) once every consumer attached has moved past it
+//!   (taken a later chunk, or attached beyond it), and returns to the pool
+//!   when the last device copy from it completes. A consumer that detaches
+//!   leaves its last chunk to the next: requests that each copy the next
+//!   stretch of the model (the Python client's windows) read it once;
+//! - a consumer attaches only if no chunk from its first one on has been
+//!   released; otherwise its replica gets a new copy, which starts from the
+//!   chunks still kept;
 //! - a ring that no consumer drains for `drain_timeout` fails the copy, so a
-//!   load that no device request follows does not hold the pool forever.
+//!   load that no device request follows does not hold the pool forever, and
+//!   a copy nobody can attach to any more (replaced in the registry) with no
+//!   consumer left stops reading.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -81,10 +86,11 @@ struct State {
     keep: usize,
     /// Device threads reading this copy.
     consumers: usize,
-    /// Per chunk: consumers that took or passed it.
+    /// Per chunk: consumers attached now that have moved past it.
     taken: Vec<usize>,
-    /// Chunks released so far.
+    /// Chunks released so far, and the highest.
     released: usize,
+    highest_released: Option<usize>,
     /// Chunks past the prefix whose reads were issued.
     issued_past_keep: usize,
     /// When a consumer last took or passed a chunk (or the copy began).
@@ -102,6 +108,7 @@ impl State {
         {
             self.slots[i] = Slot::Released;
             self.released += 1;
+            self.highest_released = self.highest_released.max(Some(i));
             return true;
         }
         false
@@ -174,6 +181,7 @@ impl HostCopy {
                 consumers: 0,
                 taken: vec![0; n],
                 released: 0,
+                highest_released: None,
                 issued_past_keep: 0,
                 last_progress: Instant::now(),
             }),
@@ -301,7 +309,11 @@ impl HostCopy {
     /// most so that reading one half overlaps copying the other. Waits for
     /// room and for free chunks; gives up on cancel, or when neither comes
     /// within the drain timeout.
-    fn next_leases(&self, next: usize, stream: &Stream) -> Result<Vec<ChunkLease>, IoError> {
+    fn next_leases(
+        self: &Arc<Self>,
+        next: usize,
+        stream: &Stream,
+    ) -> Result<Vec<ChunkLease>, IoError> {
         let n = self.spans.len();
         let batch = (stream.ring / 2).max(1);
         {
@@ -323,6 +335,11 @@ impl HostCopy {
                 return Err(self.error().unwrap_or(IoError::Cancelled));
             }
             let state = self.state();
+            if state.consumers == 0 && Arc::strong_count(self) == 1 {
+                // Out of the registry and read by no one: no one can
+                // attach any more.
+                return Err(IoError::Cancelled);
+            }
             let room = stream.ring.saturating_sub(state.ring_held());
             if room == 0 {
                 if state.last_progress.elapsed() >= stream.drain_timeout {
@@ -412,27 +429,48 @@ impl HostCopy {
         self.changed.notify_all();
     }
 
-    /// Adds `devices` consumers, one per device thread of a replica; `None`
-    /// once a chunk has been released (their copies would lack it: read a
-    /// new copy instead).
-    pub fn attach(self: &Arc<Self>, devices: usize) -> Option<Vec<Consumer>> {
+    /// Adds one consumer per device thread of a replica, each starting at
+    /// the first chunk it needs (`first[d]`; the chunks before count as
+    /// passed by it); `None` if one of them was released already (read a new
+    /// copy instead).
+    pub fn attach(self: &Arc<Self>, first: &[usize]) -> Option<Vec<Consumer>> {
         let mut state = self.state();
-        if state.released > 0 {
+        if !Self::can_attach(&state, first.iter().copied().min()?) {
             return None;
         }
-        state.consumers += devices;
+        state.consumers += first.len();
+        let n = state.taken.len();
+        for &f in first {
+            for i in 0..f.min(n) {
+                state.taken[i] += 1;
+                state.maybe_release(i);
+            }
+        }
         state.last_progress = Instant::now();
+        drop(state);
+        self.changed.notify_all();
         Some(
-            (0..devices)
-                .map(|_| Consumer {
+            first
+                .iter()
+                .map(|&f| Consumer {
                     host: Arc::clone(self),
-                    next: 0,
+                    next: f.min(n),
                 })
                 .collect(),
         )
     }
 
-    /// Marks chunks `from..to` as taken or passed by one consumer.
+    fn can_attach(state: &State, first: usize) -> bool {
+        state.highest_released.is_none_or(|h| first > h)
+    }
+
+    /// Whether a replica whose first chunk is `first` can still read every
+    /// chunk it needs from this copy.
+    pub fn attachable(&self, first: usize) -> bool {
+        Self::can_attach(&self.state(), first)
+    }
+
+    /// Marks chunks `from..to` as moved past by one consumer.
     fn pass(&self, from: usize, to: usize) {
         if from >= to {
             return;
@@ -440,6 +478,24 @@ impl HostCopy {
         let mut state = self.state();
         for i in from..to.min(state.taken.len()) {
             state.taken[i] += 1;
+            state.maybe_release(i);
+        }
+        state.last_progress = Instant::now();
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    /// A consumer that had moved past `..next` leaves: its passes no
+    /// longer count, and what every remaining consumer has moved past is
+    /// released.
+    fn detach(&self, next: usize) {
+        let mut state = self.state();
+        state.consumers -= 1;
+        let n = state.taken.len();
+        for i in 0..next.min(n) {
+            state.taken[i] -= 1;
+        }
+        for i in state.keep..n {
             state.maybe_release(i);
         }
         state.last_progress = Instant::now();
@@ -505,11 +561,6 @@ impl HostCopy {
         self.state().keep
     }
 
-    /// Whether a replica can still read every chunk of this copy.
-    pub fn attachable(&self) -> bool {
-        self.state().released == 0
-    }
-
     /// Chunks in the pool now, and chunks in all.
     pub fn progress(&self) -> (usize, usize) {
         let state = self.state();
@@ -563,11 +614,12 @@ impl HostCopy {
 }
 
 /// One device thread's walk through a copy's chunks, in order. Chunks it
-/// skips count as passed; dropping it passes the rest, so a device that
-/// fails or stops never holds a streamed copy's ring.
+/// skips count as passed; dropping it detaches it, so what it has not moved
+/// past no longer waits for it: a device that fails or stops never holds a
+/// streamed copy's ring.
 pub struct Consumer {
     host: Arc<HostCopy>,
-    /// The first chunk not yet taken or passed.
+    /// The first chunk it has not moved past.
     next: usize,
 }
 
@@ -582,8 +634,9 @@ impl Consumer {
         !matches!(self.host.state().slots.get(i), Some(Slot::Pending))
     }
 
-    /// Passes the chunks before `i`, then waits for chunk `i` (see
-    /// [`HostCopy::wait_chunk_or_abort`]) and takes it.
+    /// Moves past the chunks before `i`, then waits for chunk `i` (see
+    /// [`HostCopy::wait_chunk_or_abort`]); the chunk counts as passed once
+    /// a later one is taken.
     pub fn take(
         &mut self,
         i: usize,
@@ -594,16 +647,12 @@ impl Consumer {
         debug_assert!(i >= self.next, "chunks are taken in order");
         self.host.pass(self.next, i);
         self.next = self.next.max(i);
-        let chunk = self.host.wait_chunk_or_abort(i, abort, deadline, poll)?;
-        self.host.pass(i, i + 1);
-        self.next = i + 1;
-        Ok(chunk)
+        self.host.wait_chunk_or_abort(i, abort, deadline, poll)
     }
 }
 
 impl Drop for Consumer {
     fn drop(&mut self) {
-        let n = self.host.spans.len();
-        self.host.pass(self.next, n);
+        self.host.detach(self.next);
     }
 }

@@ -78,6 +78,8 @@ pub struct ModelStatus {
     /// Bytes the copy in the pool read from disk: less than the model's
     /// size when it started from chunks a streamed copy kept.
     pub read_bytes: u64,
+    /// Copies of the model started in the pool since its files were read.
+    pub host_loads: u64,
 }
 
 /// A model's host copy, from the outside.
@@ -191,6 +193,7 @@ impl Registry {
                 }
                 entry.drop_host_copy();
                 entry.last_error = None;
+                entry.host_loads = 0;
                 entry.info = Arc::clone(&info);
             }
             None => {
@@ -202,6 +205,7 @@ impl Registry {
                         last_used: clock,
                         replicas: HashMap::new(),
                         last_error: None,
+                        host_loads: 0,
                     },
                 );
             }
@@ -308,20 +312,21 @@ impl Registry {
     /// Starts loading `model` into the pool (no-op when loading or loaded).
     pub fn load_to_host(&self, model: &str) -> Result<(), RegistryError> {
         self.ensure_registered(model)?;
-        self.host_copy(model).map(|_| ())
+        self.host_copy(model, None).map(|_| ())
     }
 
-    /// The model's host copy that a replica can still read whole, starting
-    /// a load when there is none. Blocking: may wait briefly for chunks an
-    /// evicted copy is still handing back.
-    fn host_copy(&self, model: &str) -> Result<Arc<HostCopy>, RegistryError> {
+    /// The model's host copy, starting a load when there is none, or when
+    /// a streamed one has gone past what is needed: past chunk `first` for a
+    /// replica; for a load to host memory (`None`), once it is over. Blocking:
+    /// may wait briefly for chunks an evicted copy is still handing back.
+    fn host_copy(&self, model: &str, first: Option<usize>) -> Result<Arc<HostCopy>, RegistryError> {
         // A copy that just finished loading is evictable a moment before its
         // io thread lets go of it; give such chunks a bounded time to return
         // before streaming a model that would fit whole.
         let limits = &self.cfg.limits;
         for attempt in 0.. {
             let patient = attempt < limits.pool_busy_retries;
-            match self.try_host_copy(model, patient) {
+            match self.try_host_copy(model, first, patient) {
                 Err(RegistryError::PoolBusy { .. }) if patient => {
                     std::thread::sleep(limits.pool_busy_pause)
                 }
@@ -331,7 +336,12 @@ impl Registry {
         unreachable!("the loop returns")
     }
 
-    fn try_host_copy(&self, model: &str, patient: bool) -> Result<Arc<HostCopy>, RegistryError> {
+    fn try_host_copy(
+        &self,
+        model: &str,
+        first: Option<usize>,
+        patient: bool,
+    ) -> Result<Arc<HostCopy>, RegistryError> {
         let mut table = self.table();
         if table.shutting_down {
             return Err(RegistryError::ShuttingDown);
@@ -342,10 +352,16 @@ impl Registry {
         entry.last_used = clock;
         let mut resident = Vec::new();
         if let Some(host) = entry.host.as_ref().filter(|h| h.error().is_none()) {
-            if host.attachable() {
+            let usable = match first {
+                Some(first) => host.attachable(first),
+                None => !host.is_streamed() || !host.is_complete(),
+            };
+            if usable {
                 return Ok(Arc::clone(host));
             }
-            // Streamed past: a new copy starts from what is still resident.
+            // Streamed past: a new copy starts from what it kept; the old one
+            // goes on for the replicas reading it, and stops once they are
+            // done.
             resident = host.resident_prefix();
         }
         entry.host = None;
@@ -390,7 +406,9 @@ impl Registry {
             },
         )
         .map_err(RegistryError::NoThread)?;
-        table.models.get_mut(model).expect("entry exists").host = Some(Arc::clone(&host));
+        let entry = table.models.get_mut(model).expect("entry exists");
+        entry.host = Some(Arc::clone(&host));
+        entry.host_loads += 1;
         Ok(host)
     }
 
@@ -450,7 +468,9 @@ impl Registry {
         let ring = ((limits.stream_ring_bytes / chunk) as usize)
             .min(pool.total_chunks() / 2)
             .max(2)
-            .max(block_chunks)
+            // A consumer holds the chunk it is on while the next ones are
+            // read, and a block's chunks must all land before it is hashed.
+            .max(block_chunks + 1)
             .min(missing.max(1));
         if ring > pool.total_chunks() {
             return Err(RegistryError::PoolTooSmall {
@@ -646,8 +666,9 @@ impl Registry {
         // A streamed copy that another replica has begun to drain lacks
         // chunks this one needs: then a new copy is made, a few times over
         // if other replicas keep winning the race.
+        let first: Vec<usize> = device_copies.iter().map(|c| c.plan.first_chunk()).collect();
         for _ in 0..3 {
-            let host = self.host_copy(model)?;
+            let host = self.host_copy(model, first.iter().copied().min())?;
             if !Arc::ptr_eq(host.spans(), &info.spans) {
                 // Re-registered (re-saved) between planning and loading.
                 return Err(RegistryError::ModelChanged {
@@ -664,7 +685,7 @@ impl Registry {
             self.check_work(&table, &device_copies)?;
             let entry = table.entry_mut(model)?;
             entry.ensure_replica_free(replica_uuid, model)?;
-            let Some(consumers) = host.attach(device_copies.len()) else {
+            let Some(consumers) = host.attach(&first) else {
                 continue;
             };
             let deadline = Instant::now() + limits.confirm_timeout;
@@ -805,6 +826,7 @@ impl Registry {
             resident_bytes: entry.host.as_ref().map_or(0, |h| h.resident_bytes()),
             streamed: entry.host.as_ref().is_some_and(|h| h.is_streamed()),
             read_bytes: entry.host.as_ref().map_or(0, |h| h.read_bytes()),
+            host_loads: entry.host_loads,
         })
     }
 

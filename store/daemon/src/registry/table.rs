@@ -31,6 +31,9 @@ pub(super) struct ModelEntry {
     pub(super) replicas: HashMap<String, Arc<Replica>>,
     /// Why the last load failed, until the next one starts.
     pub(super) last_error: Option<String>,
+    /// Copies of the model started in the pool (reads from disk), while its
+    /// files stayed the same.
+    pub(super) host_loads: u64,
 }
 
 impl ModelEntry {
