@@ -744,7 +744,7 @@ async fn metrics_count_loads_and_json_logs_parse() {
     client.load_to_host("o/bad").await.unwrap();
 
     let mut body = String::new();
-    for _ in 0..50 {
+    for _ in 0..100 {
         let mut stream = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
             .await
             .unwrap();
@@ -757,6 +757,7 @@ async fn metrics_count_loads_and_json_logs_parse() {
         if body.contains("sllm_bytes_loaded_total")
             && body.contains("target=\"device\"")
             && body.contains("kind=\"checksum\"")
+            && body.contains("sllm_model_resident_bytes{model=\"o/m\"}")
         {
             break;
         }
@@ -769,6 +770,7 @@ async fn metrics_count_loads_and_json_logs_parse() {
         "sllm_pool_bytes 2097152",
         "sllm_errors_total{kind=\"request\"}",
         "sllm_errors_total{kind=\"checksum\"} 1",
+        "sllm_model_resident_bytes{model=\"o/m\"}",
     ] {
         assert!(body.contains(needle), "{needle} in {body}");
     }

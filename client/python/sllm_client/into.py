@@ -328,14 +328,17 @@ def direct_batches(
     """Requests for copies straight into shared allocations: per device,
     each allocation's handle sent once per request (copies name it by
     handle_idx), and at most `max_handles` allocations per device in one
-    request. `by_device`: device UUID -> [(copy with the offset in its
+    request, taken in the order of their first byte in the model. `by_device`: device UUID -> [(copy with the offset in its
     allocation, the allocation's handle)]."""
     batches: List[Tuple[Dict[str, List[CopyChunk]], Dict[str, List[bytes]]]] = []
     for uuid, items in by_device.items():
         by_handle: Dict[bytes, List[CopyChunk]] = {}
         for copy, handle in items:
             by_handle.setdefault(handle, []).append(copy)
-        order = list(by_handle)
+        # Allocations in the order of their bytes in the model, so that one
+        # request after another copies the next stretch: a model streamed
+        # through the daemon's pool is then read once.
+        order = sorted(by_handle, key=lambda h: min(c.src_offset for c in by_handle[h]))
         for b, start in enumerate(range(0, len(order), max_handles)):
             group = order[start:start + max_handles]
             while len(batches) <= b:

@@ -108,6 +108,18 @@ def test_direct_copies_send_each_allocation_once_and_at_most_64_per_request():
     assert len(sent["gpu-b"]) == 3
 
 
+def test_direct_batches_follow_the_model_so_a_streamed_model_is_read_once():
+    from sllm_client.into import direct_batches
+
+    # Allocations met in reverse order of their bytes in the model.
+    items = [(CopyChunk((99 - i) * 10, 10, 0), i.to_bytes(2, "little") * 32) for i in range(100)]
+    batches = direct_batches({"gpu": items}, max_handles=10)
+    firsts = [min(c.src_offset for c in copies["gpu"]) for copies, _h in batches]
+    lasts = [max(c.src_offset for c in copies["gpu"]) for copies, _h in batches]
+    assert firsts == sorted(firsts)
+    assert all(last < nxt for last, nxt in zip(lasts, firsts[1:]))
+
+
 def test_without_a_cuda_driver_the_error_says_what_to_use():
     import ctypes
 

@@ -360,6 +360,9 @@ fn start_metrics(port: u16, registry: Arc<Registry>) -> Result<(), DaemonError> 
         loop {
             tick.tick().await;
             metrics::gauge!("sllm_pool_used_bytes").set(registry.pool_used_bytes() as f64);
+            for (model, bytes) in registry.resident_bytes() {
+                metrics::gauge!("sllm_model_resident_bytes", "model" => model).set(bytes as f64);
+            }
         }
     });
     Ok(())

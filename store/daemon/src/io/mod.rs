@@ -407,22 +407,75 @@ impl ChunkRead {
 /// Receives each chunk as it lands (or fails), in any order.
 pub type Landed<'a> = dyn FnMut(usize, Result<SharedChunk, IoError>) + 'a;
 
+/// What a [`ReadSource`] has for an engine.
+#[derive(Debug)]
+pub enum Next {
+    /// A chunk to read now.
+    Read(ChunkRead),
+    /// Nothing yet; more will come (ask again, waiting, once nothing of
+    /// this engine is in flight).
+    NotYet,
+    /// Nothing more.
+    Done,
+}
+
+/// Where an engine's reads come from: all known up front (a `Vec`'s
+/// iterator), or handed out as a streamed copy's ring makes room, so the
+/// engine keeps the disk busy without waiting for a batch to finish.
+pub trait ReadSource {
+    /// The next read. With `wait`, never [`Next::NotYet`]: blocks until a
+    /// read is ready or none will come (the source itself bounds the wait
+    /// and honours cancellation).
+    fn next_read(&mut self, wait: bool) -> Next;
+}
+
+impl ReadSource for std::vec::IntoIter<ChunkRead> {
+    fn next_read(&mut self, _wait: bool) -> Next {
+        self.next().map_or(Next::Done, Next::Read)
+    }
+}
+
 /// Runs read plans.
 pub trait IoEngine: Send + Sync {
     /// `io_uring` or `pread`.
     fn name(&self) -> &'static str;
 
-    /// Fills every chunk of `reads` and reports each to `landed` exactly
-    /// once, on the calling thread. When `cancel` is set, reads not yet
-    /// started are reported as [`IoError::Cancelled`]; reads in flight are
-    /// waited for, so no buffer is released while the kernel may write it.
+    /// Fills every chunk `source` hands out and reports each to `landed`
+    /// exactly once, on the calling thread. Asks the source for more while
+    /// it has room, and waits on it only when nothing of its own is in
+    /// flight. When `cancel` is set, reads not yet started are reported as
+    /// [`IoError::Cancelled`] and the source is not asked again; reads in
+    /// flight are waited for, so no buffer is released while the kernel may
+    /// write it.
+    fn run_source(
+        &self,
+        files: &ModelFiles,
+        source: &mut dyn ReadSource,
+        cancel: &AtomicBool,
+        landed: &mut Landed<'_>,
+    );
+
+    /// [`run_source`](Self::run_source) over reads known up front; every
+    /// chunk of `reads` is reported, those it never started as cancelled
+    /// (or as the engine's failure).
     fn run(
         &self,
         files: &ModelFiles,
         reads: Vec<ChunkRead>,
         cancel: &AtomicBool,
         landed: &mut Landed<'_>,
-    );
+    ) {
+        let mut reads = reads.into_iter();
+        self.run_source(files, &mut reads, cancel, landed);
+        for read in reads {
+            let error = if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                IoError::Cancelled
+            } else {
+                IoError::Engine("the engine stopped before reading this chunk".into())
+            };
+            landed(read.chunk_no, Err(error));
+        }
+    }
 }
 
 /// Chooses the engine; returns it and, for `auto`, why.

@@ -6,7 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{ChunkRead, IoEngine, IoError, Landed, ModelFiles};
+use super::{ChunkRead, IoEngine, IoError, Landed, ModelFiles, Next, ReadSource};
 use crate::pool::SharedChunk;
 
 /// Blocking reads on `threads` threads; chunks are taken in order, so the
@@ -28,22 +28,20 @@ impl IoEngine for PreadEngine {
         "pread"
     }
 
-    fn run(
+    fn run_source(
         &self,
         files: &ModelFiles,
-        reads: Vec<ChunkRead>,
+        source: &mut dyn ReadSource,
         cancel: &AtomicBool,
         landed: &mut Landed<'_>,
     ) {
-        let count = reads.len();
-        let (work_tx, work_rx) = crossbeam_channel::bounded(count.max(1));
-        for r in reads {
-            work_tx.send(r).expect("the channel holds every read");
-        }
-        drop(work_tx);
+        // Two reads per thread queued: a thread never idles for want of
+        // work while the source has some.
+        let depth = self.threads * 2;
+        let (work_tx, work_rx) = crossbeam_channel::bounded::<ChunkRead>(depth);
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         std::thread::scope(|scope| {
-            for _ in 0..self.threads.min(count.max(1)) {
+            for _ in 0..self.threads {
                 let (work_rx, done_tx) = (work_rx.clone(), done_tx.clone());
                 scope.spawn(move || {
                     while let Ok(read) = work_rx.recv() {
@@ -60,9 +58,37 @@ impl IoEngine for PreadEngine {
                 });
             }
             drop(done_tx);
-            for (chunk_no, result) in done_rx.iter().take(count) {
-                landed(chunk_no, result);
+            let mut in_flight = 0usize;
+            let mut source_done = false;
+            loop {
+                while !source_done && in_flight < depth && !cancel.load(Ordering::Relaxed) {
+                    match source.next_read(in_flight == 0) {
+                        Next::Read(read) => {
+                            if let Err(unsent) = work_tx.send(read) {
+                                // No worker is left (they only stop with the
+                                // channel); never drop a chunk unreported.
+                                let read = unsent.into_inner();
+                                landed(read.chunk_no, Err(IoError::Panicked { which: "io" }));
+                                continue;
+                            }
+                            in_flight += 1;
+                        }
+                        Next::NotYet => break,
+                        Next::Done => source_done = true,
+                    }
+                }
+                if in_flight == 0 {
+                    break;
+                }
+                match done_rx.recv() {
+                    Ok((chunk_no, result)) => {
+                        in_flight -= 1;
+                        landed(chunk_no, result);
+                    }
+                    Err(_) => break,
+                }
             }
+            drop(work_tx);
         });
     }
 }

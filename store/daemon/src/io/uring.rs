@@ -42,7 +42,7 @@ use std::time::Duration;
 use io_uring::{IoUring, Probe, SubmissionQueue, opcode, squeue, types};
 use rustix::io::Errno;
 
-use super::{ChunkRead, DIRECT_ALIGN, IoEngine, IoError, Landed, ModelFiles, ReadOp};
+use super::{DIRECT_ALIGN, IoEngine, IoError, Landed, ModelFiles, Next, ReadOp, ReadSource};
 use crate::pool::ChunkLease;
 
 /// Largest queue depth accepted; larger requests are clamped.
@@ -109,24 +109,24 @@ impl IoEngine for UringEngine {
         "io_uring"
     }
 
-    fn run(
+    fn run_source(
         &self,
         files: &ModelFiles,
-        reads: Vec<ChunkRead>,
+        source: &mut dyn ReadSource,
         cancel: &AtomicBool,
         landed: &mut Landed<'_>,
     ) {
-        self.run_capped(files, reads, cancel, landed, MAX_SQE_LEN);
+        self.run_capped(files, source, cancel, landed, MAX_SQE_LEN);
     }
 }
 
 impl UringEngine {
-    /// [`IoEngine::run`], handing the kernel at most `max_sqe_len` bytes per
-    /// read (tests lower it to force continuations).
+    /// [`IoEngine::run_source`], handing the kernel at most `max_sqe_len`
+    /// bytes per read (tests lower it to force continuations).
     fn run_capped(
         &self,
         files: &ModelFiles,
-        reads: Vec<ChunkRead>,
+        source: &mut dyn ReadSource,
         cancel: &AtomicBool,
         landed: &mut Landed<'_>,
         max_sqe_len: usize,
@@ -135,7 +135,9 @@ impl UringEngine {
             Ok(ring) => ring,
             Err(e) => {
                 let reason = format!("cannot create an io_uring: {e}");
-                for read in reads {
+                // What is ready now fails; the source keeps the rest, which
+                // its owner settles.
+                while let Next::Read(read) = source.next_read(false) {
                     landed(read.chunk_no, Err(IoError::Engine(reason.clone())));
                 }
                 return;
@@ -145,7 +147,7 @@ impl UringEngine {
         let mut load = Load::new(
             files,
             targets,
-            reads,
+            source,
             self.queue_depth as usize,
             max_sqe_len,
         );
@@ -342,9 +344,13 @@ enum Pushed {
 }
 
 /// The state of one `run`: chunks, slots and counters.
-struct Load<'f> {
+struct Load<'f, 's> {
     files: &'f ModelFiles,
     targets: Targets,
+    /// Where the reads come from, and whether it has said it has no more.
+    source: &'s mut dyn ReadSource,
+    source_done: bool,
+    /// The chunks taken from the source so far, in that order.
     chunks: Vec<ChunkState>,
     /// `queue_depth` slots; a read's `user_data` is its slot's index.
     slots: Vec<Option<Slot>>,
@@ -361,35 +367,21 @@ struct Load<'f> {
     max_sqe_len: usize,
 }
 
-impl<'f> Load<'f> {
+impl<'f, 's> Load<'f, 's> {
     fn new(
         files: &'f ModelFiles,
         targets: Targets,
-        reads: Vec<ChunkRead>,
+        source: &'s mut dyn ReadSource,
         queue_depth: usize,
         max_sqe_len: usize,
     ) -> Self {
         let queue_depth = queue_depth.max(1);
-        let chunks = reads
-            .into_iter()
-            .map(|read| {
-                let error = read.check(files).err().map(|e| (0, IoError::from(e)));
-                ChunkState {
-                    chunk_no: read.chunk_no,
-                    lease: Some(read.lease),
-                    len: read.len,
-                    ops: read.ops,
-                    next_op: 0,
-                    ops_done: 0,
-                    in_flight: 0,
-                    error,
-                }
-            })
-            .collect();
         Self {
             files,
             targets,
-            chunks,
+            source,
+            source_done: false,
+            chunks: Vec::new(),
             slots: vec![None; queue_depth],
             free_slots: (0..queue_depth).rev().collect(),
             resubmit: Vec::with_capacity(queue_depth),
@@ -456,18 +448,46 @@ impl<'f> Load<'f> {
         }
     }
 
-    /// The first chunk with an op left to submit; reports the chunks it
-    /// passes that are already settled (no ops, or a failed plan).
+    /// The first chunk with an op left to submit, taking the next read from
+    /// the source when every chunk taken so far is submitted (waiting for
+    /// it only when nothing is in the kernel); reports the chunks it passes
+    /// that are already settled (no ops, or a failed plan).
     fn next_chunk(&mut self, landed: &mut Landed<'_>) -> Option<usize> {
-        while let Some(chunk) = self.chunks.get(self.cursor) {
-            let c = self.cursor;
-            if chunk.lease.is_some() && chunk.error.is_none() && chunk.next_op < chunk.ops.len() {
-                return Some(c);
+        loop {
+            while let Some(chunk) = self.chunks.get(self.cursor) {
+                let c = self.cursor;
+                if chunk.lease.is_some() && chunk.error.is_none() && chunk.next_op < chunk.ops.len()
+                {
+                    return Some(c);
+                }
+                self.cursor += 1;
+                self.settle(c, landed);
             }
-            self.cursor += 1;
-            self.settle(c, landed);
+            if self.source_done {
+                return None;
+            }
+            let wait = self.in_kernel == 0 && self.resubmit.is_empty();
+            match self.source.next_read(wait) {
+                Next::Read(read) => {
+                    let error = read.check(self.files).err().map(|e| (0, IoError::from(e)));
+                    self.chunks.push(ChunkState {
+                        chunk_no: read.chunk_no,
+                        lease: Some(read.lease),
+                        len: read.len,
+                        ops: read.ops,
+                        next_op: 0,
+                        ops_done: 0,
+                        in_flight: 0,
+                        error,
+                    });
+                }
+                Next::NotYet => return None,
+                Next::Done => {
+                    self.source_done = true;
+                    return None;
+                }
+            }
         }
-        None
     }
 
     /// Pushes the read of slot `slot` onto the submission queue.
@@ -651,10 +671,17 @@ impl<'f> Load<'f> {
                 landed(chunk.chunk_no, Err(error.clone()));
             }
         }
+        // What the source has ready fails the same way; the rest stays with
+        // it, for its owner to settle.
+        if !self.source_done {
+            while let Next::Read(read) = self.source.next_read(false) {
+                landed(read.chunk_no, Err(error.clone()));
+            }
+        }
     }
 }
 
-impl Drop for Load<'_> {
+impl Drop for Load<'_, '_> {
     /// Normally every lease is gone by now. If `landed` unwound mid-load,
     /// leases whose reads may still be in the kernel are leaked, not freed.
     fn drop(&mut self) {
@@ -718,7 +745,7 @@ mod tests {
 
     use super::*;
     use crate::io::pread::PreadEngine;
-    use crate::io::{ChunkSpan, PartFile, chunk_reads, chunk_spans};
+    use crate::io::{ChunkRead, ChunkSpan, PartFile, chunk_reads, chunk_spans};
     use crate::pool::{HostPool, SharedChunk};
 
     type Results = BTreeMap<usize, Vec<Result<SharedChunk, IoError>>>;
@@ -1053,7 +1080,7 @@ mod tests {
             let reads = plan(&files, &pool, 1 << 20);
             engine.run_capped(
                 &files,
-                reads,
+                &mut reads.into_iter(),
                 &AtomicBool::new(false),
                 &mut |chunk_no, r| results.entry(chunk_no).or_default().push(r),
                 max_sqe_len,
@@ -1087,9 +1114,9 @@ mod tests {
                     Targets::plain(&Targets::fds(&files))
                 };
                 assert_eq!(matches!(targets.0[0][0], Target::Fixed(_)), fixed);
-                let reads = plan(&files, &pool, 4 << 10);
+                let mut reads = plan(&files, &pool, 4 << 10).into_iter();
                 let mut results = Results::new();
-                let mut load = Load::new(&files, targets, reads, 4, MAX_SQE_LEN);
+                let mut load = Load::new(&files, targets, &mut reads, 4, MAX_SQE_LEN);
                 load.drive(&mut ring, &AtomicBool::new(false), &mut |chunk_no, r| {
                     results.entry(chunk_no).or_default().push(r)
                 });

@@ -31,7 +31,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::checksums::{LoadCheck, Released};
-use crate::io::{ChunkSpan, IoEngine, IoError, ModelFiles, chunk_reads_from};
+use crate::io::{ChunkSpan, IoEngine, IoError, ModelFiles, Next, ReadSource, chunk_reads_from};
 use crate::lock;
 use crate::pool::{ChunkLease, HostPool, SharedChunk};
 use sllm_format::partitions::Partitions;
@@ -275,58 +275,58 @@ impl HostCopy {
             None => self.settle(chunk_no, result),
             Some(check) => self.release(check.land(chunk_no, result)),
         };
+        let mut ring_error = None;
         match source {
             Source::Whole(leases) => {
                 let reads = chunk_reads_from(&files, &self.spans, first, leases, max_io_bytes);
                 engine.run(&files, reads, &self.cancel, &mut landed);
             }
             Source::Streamed(stream) => {
-                let mut next = first;
-                while next < self.spans.len() {
-                    let leases = match self.next_leases(next, &stream) {
-                        Ok(leases) => leases,
-                        Err(e) => {
-                            self.fail_pending(e);
-                            break;
-                        }
-                    };
-                    let count = leases.len();
-                    let reads = chunk_reads_from(&files, &self.spans, next, leases, max_io_bytes);
-                    engine.run(&files, reads, &self.cancel, &mut landed);
-                    next += count;
-                }
+                let mut source = Ring {
+                    copy: self,
+                    files: &files,
+                    stream: &stream,
+                    max_io_bytes,
+                    next: first,
+                    error: None,
+                };
+                engine.run_source(&files, &mut source, &self.cancel, &mut landed);
+                ring_error = source.error.take();
             }
         }
         if let Some(check) = &self.check {
-            let why = self.error().unwrap_or(IoError::Cancelled);
+            let why = self
+                .error()
+                .or_else(|| ring_error.clone())
+                .unwrap_or(IoError::Cancelled);
             self.release(check.finish(why));
+        }
+        if self.ring.is_some() {
+            // Chunks never handed to the engine: failed with the reason the
+            // ring stopped, or as cancelled.
+            self.fail_pending(ring_error.unwrap_or(IoError::Cancelled));
         }
     }
 
-    /// Leases for the next batch of a streamed copy, from chunk `next` on:
-    /// prefix chunks while the pool has them free (the prefix ends where it
-    /// has none), then as many as the ring has room for, half the ring at
-    /// most so that reading one half overlaps copying the other. Waits for
-    /// room and for free chunks; gives up on cancel, or when neither comes
-    /// within the drain timeout.
-    fn next_leases(
+    /// The lease for chunk `next` of a streamed copy: a prefix chunk while
+    /// the pool has one free (the prefix ends where it has none), else a ring
+    /// chunk once the ring has room and the pool a free chunk. Without
+    /// `wait`, `None` when that is not now; with it, waits, giving up on
+    /// cancel, when no copy can attach any more, or when neither room nor a
+    /// chunk comes within the drain timeout.
+    fn next_lease(
         self: &Arc<Self>,
         next: usize,
         stream: &Stream,
-    ) -> Result<Vec<ChunkLease>, IoError> {
-        let n = self.spans.len();
-        let batch = (stream.ring / 2).max(1);
+        wait: bool,
+    ) -> Result<Option<ChunkLease>, IoError> {
         {
             let mut state = self.state();
             if next < state.keep {
-                let want = (state.keep - next).min(batch);
-                drop(state);
-                let leases = stream.pool.lease_up_to(want);
-                if !leases.is_empty() {
-                    return Ok(leases);
+                if let Some(lease) = stream.pool.lease_up_to(1).pop() {
+                    return Ok(Some(lease));
                 }
                 // No free chunk to keep: the prefix ends here.
-                state = self.state();
                 state.keep = next;
             }
         }
@@ -340,8 +340,10 @@ impl HostCopy {
                 // attach any more.
                 return Err(IoError::Cancelled);
             }
-            let room = stream.ring.saturating_sub(state.ring_held());
-            if room == 0 {
+            if state.ring_held() >= stream.ring {
+                if !wait {
+                    return Ok(None);
+                }
                 if state.last_progress.elapsed() >= stream.drain_timeout {
                     return Err(IoError::NotDrained {
                         seconds: stream.drain_timeout.as_secs(),
@@ -351,22 +353,20 @@ impl HostCopy {
                 drop(crate::wait(&self.changed, state, Some(POLL)));
                 continue;
             }
-            let want = room.min(batch).min(n - next);
             drop(state);
-            let leases = stream.pool.lease_up_to(want);
-            if leases.is_empty() {
-                let state = self.state();
-                if state.last_progress.elapsed() >= stream.drain_timeout {
-                    return Err(IoError::PoolBusy {
-                        seconds: stream.drain_timeout.as_secs(),
-                    });
-                }
-                drop(state);
-                stream.pool.wait_for_free(POLL);
-                continue;
+            if let Some(lease) = stream.pool.lease_up_to(1).pop() {
+                self.state().issued_past_keep += 1;
+                return Ok(Some(lease));
             }
-            self.state().issued_past_keep += leases.len();
-            return Ok(leases);
+            if !wait {
+                return Ok(None);
+            }
+            if self.state().last_progress.elapsed() >= stream.drain_timeout {
+                return Err(IoError::PoolBusy {
+                    seconds: stream.drain_timeout.as_secs(),
+                });
+            }
+            stream.pool.wait_for_free(POLL);
         }
     }
 
@@ -610,6 +610,47 @@ impl HostCopy {
     /// The load's error, once one chunk failed.
     pub fn error(&self) -> Option<IoError> {
         lock(&self.failed).clone()
+    }
+}
+
+/// A streamed copy's reads, handed to the engine one chunk at a time as
+/// the ring makes room: the engine keeps the disk busy without waiting for
+/// a batch to finish.
+struct Ring<'a> {
+    copy: &'a Arc<HostCopy>,
+    files: &'a ModelFiles,
+    stream: &'a Stream,
+    max_io_bytes: usize,
+    /// The next chunk to read.
+    next: usize,
+    /// Why the ring stopped handing out reads, if it did.
+    error: Option<IoError>,
+}
+
+impl ReadSource for Ring<'_> {
+    fn next_read(&mut self, wait: bool) -> Next {
+        if self.next >= self.copy.spans.len() || self.error.is_some() {
+            return Next::Done;
+        }
+        match self.copy.next_lease(self.next, self.stream, wait) {
+            Ok(Some(lease)) => {
+                let read = chunk_reads_from(
+                    self.files,
+                    &self.copy.spans,
+                    self.next,
+                    vec![lease],
+                    self.max_io_bytes,
+                )
+                .pop();
+                self.next += 1;
+                read.map_or(Next::Done, Next::Read)
+            }
+            Ok(None) => Next::NotYet,
+            Err(e) => {
+                self.error = Some(e);
+                Next::Done
+            }
+        }
     }
 }
 

@@ -859,6 +859,20 @@ impl Registry {
         }
     }
 
+    /// Every known model's bytes in the pool (0 once it left), for metrics.
+    pub fn resident_bytes(&self) -> Vec<(String, u64)> {
+        self.table()
+            .models
+            .iter()
+            .map(|(name, e)| {
+                (
+                    name.clone(),
+                    e.host.as_ref().map_or(0, |h| h.resident_bytes()),
+                )
+            })
+            .collect()
+    }
+
     /// Bytes of the pool in use, for metrics.
     pub fn pool_used_bytes(&self) -> u64 {
         ((self.pool.total_chunks() - self.pool.free_chunks()) * self.pool.chunk_bytes()) as u64
