@@ -57,6 +57,19 @@ pub fn pid_cpu_s(pid: u32) -> f64 {
     stat_cpu_s(&format!("/proc/{pid}/stat"), 14)
 }
 
+/// Resident memory of process `pid`, in bytes (`VmRSS`).
+pub fn pid_rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))?;
+    Ok(kib << 10)
+}
+
 /// The sum of fields `first` and `first + 1` of a stat file, in seconds.
 fn stat_cpu_s(path: &str, first: usize) -> f64 {
     let stat = std::fs::read_to_string(path).unwrap_or_default();

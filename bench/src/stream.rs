@@ -8,7 +8,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
 use sllm_format::units::{ByteSize, gib_per_s, human_bytes};
@@ -17,7 +16,7 @@ use crate::cache::drop_caches;
 use crate::checkpoint::{BenchModel, sllm_store_binary};
 use crate::daemon::Daemon;
 use crate::machine::Machine;
-use crate::report::{Header, OutputArgs, Table, median_f64};
+use crate::report::{Header, OutputArgs, Table, median_f64, pid_rss_bytes};
 
 #[derive(Args, Debug)]
 pub struct StreamArgs {
@@ -123,7 +122,7 @@ pub fn run(args: StreamArgs) -> anyhow::Result<()> {
                 &pool,
                 &["--device", &args.device, "--chunk-size", &chunk_arg],
             )?;
-            let ready_rss = rss(daemon.pid())?;
+            let ready_rss = pid_rss_bytes(daemon.pid())?;
             drop_caches(&model.parts);
             let (cold, _) = daemon.load(&model.name)?;
             let resident = runtime.block_on(async {
@@ -132,7 +131,7 @@ pub fn run(args: StreamArgs) -> anyhow::Result<()> {
             })?;
             drop_caches(&model.parts);
             let (second, _) = daemon.load(&model.name)?;
-            let grown = rss(daemon.pid())?.saturating_sub(ready_rss);
+            let grown = pid_rss_bytes(daemon.pid())?.saturating_sub(ready_rss);
             daemon.stop()?;
             tracing::info!(
                 run = run + 1,
@@ -232,17 +231,4 @@ fn markdown(r: &Results) -> String {
     out += "\nThe in-pool row's second load is warm (the whole model stayed); the streamed rows' \
             second loads read only what the kept prefix lacks.\n";
     out
-}
-
-/// Resident memory of process `pid`, in bytes.
-fn rss(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("no VmRSS")?;
-    Ok(kib << 10)
 }
