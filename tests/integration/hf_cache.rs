@@ -158,3 +158,57 @@ fn missing_pieces_name_the_paths_and_the_fetch_command() {
     );
     assert_nothing_published(&storage, &storage.join("org/model"));
 }
+
+#[test]
+fn revisions_as_refs_main_and_short_hashes_and_never_with_a_local_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (hub, _main, old) = cache_with_two_snapshots(tmp.path());
+    let storage = tmp.path().join("models");
+    let save = |revision: &str| {
+        let mut cmd = sllm_store(tmp.path());
+        cmd.args([
+            "save",
+            "--model",
+            "org/model",
+            "--force",
+            "--revision",
+            revision,
+        ])
+        .arg("--storage-path")
+        .arg(&storage)
+        .env("HF_HUB_CACHE", &hub);
+        cmd
+    };
+    let (out, stdout, stderr) = run(&mut save("refs/main"));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains(&format!("snapshot {MAIN}")), "{stdout}");
+    // The snapshot has a config but no tokenizer: vLLM could not start.
+    assert!(
+        stderr.contains("warning:") && stderr.contains("no tokenizer file"),
+        "{stderr}"
+    );
+    let out = run_ok(&mut save(&OLD[..6]));
+    assert!(out.contains(&format!("snapshot {OLD}")), "{out}");
+    Stored::read(&storage.join("org/model")).assert_holds(&old);
+    let err = run_err(&mut save("abcd"));
+    assert!(
+        err.contains("names no snapshot")
+            && err.contains(&format!("snapshots present: {MAIN}, {OLD}")),
+        "{err}"
+    );
+    let err = run_err(
+        sllm_store(tmp.path())
+            .args([
+                "save",
+                "--model",
+                "org/x",
+                "--revision",
+                "main",
+                "--local-model-path",
+            ])
+            .arg(tmp.path())
+            .arg("--storage-path")
+            .arg(&storage),
+    );
+    assert!(err.contains("pass one of them"), "{err}");
+}

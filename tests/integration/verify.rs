@@ -174,3 +174,53 @@ fn a_reference_layout_model_verifies() {
         "{out}"
     );
 }
+
+#[test]
+fn verify_takes_model_like_every_command_and_prints_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, _) = saved_model(tmp.path());
+    let storage = tmp.path().join("s");
+    // --model, the positional form, and --json agree.
+    let out = run_ok(
+        sllm_store(tmp.path())
+            .args(["verify", "--model", "o/m", "--storage-path"])
+            .arg(&storage),
+    );
+    assert!(out.contains("ok o/m: 6 tensors"), "{out}");
+    let json = run_ok(
+        sllm_store(tmp.path())
+            .args(["verify", "--model", "o/m", "--json", "--storage-path"])
+            .arg(&storage),
+    );
+    let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(v["ok"], true, "{json}");
+    assert_eq!(v["tensors"], 6, "{json}");
+    assert_eq!(v["problems"].as_array().unwrap().len(), 0, "{json}");
+    // A folder of weights alone: sound, but vLLM cannot start from it.
+    let warnings = v["warnings"].as_array().unwrap();
+    assert!(
+        warnings.len() == 1 && warnings[0].as_str().unwrap().contains("has no config.json"),
+        "{json}"
+    );
+    // A damaged model: not ok, exit status 1, the problem in the list.
+    let part = model.join("tensor.data_0");
+    let mut bytes = std::fs::read(&part).unwrap();
+    bytes[10] ^= 1;
+    std::fs::write(&part, bytes).unwrap();
+    let (out, json, _) = run(sllm_store(tmp.path())
+        .args(["verify", "--model", "o/m", "--json", "--storage-path"])
+        .arg(&storage));
+    assert_eq!(out.status.code(), Some(1), "{json}");
+    let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(v["ok"], false, "{json}");
+    assert!(!v["problems"].as_array().unwrap().is_empty(), "{json}");
+    // Naming the model twice is refused; naming it not at all says how.
+    let err = run_err(
+        sllm_store(tmp.path())
+            .args(["verify", "o/m", "--model", "o/m", "--storage-path"])
+            .arg(&storage),
+    );
+    assert!(err.contains("cannot be used with"), "{err}");
+    let err = run_err(sllm_store(tmp.path()).args(["verify"]));
+    assert!(err.contains("sllm-store verify --model"), "{err}");
+}

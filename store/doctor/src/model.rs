@@ -75,30 +75,85 @@ pub fn checks(
     if let Some(c) = stale_check(model, revision, &dirs, commit) {
         out.push(c);
     }
-    let fix = "vLLM reads the model's config and tokenizer from this folder: convert from the \
-               HF cache (which copies them), or copy config.json and the tokenizer files in";
-    if !model_dir.join("config.json").is_file() {
-        let summary = format!("{} has no config.json", model_dir.display());
-        out.push(if readiness {
-            Check::stop("model.config", format!("{summary}: vLLM cannot start"), fix)
-        } else {
-            Check::warn("model.config", summary, fix)
-        });
-    } else if !super::hf::TOKENIZER_FILES
-        .iter()
-        .any(|f| model_dir.join(f).is_file())
-    {
-        out.push(Check::warn(
+    match serving_gap(&model_dir) {
+        Some(gap @ ServingGap::NoConfig) if readiness => out.push(Check::stop(
             "model.config",
-            format!(
-                "{} has config.json but no tokenizer file ({})",
-                model_dir.display(),
-                super::hf::TOKENIZER_FILES.join(", ")
-            ),
-            format!("{fix}; or start vLLM with --tokenizer <other> or --skip-tokenizer-init"),
-        ));
+            format!("{}: vLLM cannot start", gap.describe(&model_dir)),
+            gap.fix(),
+        )),
+        Some(gap) => out.push(Check::warn(
+            "model.config",
+            gap.describe(&model_dir),
+            gap.fix(),
+        )),
+        None => {}
     }
     out
+}
+
+/// What a folder vLLM is started from lacks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServingGap {
+    /// No `config.json`: vLLM cannot start.
+    NoConfig,
+    /// A config but no tokenizer file: vLLM starts only with another
+    /// tokenizer or none.
+    NoTokenizer,
+}
+
+impl ServingGap {
+    /// One line about `dir`.
+    pub fn describe(self, dir: &Path) -> String {
+        match self {
+            Self::NoConfig => format!("{} has no config.json", dir.display()),
+            Self::NoTokenizer => format!(
+                "{} has config.json but no tokenizer file ({})",
+                dir.display(),
+                super::hf::TOKENIZER_FILES.join(", ")
+            ),
+        }
+    }
+
+    /// What to do about it.
+    pub fn fix(self) -> String {
+        let fix = "vLLM reads the model's config and tokenizer from this folder: convert from \
+                   the HF cache (which copies them), or copy config.json and the tokenizer \
+                   files in";
+        match self {
+            Self::NoConfig => fix.into(),
+            Self::NoTokenizer => {
+                format!("{fix}; or start vLLM with --tokenizer <other> or --skip-tokenizer-init")
+            }
+        }
+    }
+}
+
+/// What `dir` lacks for vLLM to start from it, if anything.
+pub fn serving_gap(dir: &Path) -> Option<ServingGap> {
+    if !dir.join("config.json").is_file() {
+        Some(ServingGap::NoConfig)
+    } else if !super::hf::TOKENIZER_FILES
+        .iter()
+        .any(|f| dir.join(f).is_file())
+    {
+        Some(ServingGap::NoTokenizer)
+    } else {
+        None
+    }
+}
+
+/// The folder vLLM is started from for a model stored in `model_dir`: the
+/// folder above it for one rank of the vLLM layout (`.../rank_<r>`).
+pub fn serving_dir(model_dir: &Path) -> &Path {
+    let is_rank = model_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("rank_"))
+        .is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()));
+    match model_dir.parent() {
+        Some(parent) if is_rank => parent,
+        _ => model_dir,
+    }
 }
 
 /// Where the model's bytes really are. The daemon refuses a model whose

@@ -61,13 +61,30 @@ pub enum ResolveError {
     RefNotAFile(super::ImportError),
     #[error(
         "snapshot {commit} of {model} (revision {revision:?}) is not in the cache: {dir} does \
-         not exist. Download it while online with `hf download {model} --revision {commit}`"
+         not exist{present}. Download it while online with `hf download {model} --revision \
+         {commit}`"
     )]
     SnapshotMissing {
         model: String,
         revision: String,
         commit: String,
         dir: PathBuf,
+        present: String,
+    },
+    #[error(
+        "revision {revision:?} of {model} names {} snapshot in the cache{present}; {}",
+        if matches.is_empty() { "no" } else { "more than one" },
+        if matches.is_empty() {
+            "pass one of them, a ref (main), or download it while online with `hf download ... --revision <hash>`"
+        } else {
+            "give more digits of the hash"
+        }
+    )]
+    ShortHash {
+        model: String,
+        revision: String,
+        matches: Vec<String>,
+        present: String,
     },
 }
 
@@ -111,8 +128,11 @@ impl HfCache {
             .join(format!("models--{}", model.replace('/', "--")))
     }
 
-    /// Resolves `revision` (a commit hash, or a ref such as `main`) of `model`.
+    /// Resolves `revision` of `model`: a commit hash, a unique prefix of
+    /// one (at least 4 digits) among the snapshots present, or a ref such as
+    /// `main` (also written `refs/main`).
     pub fn resolve(&self, model: &str, revision: &str) -> Result<Snapshot, ResolveError> {
+        let revision = revision.strip_prefix("refs/").unwrap_or(revision);
         let repo = self.repo_dir(model);
         if !repo.is_dir() {
             return Err(ResolveError::RepoMissing {
@@ -122,18 +142,42 @@ impl HfCache {
                 chosen_by: self.chosen_by.clone(),
             });
         }
+        let snapshots = repo.join("snapshots");
         let commit = if is_commit_hash(revision) {
             revision.to_owned()
+        } else if is_short_hash(revision) && !repo.join("refs").join(revision).exists() {
+            let present = known_snapshots(&snapshots);
+            let matches: Vec<String> = present
+                .iter()
+                .filter(|h| h.starts_with(&revision.to_ascii_lowercase()))
+                .cloned()
+                .collect();
+            match matches.as_slice() {
+                [one] => one.clone(),
+                _ => {
+                    return Err(ResolveError::ShortHash {
+                        model: model.into(),
+                        revision: revision.into(),
+                        present: listed(if matches.is_empty() {
+                            &present
+                        } else {
+                            &matches
+                        }),
+                        matches,
+                    });
+                }
+            }
         } else {
             read_ref(&repo, model, revision)?
         };
-        let dir = repo.join("snapshots").join(&commit);
+        let dir = snapshots.join(&commit);
         if !dir.is_dir() {
             return Err(ResolveError::SnapshotMissing {
                 model: model.into(),
                 revision: revision.into(),
                 commit,
                 dir,
+                present: listed(&known_snapshots(&snapshots)),
             });
         }
         Ok(Snapshot {
@@ -147,6 +191,34 @@ impl HfCache {
 /// True for a full 40-hex-digit commit hash.
 pub fn is_commit_hash(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// True for what may be an abbreviated commit hash (4 to 39 hex digits).
+fn is_short_hash(s: &str) -> bool {
+    (4..40).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The snapshot folders (commit hashes) under `snapshots`, sorted.
+fn known_snapshots(snapshots: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(snapshots)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| is_commit_hash(n))
+        .collect();
+    names.sort();
+    names
+}
+
+/// " (snapshots present: a, b)", or " (no snapshot is present)".
+fn listed(hashes: &[String]) -> String {
+    if hashes.is_empty() {
+        " (no snapshot is present)".into()
+    } else {
+        format!(" (snapshots present: {})", hashes.join(", "))
+    }
 }
 
 fn read_ref(repo: &Path, model: &str, revision: &str) -> Result<String, ResolveError> {
@@ -234,6 +306,36 @@ mod tests {
     }
 
     #[test]
+    fn resolves_refs_main_and_unique_short_hashes() {
+        let root = tempfile::tempdir().unwrap();
+        let cache = HfCache {
+            root: root.path().into(),
+            chosen_by: "test".into(),
+        };
+        let a = "abcdef0123456789abcdef0123456789abcdef01";
+        let b = "abcd990123456789abcdef0123456789abcdef01";
+        let repo = cache.repo_dir("org/m");
+        for h in [a, b] {
+            std::fs::create_dir_all(repo.join("snapshots").join(h)).unwrap();
+        }
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), a).unwrap();
+        assert_eq!(cache.resolve("org/m", "refs/main").unwrap().commit, a);
+        assert_eq!(cache.resolve("org/m", "abcdef0").unwrap().commit, a);
+        assert_eq!(cache.resolve("org/m", "ABCD99").unwrap().commit, b);
+        let e = cache.resolve("org/m", "abcd").unwrap_err().to_string();
+        assert!(
+            e.contains("more than one") && e.contains(a) && e.contains(b),
+            "{e}"
+        );
+        let e = cache.resolve("org/m", "fff0").unwrap_err().to_string();
+        assert!(
+            e.contains("names no snapshot") && e.contains(&format!("snapshots present: {b}, {a}")),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn resolves_refs_and_hashes() {
         let root = tempfile::tempdir().unwrap();
         let cache = HfCache {
@@ -284,6 +386,7 @@ mod tests {
         let other = "1111111111111111111111111111111111111111";
         let e = cache.resolve("org/m", other).unwrap_err().to_string();
         assert!(e.contains(&format!("snapshots/{other}")), "{e}");
+        assert!(e.contains(&format!("snapshots present: {hash}")), "{e}");
         let e = cache
             .resolve("org/missing", "main")
             .unwrap_err()

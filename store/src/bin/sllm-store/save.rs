@@ -21,9 +21,10 @@ pub struct SaveArgs {
     /// storage path, and the repo looked up in the Hugging Face cache.
     #[arg(long)]
     model: String,
-    /// Hugging Face revision: a full commit hash or a ref such as `main` (cache only).
-    #[arg(long, default_value = "main")]
-    revision: String,
+    /// Hugging Face revision: a commit hash (or a unique prefix of one) or a ref such as `main`
+    /// or `refs/main` (cache only) [default: main].
+    #[arg(long)]
+    revision: Option<String>,
     /// Convert this directory of *.safetensors instead of looking in the Hugging Face cache.
     #[arg(long)]
     local_model_path: Option<PathBuf>,
@@ -55,16 +56,18 @@ pub fn run(args: SaveArgs) -> anyhow::Result<ExitCode> {
     let model = ModelId::parse(&args.model)?;
     let source = match args.local_model_path {
         Some(dir) => {
-            if args.revision != "main" {
-                tracing::warn!(
-                    "--revision applies to the Hugging Face cache only; ignored with --local-model-path"
+            if let Some(revision) = &args.revision {
+                bail!(
+                    "--revision {revision} picks a snapshot in the Hugging Face cache, and \
+                     --local-model-path {} is a folder, which has no revisions: pass one of them",
+                    dir.display()
                 );
             }
             Source::Local(dir)
         }
         None => Source::HfCache {
             cache: HfCache::from_env(),
-            revision: args.revision,
+            revision: args.revision.unwrap_or_else(|| "main".into()),
         },
     };
     let request = SaveRequest {
@@ -80,7 +83,17 @@ pub fn run(args: SaveArgs) -> anyhow::Result<ExitCode> {
     };
     let report = save(&request, &TermProgress::new())?;
     println!("{}", summary(&model, &report));
+    warn_if_unservable(&report.target);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Says on stderr when vLLM could not start from the stored model's folder
+/// (for one rank of the vLLM layout, the folder above).
+pub fn warn_if_unservable(model_dir: &std::path::Path) {
+    let dir = sllm_doctor::model::serving_dir(model_dir);
+    if let Some(gap) = sllm_doctor::model::serving_gap(dir) {
+        eprintln!("warning: {}: {}", gap.describe(dir), gap.fix());
+    }
 }
 
 fn summary(model: &ModelId, r: &SaveReport) -> String {
