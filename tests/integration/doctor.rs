@@ -519,3 +519,116 @@ fn a_cache_on_another_drive_than_the_storage_path_is_named() {
     );
     assert!(fix.contains("HF_HUB_CACHE"), "{fix}");
 }
+
+#[test]
+fn a_model_only_in_the_cache_hf_hub_cache_does_not_choose_says_unset_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The model is in $HF_HOME/hub; HF_HUB_CACHE points at an empty cache.
+    let (hub, _, _) = cache_with_two_snapshots(tmp.path());
+    let empty = tmp.path().join("empty-hub");
+    std::fs::create_dir_all(&empty).unwrap();
+    let storage = tmp.path().join("models");
+    for offline in [false, true] {
+        let (_, report) = doctor(tmp.path(), &storage, |c| {
+            c.args(["--model", "org/model"])
+                .env("HF_HOME", tmp.path())
+                .env("HF_HUB_CACHE", &empty);
+            if offline {
+                c.env("HF_HUB_OFFLINE", "1");
+            }
+        });
+        let (st, summary, fix) = check(&report, "hf.snapshot");
+        assert_eq!(st, if offline { "STOP" } else { "WARN" }, "{summary}");
+        assert!(summary.contains(&hub.display().to_string()), "{summary}");
+        assert!(
+            fix.contains("unset HF_HUB_CACHE") && !fix.contains("HF_HUB_OFFLINE"),
+            "{fix}"
+        );
+    }
+}
+
+#[test]
+fn a_snapshot_path_and_a_local_folder_are_checked_as_vllm_would_start_from_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (hub, main, _) = cache_with_two_snapshots(tmp.path());
+    let storage = tmp.path().join("models");
+    // The runbook's production form: vLLM started from the snapshot folder.
+    let snapshot = hub.join("models--org--model/snapshots").join(MAIN);
+    let (_, report) = doctor(tmp.path(), &storage, |c| {
+        c.arg("--model").arg(&snapshot);
+    });
+    assert_eq!(report["model"], "org/model", "{report:#}");
+    assert_eq!(report["revision"], MAIN, "{report:#}");
+    let (st, summary, _) = check(&report, "hf.snapshot");
+    assert_eq!(st, "PASS", "{summary}");
+    let (_, summary, fix) = check(&report, "model.converted");
+    assert!(summary.contains("not converted"), "{summary}");
+    assert!(fix.contains(&format!("--revision {MAIN}")), "{fix}");
+    // A folder that is not a snapshot says what to pass instead.
+    let (out, stdout, stderr) = run(sllm_store(tmp.path())
+        .args(["doctor", "--model"])
+        .arg(tmp.path())
+        .arg("--storage-path")
+        .arg(&storage));
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stderr.contains("--local-model-path"), "{stderr}");
+
+    // A --local-dir download: weights and config, no tokenizer.
+    let local = tmp.path().join("local");
+    std::fs::create_dir_all(&local).unwrap();
+    write_safetensors(&local.join("model.safetensors"), &main);
+    std::fs::write(local.join("config.json"), "{}").unwrap();
+    let (_, report) = doctor(tmp.path(), &storage, |c| {
+        c.args(["--model", "org/local", "--local-model-path"])
+            .arg(&local);
+    });
+    let (st, summary, _) = check(&report, "source.folder");
+    assert_eq!(st, "WARN", "{summary}");
+    assert!(
+        summary.contains("1 safetensors file(s)") && summary.contains("no tokenizer"),
+        "{summary}"
+    );
+    let (st, summary, fix) = check(&report, "model.converted");
+    assert_eq!(st, "WARN", "{summary}");
+    assert!(fix.contains("sllm-store save --model org/local"), "{fix}");
+    // An empty folder stops.
+    let empty = tmp.path().join("nothing");
+    std::fs::create_dir_all(&empty).unwrap();
+    let (code, report) = doctor(tmp.path(), &storage, |c| {
+        c.arg("--local-model-path").arg(&empty);
+    });
+    assert_eq!(status(&report, "source.folder"), "STOP");
+    assert_eq!(code, 1);
+}
+
+#[test]
+fn save_and_start_warn_when_the_storage_path_is_on_the_os_disk() {
+    let Some(dir) = dir_on_root_fs() else {
+        eprintln!("skipped: no writable directory on the root filesystem");
+        return;
+    };
+    let storage = dir.path().join("models");
+    let tensors = tensors_of(64 << 10, 3);
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    write_safetensors(&src.join("model.safetensors"), &tensors);
+    let (out, _, stderr) = run(sllm_store(dir.path())
+        .args(["save", "--model", "o/m", "--local-model-path"])
+        .arg(&src)
+        .arg("--storage-path")
+        .arg(&storage));
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        stderr.matches("same filesystem as /").count(),
+        1,
+        "warned once: {stderr}"
+    );
+    assert!(stderr.contains("--storage-path /nvme/models"), "{stderr}");
+    let daemon = Daemon::start(
+        dir.path(),
+        &storage,
+        &["--mem-pool-size", "1MiB", "--chunk-size", "64KiB"],
+    );
+    let log = daemon.log_text();
+    assert!(log.contains("same filesystem as /"), "{log}");
+}

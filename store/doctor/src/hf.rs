@@ -36,6 +36,9 @@ pub const TOKENIZER_FILES: [&str; 4] = [
 #[derive(Clone, Debug, Default)]
 pub struct HfEnv {
     vars: Vec<(String, OsString)>,
+    /// A cache named by a snapshot path (`.../models--org--name/snapshots/
+    /// <hash>`), which wins over the variables.
+    cache_from_path: Option<std::path::PathBuf>,
 }
 
 impl HfEnv {
@@ -52,7 +55,15 @@ impl HfEnv {
             vars: names
                 .filter_map(|n| var(n).map(|v| ((*n).to_owned(), v)))
                 .collect(),
+            cache_from_path: None,
         }
+    }
+
+    /// The same settings, looking for models in the cache `root` (the one a
+    /// snapshot path given as the model lies in).
+    pub fn with_cache_from_path(mut self, root: &Path) -> Self {
+        self.cache_from_path = Some(root.to_owned());
+        self
     }
 
     /// The same settings with offline mode on (`HF_HUB_OFFLINE=1`,
@@ -65,13 +76,26 @@ impl HfEnv {
         self
     }
 
+    /// The same settings without `name`.
+    fn without(&self, name: &str) -> Self {
+        let mut out = self.clone();
+        out.vars.retain(|(n, _)| n != name);
+        out
+    }
+
     fn get(&self, name: &str) -> Option<&OsString> {
         self.vars.iter().find(|(n, _)| n == name).map(|(_, v)| v)
     }
 
     /// The cache these settings choose.
     pub fn cache(&self) -> HfCache {
-        HfCache::from_vars(|n| self.get(n).cloned())
+        match &self.cache_from_path {
+            Some(root) => HfCache {
+                root: root.clone(),
+                chosen_by: "the snapshot path given as the model".into(),
+            },
+            None => HfCache::from_vars(|n| self.get(n).cloned()),
+        }
     }
 
     /// Offline mode as `huggingface_hub` reads it (and `transformers`
@@ -133,6 +157,61 @@ pub fn checks(
     out
 }
 
+/// When `HF_HUB_CACHE` chooses a cache without the model but the cache the
+/// other settings choose (`$HF_HOME/hub`, the default) has it: the check
+/// that says so. The fix is to unset `HF_HUB_CACHE`, not offline mode (which
+/// would make vLLM download at every start, or loop on a crash).
+fn in_the_other_cache(env: &HfEnv, model: &str, revision: &str) -> Option<Check> {
+    if env.cache_from_path.is_some() {
+        return None;
+    }
+    env.get("HF_HUB_CACHE").filter(|v| !v.is_empty())?;
+    let here = env.cache();
+    let other = env.without("HF_HUB_CACHE").cache();
+    if other.root == here.root {
+        return None;
+    }
+    let snapshot = other.resolve(model, revision).ok()?;
+    let summary = format!(
+        "{model} is not in the cache HF_HUB_CACHE chooses ({}) but is in {} (chosen by {} once \
+         HF_HUB_CACHE is unset): vLLM, run with these settings, would not find it",
+        here.root.display(),
+        snapshot.dir.display(),
+        other.chosen_by
+    );
+    let fix = format!(
+        "unset HF_HUB_CACHE (the model is in {}), or point HF_HUB_CACHE at that cache",
+        other.root.display()
+    );
+    Some(if env.is_offline() {
+        Check::stop("hf.snapshot", summary, fix)
+    } else {
+        Check::warn("hf.snapshot", summary, fix)
+    })
+}
+
+/// A snapshot folder given as the model (`vllm serve /.../models--org--name/
+/// snapshots/<hash>`, the runbook's production form): its cache root, the
+/// model id and the commit. `None` for any other path.
+pub fn parse_snapshot_path(path: &Path) -> Option<(std::path::PathBuf, String, String)> {
+    let hash = path.file_name()?.to_str()?;
+    let snapshots = path.parent()?;
+    let repo = snapshots.parent()?;
+    if snapshots.file_name()? != "snapshots" || !is_commit_hash(hash) {
+        return None;
+    }
+    let id = repo.file_name()?.to_str()?.strip_prefix("models--")?;
+    let (org, name) = id.split_once("--")?;
+    if org.is_empty() || name.is_empty() {
+        return None;
+    }
+    Some((
+        repo.parent()?.to_owned(),
+        format!("{org}/{name}"),
+        hash.to_owned(),
+    ))
+}
+
 /// A model's snapshot in the cache and what is in it, read once per run.
 #[derive(Debug)]
 pub struct CachedSnapshot {
@@ -172,6 +251,9 @@ pub fn snapshot_checks(
     let cached = match found {
         Ok(c) => c,
         Err(e) => {
+            if let Some(check) = in_the_other_cache(env, model, revision) {
+                return vec![check];
+            }
             return vec![if offline {
                 Check::stop(
                     "hf.snapshot",

@@ -91,6 +91,52 @@ pub fn checks(
     out
 }
 
+/// A folder of weights given instead of the cache (`--local-model-path`,
+/// e.g. made by `hf download --local-dir`): safetensors files in it, and
+/// what vLLM needs beside them.
+pub fn local_source_check(dir: &Path) -> Check {
+    let name = "source.folder";
+    if !dir.is_dir() {
+        return Check::stop(
+            name,
+            format!("{} is not a folder", dir.display()),
+            "pass the folder the model was downloaded to (`hf download <org/name> --local-dir <dir>`)",
+        );
+    }
+    let weights: Vec<u64> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+        .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+        .collect();
+    if weights.is_empty() {
+        return Check::stop(
+            name,
+            format!("{} holds no .safetensors file", dir.display()),
+            "download the safetensors weights into it (`hf download <org/name> --local-dir <dir>`)",
+        );
+    }
+    let summary = format!(
+        "{}: {} safetensors file(s), {}",
+        dir.display(),
+        weights.len(),
+        human_bytes(weights.iter().sum())
+    );
+    match serving_gap(dir) {
+        Some(gap @ ServingGap::NoConfig) => Check::stop(
+            name,
+            format!(
+                "{summary}; {}: vLLM cannot start from it",
+                gap.describe(dir)
+            ),
+            gap.fix(),
+        ),
+        Some(gap) => Check::warn(name, format!("{summary}; {}", gap.describe(dir)), gap.fix()),
+        None => Check::pass(name, format!("{summary}, config and tokenizer")),
+    }
+}
+
 /// What a folder vLLM is started from lacks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ServingGap {

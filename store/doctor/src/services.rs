@@ -105,14 +105,23 @@ pub fn local_agent(timeout: Duration) -> ureq::Agent {
         .into()
 }
 
+/// vLLM's base URL from what a user gives: a scheme added when missing
+/// (http), and a trailing `/` or `/v1` (the OpenAI clients' base URL)
+/// taken off, so that `<base>/v1/models` is the models endpoint.
+pub fn vllm_base(url: &str) -> String {
+    let url = url.trim().trim_end_matches('/');
+    let url = url.strip_suffix("/v1").unwrap_or(url).trim_end_matches('/');
+    if url.contains("://") {
+        url.to_owned()
+    } else {
+        format!("http://{url}")
+    }
+}
+
 /// Does vLLM answer `GET <url>/v1/models`, and does it serve `model`?
 pub fn vllm(url: &str, model: Option<&str>) -> Check {
     let name = "vllm";
-    let base = if url.contains("://") {
-        url.trim_end_matches('/').to_owned()
-    } else {
-        format!("http://{}", url.trim_end_matches('/'))
-    };
+    let base = vllm_base(url);
     let endpoint = format!("{base}/v1/models");
     let agent = local_agent(ANSWER_WITHIN);
     let mut response = match agent.get(&endpoint).call() {
@@ -176,5 +185,24 @@ pub fn vllm(url: &str, model: Option<&str>) -> Check {
             )
         }
         _ => Check::pass(name, summary),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::vllm_base;
+
+    #[test]
+    fn the_vllm_url_may_end_in_v1_or_lack_a_scheme() {
+        for url in [
+            "http://127.0.0.1:8000",
+            "http://127.0.0.1:8000/",
+            "http://127.0.0.1:8000/v1",
+            "http://127.0.0.1:8000/v1/",
+            "127.0.0.1:8000/v1",
+        ] {
+            assert_eq!(vllm_base(url), "http://127.0.0.1:8000", "{url}");
+        }
+        assert_eq!(vllm_base("https://host/api/v1"), "https://host/api");
     }
 }

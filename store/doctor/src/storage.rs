@@ -19,6 +19,15 @@ use crate::units::human_bytes;
 /// Below this much free space (and with no model to size against), warn.
 const LOW_FREE_BYTES: u64 = 20 << 30;
 
+/// The file Azure leaves at the root of a VM's temporary disk.
+const AZURE_TEMP_DISK_MARKER: &str = "DATALOSS_WARNING_README.txt";
+
+/// The fix for a storage path in the wrong place, with the one example
+/// mount the docs use.
+const MOVE_TO_NVME: &str = "mount the NVMe drive (e.g. at /nvme) and pass --storage-path on it, \
+                            e.g. --storage-path /nvme/models (in a container: mount a volume \
+                            from the host's NVMe)";
+
 /// The mount and devices holding a path.
 #[derive(Clone, Debug, Serialize)]
 pub struct Location {
@@ -300,8 +309,19 @@ pub fn device_check(name: &'static str, path: &Path, loc: &Location) -> Check {
         return Check::stop(
             name,
             format!("{place}: the same filesystem as / -- you are writing to the OS disk"),
-            "mount the NVMe drive (e.g. at /mnt/nvme) and pass --storage-path on it \
-             (in a container: mount a volume from the host's NVMe)",
+            MOVE_TO_NVME,
+        );
+    }
+    if loc.mount_point.join(AZURE_TEMP_DISK_MARKER).exists() {
+        return Check::warn(
+            name,
+            format!(
+                "{place}: Azure's temporary disk ({} is there) -- everything on it is lost when \
+                 the VM is stopped, deallocated or moved",
+                loc.mount_point.join(AZURE_TEMP_DISK_MARKER).display()
+            ),
+            "fine as a cache you can refill; keep the converted models on a persistent NVMe \
+             data disk (or convert them again after every deallocation)",
         );
     }
     if loc.memory_backed() {
@@ -349,6 +369,23 @@ pub fn device_check(name: &'static str, path: &Path, loc: &Location) -> Check {
         );
     }
     Check::pass(name, format!("{place}: NVMe"))
+}
+
+/// A warning, once per command, when `storage` shares `/`'s filesystem
+/// (`save` and `start` print it; the doctor says STOP): `None` when it does
+/// not, or when that cannot be told.
+pub fn os_disk_warning(storage: &Path) -> Option<String> {
+    let loc = Location::of(storage).ok()?;
+    let root = Location::of(Path::new("/")).ok()?;
+    (root.dev == loc.dev).then(|| {
+        format!(
+            "{} is on the same filesystem as / ({}, {}): models on the OS disk load at its speed \
+             and fill it; {MOVE_TO_NVME}",
+            storage.display(),
+            loc.fstype,
+            loc.source
+        )
+    })
 }
 
 /// Do the files at `a` and `b` sit on the same disks? `None` when either

@@ -6,6 +6,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::bail;
 use clap::Args;
 use serde_json::json;
 use sllm_client::client::DEFAULT_ADDR;
@@ -19,9 +20,15 @@ pub struct DoctorArgs {
     #[arg(long)]
     storage_path: Option<PathBuf>,
     /// A Hugging Face model to check end to end: cached snapshot, offline
-    /// readiness, pinned hash, converted copy.
+    /// readiness, pinned hash, converted copy. Also a snapshot folder
+    /// (`/.../models--org--name/snapshots/<hash>`, as vLLM is started in
+    /// production); with --local-model-path, the id the model is stored under.
     #[arg(long)]
     model: Option<String>,
+    /// A folder of weights downloaded with `hf download --local-dir`, instead of the cache:
+    /// checked for what vLLM and `sllm-store save` need.
+    #[arg(long)]
+    local_model_path: Option<PathBuf>,
     /// The model's revision: a ref such as `main`, or a commit hash.
     #[arg(long, default_value = "main")]
     revision: String,
@@ -43,24 +50,65 @@ pub struct DoctorArgs {
 }
 
 pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
+    let mut hf = HfEnv::from_env();
+    let mut model = args.model.clone();
+    let mut revision = args.revision.clone();
+    if let Some(m) = &args.model
+        && is_path(m)
+    {
+        let path = std::path::Path::new(m);
+        match doctor::hf::parse_snapshot_path(&path.canonicalize().unwrap_or(path.to_owned())) {
+            Some((root, id, commit)) => {
+                hf = hf.with_cache_from_path(&root);
+                model = Some(id);
+                revision = commit;
+            }
+            None => bail!(
+                "--model {m} is a folder, not a snapshot in the Hugging Face cache \
+                 (.../models--<org>--<name>/snapshots/<hash>); for a folder made with \
+                 `hf download --local-dir`, pass --local-model-path {m} --model <org/name>"
+            ),
+        }
+    }
+    if let Some(m) = model.as_deref().filter(|_| args.local_model_path.is_some()) {
+        sllm_format::ModelId::parse(m)?;
+    }
     let req = DoctorRequest {
         storage_path: resolve_storage_path(args.storage_path.as_deref()),
         pool_bytes: args.mem_pool_size.bytes(),
-        model: args.model.clone(),
-        revision: args.revision.clone(),
+        // A local folder stands in for the cache: no snapshot to look up.
+        model: model.clone().filter(|_| args.local_model_path.is_none()),
+        revision: revision.clone(),
         server: args.server.clone().unwrap_or_else(|| DEFAULT_ADDR.into()),
         server_named: args.server.is_some(),
         vllm_url: args.vllm_url.clone(),
-        hf: HfEnv::from_env(),
+        hf,
         quick: args.quick,
     };
-    let checks = doctor::run(&req);
+    let mut checks = doctor::run(&req);
+    if let Some(dir) = &args.local_model_path {
+        let at = checks
+            .iter()
+            .position(|c| c.name.starts_with("daemon"))
+            .unwrap_or(checks.len());
+        let mut local = vec![doctor::model::local_source_check(dir)];
+        if let Some(m) = &model {
+            local.extend(doctor::model::checks(
+                &req.storage_path,
+                m,
+                &revision,
+                None,
+                doctor::model::Purpose::Doctor { quick: args.quick },
+            ));
+        }
+        checks.splice(at..at, local);
+    }
     let worst = doctor::worst(&checks);
     if args.json {
         let out = json!({
             "storage_path": req.storage_path,
-            "model": req.model,
-            "revision": req.revision,
+            "model": model,
+            "revision": revision,
             "worst": worst,
             "checks": checks,
         });
@@ -73,6 +121,11 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// A model given as a path rather than an `org/name` id.
+fn is_path(model: &str) -> bool {
+    model.starts_with('/') || model.starts_with("./") || model.starts_with("../") || model == "."
 }
 
 fn print_checks(checks: &[Check]) {

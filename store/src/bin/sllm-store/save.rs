@@ -81,6 +81,9 @@ pub fn run(args: SaveArgs) -> anyhow::Result<ExitCode> {
             ..WriterOptions::default()
         },
     };
+    if let Some(warning) = sllm_doctor::storage::os_disk_warning(&request.storage_root) {
+        eprintln!("warning: {warning}");
+    }
     let report = save(&request, &TermProgress::new())?;
     println!("{}", summary(&model, &report));
     warn_if_unservable(&report.target);

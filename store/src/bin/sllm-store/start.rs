@@ -131,8 +131,12 @@ pub fn run_start(args: StartArgs) -> anyhow::Result<ExitCode> {
             args.copy_streams
         );
     }
+    let storage_root = resolve_storage_path(args.storage_path.as_deref());
+    if let Some(warning) = sllm_doctor::storage::os_disk_warning(&storage_root) {
+        tracing::warn!("{warning}");
+    }
     let cfg = DaemonConfig {
-        storage_root: resolve_storage_path(args.storage_path.as_deref()),
+        storage_root,
         listen,
         max_connections: args.max_connections,
         io_threads: args.num_thread,
