@@ -78,7 +78,7 @@ impl StoreClient {
     pub async fn connect(addr: &str) -> Result<Self, ClientError> {
         let connect_err = |e: tonic::transport::Error| ClientError::Connect {
             addr: addr.to_owned(),
-            reason: source_chain(&e),
+            reason: sllm_format::error_text::error_text(&e),
         };
         let channel = if let Some(path) = addr.strip_prefix("unix:") {
             let path = path.to_owned();
@@ -256,16 +256,4 @@ impl StoreClient {
             .map_err(rpc("GetModelStatus"))?
             .into_inner())
     }
-}
-
-/// An error and its causes on one line (transport errors hide the useful part).
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
 }

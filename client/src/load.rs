@@ -39,8 +39,12 @@ pub struct LoadReport {
     /// engine has done all this before it loads). Part of `total_s`.
     #[serde(default)]
     pub alloc_s: f64,
-    /// The daemon's own time to read the model into its pool.
+    /// The daemon's own time to read the model into its pool for this
+    /// load (0 when it was there already).
     pub host_load_s: f64,
+    /// The whole model was in the daemon's pool before this load.
+    #[serde(default)]
+    pub from_pool: bool,
     /// From LoadModelAsync (host) to the replica confirmed.
     pub device_copy_s: f64,
     /// The model did not fit beside what the pool keeps and was streamed
@@ -64,13 +68,20 @@ pub struct LoadReport {
 impl LoadReport {
     /// The phases, one per line, for people.
     pub fn phases(&self) -> String {
+        let host = if self.from_pool {
+            "  host load    from the pool (loaded before, nothing read from disk)\n".to_owned()
+        } else {
+            format!(
+                "  host load    {:>8.3} s  {:>7.2} GiB/s  (in the daemon)\n",
+                self.host_load_s,
+                gib_per_s(self.model_size, self.host_load_s)
+            )
+        };
         let mut out = format!(
-            "  register     {:>8.3} s\n  allocate     {:>8.3} s  (this client's buffers)\n  host load    {:>8.3} s  {:>7.2} GiB/s  (in the daemon)\n  \
+            "  register     {:>8.3} s\n  allocate     {:>8.3} s  (this client's buffers)\n{host}  \
              device copy  {:>8.3} s  {:>7.2} GiB/s  (overlaps the host load)\n  total        {:>8.3} s  {:>7.2} GiB/s\n",
             self.register_s,
             self.alloc_s,
-            self.host_load_s,
-            gib_per_s(self.model_size, self.host_load_s),
             self.device_copy_s,
             gib_per_s(self.bytes, self.device_copy_s),
             self.total_s,
@@ -216,6 +227,10 @@ pub async fn load_model(
     };
 
     let alloc_s = allocating.elapsed().as_secs_f64();
+    let before = client.model_status(model.as_str()).await?;
+    let from_pool = before.host_state == sllm_proto::HostState::Loaded as i32
+        && before.chunks_landed == before.chunks_total
+        && before.chunks_total > 0;
     client.load_to_host(model.as_str()).await?;
     let copy_started = Instant::now();
     let replica = uuid::Uuid::new_v4().to_string();
@@ -242,7 +257,11 @@ pub async fn load_model(
     }
     let total_s = total.elapsed().as_secs_f64();
     let status = client.model_status(model.as_str()).await?;
-    let host_load_s = status.host_load_seconds;
+    let host_load_s = if from_pool {
+        0.0
+    } else {
+        status.host_load_seconds
+    };
     let mut problems = Vec::new();
     let verified = if verify_bytes {
         problems = verify(model, model_dir, &index, &plan, &buffers)?;
@@ -265,6 +284,7 @@ pub async fn load_model(
         register_s,
         alloc_s,
         host_load_s,
+        from_pool,
         device_copy_s,
         streamed: status.streamed,
         resident_bytes: status.resident_bytes.max(0) as u64,

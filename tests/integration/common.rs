@@ -103,6 +103,18 @@ pub fn run_ok(cmd: &mut Command) -> String {
     stdout
 }
 
+/// Asserts that no cause is said twice in a row in an error line
+/// ("tcp connect error: tcp connect error").
+pub fn assert_no_repeated_causes(text: &str) {
+    for line in text.lines() {
+        let parts: Vec<&str> = line.split(": ").collect();
+        for pair in parts.windows(2) {
+            assert_ne!(pair[0], pair[1], "a cause said twice: {line}");
+        }
+        assert!(!line.contains("Stack backtrace"), "a backtrace: {text}");
+    }
+}
+
 /// Runs `cmd`, asserts failure, returns stdout + stderr.
 pub fn run_err(cmd: &mut Command) -> String {
     let (out, stdout, stderr) = run(cmd);

@@ -123,6 +123,38 @@ async fn loads_verify_in_both_layouts_through_the_cli_and_the_client() {
     ] {
         assert!(report[key].is_number(), "{key} in {out}");
     }
+    assert_eq!(report["from_pool"], false, "{out}");
+    // Again: the model is in the pool now, and the report says so rather
+    // than repeating the first load's time.
+    let out = run_ok(
+        sllm_store(tmp.path())
+            .args([
+                "load",
+                "--model",
+                "org/m",
+                "--server",
+                &daemon.addr,
+                "--storage-path",
+            ])
+            .arg(&storage),
+    );
+    assert!(out.contains("host load    from the pool"), "{out}");
+    let out = run_ok(
+        sllm_store(tmp.path())
+            .args([
+                "load",
+                "--model",
+                "org/m",
+                "--json",
+                "--server",
+                &daemon.addr,
+            ])
+            .arg("--storage-path")
+            .arg(&storage),
+    );
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["from_pool"], true, "{out}");
+    assert_eq!(report["host_load_s"], 0.0, "{out}");
     let mut client = daemon.client().await;
     load_and_check(&mut client, &storage, "org/m", &tensors, Layout::Packed).await;
     load_and_check(&mut client, &storage, "org/m", &tensors, Layout::Mirrored).await;
@@ -778,6 +810,13 @@ async fn metrics_count_loads_and_json_logs_parse() {
     let ready = log.lines().find(|l| l.contains("listening on")).unwrap();
     let parsed: serde_json::Value = serde_json::from_str(ready).expect("a JSON log line");
     assert_eq!(parsed["level"], "INFO");
+    // The address as a field, for log collectors.
+    assert_eq!(parsed["fields"]["address"], daemon.addr.as_str(), "{ready}");
+    assert!(parsed["fields"]["storage"].is_string(), "{ready}");
+    assert!(
+        !log.contains('\x1b'),
+        "no colour when stderr is not a terminal: {log}"
+    );
 }
 
 #[test]
@@ -806,6 +845,16 @@ fn load_without_a_daemon_is_one_line_and_a_failure() {
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert_no_repeated_causes(&err);
+    // The same with a backtrace asked for: still one line.
+    let (_, stdout, stderr) = run(sllm_store(tmp.path())
+        .env("RUST_BACKTRACE", "1")
+        .args(["save", "--model", "o/m", "--local-model-path"])
+        .arg(tmp.path().join("absent"))
+        .arg("--storage-path")
+        .arg(tmp.path()));
+    assert_no_repeated_causes(&format!("{stdout}{stderr}"));
+    assert!(stderr.contains("error: source directory"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -216,6 +216,10 @@ pub async fn serve(
         on_ready(listen);
         let b = registry.backend();
         tracing::info!(
+            address = %listen,
+            backend = %b.kind(),
+            storage = %storage_root.display(),
+            pool_bytes = pool.total_bytes(),
             "listening on {listen}: backend {} ({} device(s)), io engine {} ({engine_reason}), pool {} in {} chunks of {}{}, checksums {}, storage {}, started in {:.2} s",
             b.kind(),
             b.devices().len(),

@@ -10,6 +10,7 @@
 pub mod config;
 pub mod dtype;
 pub mod durable;
+pub mod error_text;
 pub mod index;
 pub mod layout;
 pub mod manifest;

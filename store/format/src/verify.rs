@@ -273,9 +273,14 @@ fn check_manifest(
             let start = first as u64 * manifest.block_bytes;
             let end = ((last + 1) as u64 * manifest.block_bytes).min(part.size);
             let hit = index.map(|i| tensors_in(i, part.start + start, part.start + end));
+            let blocks = if first == last {
+                format!("checksum block {first}")
+            } else {
+                format!("checksum blocks {first} to {last}")
+            };
             report.problem(format!(
-                "{}: bytes [{start}, {end}) (checksum blocks {first}..={last}) differ from the \
-                 manifest{}; re-create the model with `sllm-store save --force`",
+                "{}: bytes [{start}, {end}) ({blocks}) differ from the manifest{}; re-create the \
+                 model with `sllm-store save --force`",
                 part.path.display(),
                 hit.map(|h| format!(", affecting {h}")).unwrap_or_default()
             ));

@@ -65,11 +65,20 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
     match (args.device, config.device_backend) {
         (DeviceArg::Host | DeviceArg::Auto, BackendKind::Host)
         | (DeviceArg::Cuda | DeviceArg::Auto, BackendKind::Cuda) => {}
-        (wanted, served) => bail!(
-            "the daemon at {} serves {served:?} devices, not {wanted:?}; restart it with --device {}",
-            args.server,
-            format!("{wanted:?}").to_lowercase()
-        ),
+        (wanted, served) => {
+            let wanted = if wanted == DeviceArg::Cuda {
+                "cuda"
+            } else {
+                "host"
+            };
+            bail!(
+                "the daemon at {} serves {} devices, but --device {wanted} was asked for; \
+                 restart the daemon with --device {wanted}, or load with --device {}",
+                args.server,
+                served.as_str(),
+                served.as_str()
+            )
+        }
     }
     let layout = match args.layout {
         LayoutArg::Mirrored => Layout::Mirrored,

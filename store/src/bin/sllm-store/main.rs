@@ -10,6 +10,7 @@ mod save;
 mod start;
 mod verify;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -93,10 +94,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo prints its own story; logs would only interleave with it.
+    // The daemon logs what it does; one-shot commands print their own
+    // summary, and logs would only interleave with it (RUST_LOG=info shows
+    // them).
     let default_level = match cli.command {
-        Command::Demo(_) => "warn",
-        _ => "info",
+        Command::Start(_) => "info",
+        _ => "warn",
     };
     init_logging(cli.log_format, default_level);
     let outcome = match cli.command {
@@ -111,7 +114,10 @@ fn main() -> ExitCode {
     match outcome {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!(
+                "error: {}",
+                sllm_format::error_text::error_text(err.as_ref())
+            );
             ExitCode::FAILURE
         }
     }
@@ -121,9 +127,12 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    // Colour only for a person at a terminal, and never with NO_COLOR set.
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .with_target(false);
     match format {
         LogFormat::Text => builder.init(),
