@@ -334,7 +334,7 @@ fn stale_check(
     if converted_from == commit {
         return Some(Check::pass(
             "model.source",
-            format!("converted from {commit}, the snapshot {revision:?} resolves to"),
+            format!("converted from {commit}, the snapshot that {revision} points at"),
         ));
     }
     Some(Check::warn(
