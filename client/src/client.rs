@@ -64,6 +64,8 @@ pub struct ServerConfig {
     pub io_engine: String,
     pub host_shm_dir: String,
     pub version: String,
+    /// The daemon's storage path (empty from daemons that do not say).
+    pub storage_path: String,
 }
 
 /// A connection to the daemon. Cheap to clone.
@@ -239,6 +241,7 @@ impl StoreClient {
             io_engine: r.io_engine,
             host_shm_dir: r.host_shm_dir,
             version: r.version,
+            storage_path: r.storage_path,
         })
     }
 

@@ -8,7 +8,8 @@
 - the vLLM plugin: `--load-format serverless_llm` (vllm_plugin.py)
 - StoreClient: the gRPC calls, typed
 Server address: argument, else $SLLM_STORE_ADDR, else 127.0.0.1:8073.
-Storage path: argument, else $STORAGE_PATH, else ~/models.
+Storage path: argument, else $STORAGE_PATH, else the daemon's own (when it runs on
+this host), else ~/models.
 """
 
 from .client import CopyChunk, ServerConfig, StoreClient

@@ -24,6 +24,21 @@ def resolve_storage_path(storage_path: "str | None" = None) -> str:
     return os.path.expanduser(storage_path or os.environ.get("STORAGE_PATH") or "~/models")
 
 
+def storage_path_for(storage_path: "str | None" = None, server: "str | None" = None) -> str:
+    """The storage path of a client of the daemon at `server`: argument,
+    else $STORAGE_PATH, else the daemon's own (GetServerConfig) when that
+    folder is on this host, else ~/models."""
+    if storage_path or os.environ.get("STORAGE_PATH"):
+        return resolve_storage_path(storage_path)
+    try:
+        said = StoreClient(server, timeout_s=5.0).server_config().storage_path
+    except Exception:  # noqa: BLE001 (unreachable: the load itself will say so)
+        said = ""
+    if said and os.path.isabs(said) and os.path.isdir(said):
+        return said
+    return resolve_storage_path(None)
+
+
 @dataclass
 class ServerConfig:
     mem_pool_size: int
@@ -33,6 +48,7 @@ class ServerConfig:
     io_engine: str
     host_shm_dir: str
     version: str
+    storage_path: str = ""
 
 
 @dataclass
@@ -89,6 +105,7 @@ class StoreClient:
             io_engine=r.io_engine,
             host_shm_dir=r.host_shm_dir,
             version=r.version,
+            storage_path=r.storage_path,
         )
 
     def register(self, model_path: str) -> int:

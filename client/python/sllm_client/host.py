@@ -9,7 +9,7 @@ from typing import Callable, Dict, TypeVar
 
 import numpy as np
 
-from .client import StoreClient, resolve_storage_path
+from .client import StoreClient, resolve_storage_path, storage_path_for
 from .dtypes import numpy_dtype
 from .errors import SllmStoreError
 from .plan import plan
@@ -84,7 +84,9 @@ def load_dict_host(
 ) -> Dict[str, np.ndarray]:
     """Loads every tensor of `model_path` through the daemon's host backend."""
     return load_consistently(
-        model_path, storage_path, lambda index: _load_dict_host(model_path, index, server, layout)
+        model_path,
+        storage_path_for(storage_path, server),
+        lambda index: _load_dict_host(model_path, index, server, layout),
     )
 
 

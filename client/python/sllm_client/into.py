@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from . import cuda_driver
-from .client import CopyChunk, ServerConfig, StoreClient
+from .client import CopyChunk, ServerConfig, StoreClient, storage_path_for
 from .dtypes import torch_dtype
 from .errors import SllmStoreError
 
@@ -541,4 +541,4 @@ def load_into_module(
         loaded.update(n for n in index if n in targets)
         return report, loaded
 
-    return load_consistently(model_path, storage_path, once)
+    return load_consistently(model_path, storage_path_for(storage_path, server), once)

@@ -11,7 +11,7 @@ from torch's private format, so any torch from 2.1 on works.
 from typing import Dict, Union
 
 from . import cuda_driver
-from .client import StoreClient
+from .client import StoreClient, storage_path_for
 from .dtypes import torch_dtype
 from .errors import SllmStoreError
 from .host import load_consistently
@@ -43,7 +43,7 @@ def load_dict(
     device_map = {"": 0} if device_map is None else device_map
     return load_consistently(
         model_path,
-        storage_path,
+        storage_path_for(storage_path, server),
         lambda index: _load_dict(model_path, index, device_map, server, layout, window_bytes),
     )
 

@@ -20,7 +20,7 @@ import logging
 import os
 from typing import Tuple
 
-from .client import resolve_storage_path
+from .client import storage_path_for
 from .errors import SllmStoreError
 from .into import load_into_module
 
@@ -29,8 +29,9 @@ logger = logging.getLogger(__name__)
 
 
 def model_id_for(model_dir: str, storage_path: "str | None" = None) -> str:
-    """The daemon's model id for a directory vLLM was pointed at."""
-    root = os.path.realpath(resolve_storage_path(storage_path))
+    """The daemon's model id for a directory vLLM was pointed at, under the
+    storage path ($STORAGE_PATH, else the daemon's own when it runs here)."""
+    root = os.path.realpath(storage_path_for(storage_path))
     real = os.path.realpath(model_dir)
     if os.path.commonpath([root, real]) != root or real == root:
         raise SllmStoreError(

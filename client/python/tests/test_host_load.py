@@ -30,6 +30,15 @@ def test_every_dtype_round_trips(tmp_path, storage, daemon, layout):
     assert loaded["bf16"].dtype == ml_dtypes.bfloat16
 
 
+def test_the_daemon_says_where_its_models_are(tmp_path, storage, daemon, monkeypatch):
+    tensors = random_tensors(4, [("w", "torch.float16", (64, 33))])
+    save_model(tmp_path, storage, "org/here", tensors)
+    monkeypatch.delenv("STORAGE_PATH", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "elsewhere"))
+    check(sllm_client.load_dict_host("org/here", server=daemon.addr), tensors)
+    assert sllm_client.StoreClient(daemon.addr).server_config().storage_path == str(storage.resolve())
+
+
 def test_environment_defaults_and_concurrent_clients(tmp_path, storage, daemon, monkeypatch):
     models = {f"org/m{i}": random_tensors(10 + i, [(f"w{j}", "torch.float16", (97, 31 + j)) for j in range(9)])
               for i in range(3)}

@@ -282,6 +282,7 @@ impl Storage for StorageService {
                 String::new()
             },
             version: env!("CARGO_PKG_VERSION").into(),
+            storage_path: r.storage_root().display().to_string(),
         }))
     }
 

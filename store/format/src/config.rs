@@ -21,6 +21,20 @@ pub fn resolve_storage_path(flag: Option<&Path>) -> PathBuf {
     expand_tilde(&chosen, home.as_deref())
 }
 
+/// The storage path of a client of a daemon that reported `daemon_says`
+/// (its own, from `GetServerConfig`): the flag, else `$STORAGE_PATH`, else
+/// the daemon's when that directory is here (the same host), else
+/// `~/models`.
+pub fn resolve_client_storage_path(flag: Option<&Path>, daemon_says: Option<&Path>) -> PathBuf {
+    let env_set = std::env::var_os(STORAGE_PATH_ENV).is_some_and(|v| !v.is_empty());
+    match daemon_says {
+        Some(dir) if flag.is_none() && !env_set && dir.is_absolute() && dir.is_dir() => {
+            dir.to_owned()
+        }
+        _ => resolve_storage_path(flag),
+    }
+}
+
 /// Replaces a leading `~` component with `home`.
 pub fn expand_tilde(path: &Path, home: Option<&Path>) -> PathBuf {
     match (path.strip_prefix("~"), home) {

@@ -121,6 +121,11 @@ impl Registry {
         })
     }
 
+    /// The storage path, canonical.
+    pub fn storage_root(&self) -> &Path {
+        &self.cfg.storage_root
+    }
+
     pub fn pool(&self) -> &HostPool {
         &self.pool
     }

@@ -13,7 +13,7 @@ use sllm_client::plan::Layout;
 use sllm_client::proto::BackendKind;
 use sllm_client::{StoreClient, client::DEFAULT_ADDR};
 use sllm_format::ModelId;
-use sllm_format::config::resolve_storage_path;
+use sllm_format::config::resolve_client_storage_path;
 use sllm_format::units::human_bytes;
 
 use crate::DeviceArg;
@@ -32,7 +32,8 @@ pub struct LoadArgs {
     /// The daemon: host:port or unix:<path>.
     #[arg(long, env = "SLLM_STORE_ADDR", default_value = DEFAULT_ADDR)]
     server: String,
-    /// Where models are stored (to read the tensor index) [default: $STORAGE_PATH, else ~/models].
+    /// Where models are stored (to read the tensor index) [default: $STORAGE_PATH, else the
+    /// daemon's when it runs on this host, else ~/models].
     #[arg(long)]
     storage_path: Option<PathBuf>,
     /// Device kind to load into; `auto` takes what the daemon serves.
@@ -59,9 +60,11 @@ pub fn run_load(args: LoadArgs) -> anyhow::Result<ExitCode> {
 
 async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
     let model = ModelId::parse(&args.model)?;
-    let model_dir = model.dir_in(&resolve_storage_path(args.storage_path.as_deref()));
     let mut client = StoreClient::connect(&args.server).await?;
     let config = client.server_config().await?;
+    let daemon_says = Some(std::path::Path::new(&config.storage_path)).filter(|p| !p.as_os_str().is_empty());
+    let model_dir =
+        model.dir_in(&resolve_client_storage_path(args.storage_path.as_deref(), daemon_says));
     match (args.device, config.device_backend) {
         (DeviceArg::Host | DeviceArg::Auto, BackendKind::Host)
         | (DeviceArg::Cuda | DeviceArg::Auto, BackendKind::Cuda) => {}
