@@ -33,7 +33,8 @@ pub enum ResolveError {
         "model {model} is not in the Hugging Face cache: {repo_dir} does not exist (cache chosen \
          by {chosen_by}). Download it while online with `hf download {model} --revision \
          {revision}` (or `huggingface-cli download ...`), set HF_HUB_CACHE/HF_HOME to the cache \
-         that has it, or pass --local-model-path <dir>"
+         that has it, or convert a downloaded folder instead (`sllm-store save --local-model-path \
+         <dir>`)"
     )]
     RepoMissing {
         model: String,
