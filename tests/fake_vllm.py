@@ -3,16 +3,20 @@
 `sllm-bench restart` (bench/tests/restart.rs). Standard library only.
 
     python3 tests/fake_vllm.py --port P --mode ready|crash|hang
-        [--delay S] [--pid-file F] [--spawn-child] [--ignore-term]
+        [--delay S] [--model-id ID] [--completion TEXT] [--api-key KEY]
+        [--pid-file F] [--spawn-child] [--ignore-term]
 
 - ready: listens at once but answers 404 until --delay seconds have passed,
-  then 200 on GET /v1/models (one model, "fake/model") and on
-  POST /v1/completions (a minimal completion);
+  then 200 on GET /v1/models (one model, --model-id, "fake/model" by
+  default, as vLLM lists its --served-model-name or the path it serves) and
+  on POST /v1/completions for that model (a minimal completion whose text
+  is --completion, " fake" by default);
 - crash: sleeps --delay, logs a few lines (the last an error) to stderr and
   exits with status 3 before serving anything;
 - hang: listens and accepts connections but never answers.
 
---pid-file appends this process's pid to F; --spawn-child starts a
+--api-key is accepted and not checked (the tests check that the benchmark
+keeps it out of its results). --pid-file appends this process's pid to F; --spawn-child starts a
 grandchild `sleep 600` and appends its pid to F.child, so that tests can
 check that the whole process group was stopped; --ignore-term ignores
 SIGTERM, so that only SIGKILL stops it.
@@ -28,7 +32,8 @@ import subprocess
 import sys
 import time
 
-MODEL_ID = "fake/model"
+DEFAULT_MODEL_ID = "fake/model"
+DEFAULT_COMPLETION = " fake"
 
 
 def log(message):
@@ -40,7 +45,7 @@ def append_line(path, value):
         f.write(f"{value}\n")
 
 
-def serve_ready(port, delay):
+def serve_ready(port, delay, model_id, completion):
     started = time.monotonic()
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -61,7 +66,7 @@ def serve_ready(port, delay):
             if self.path == "/v1/models" and self.ready():
                 self.reply(200, {
                     "object": "list",
-                    "data": [{"id": MODEL_ID, "object": "model"}],
+                    "data": [{"id": model_id, "object": "model"}],
                 })
             else:
                 self.reply(404, {"detail": "Not Found"})
@@ -75,14 +80,14 @@ def serve_ready(port, delay):
                 return
             if self.path != "/v1/completions" or not self.ready():
                 self.reply(404, {"detail": "Not Found"})
-            elif request.get("model") != MODEL_ID:
+            elif request.get("model") != model_id:
                 self.reply(404, {"error": f"model {request.get('model')!r} not served"})
             else:
                 self.reply(200, {
                     "id": "cmpl-fake",
                     "object": "text_completion",
-                    "model": MODEL_ID,
-                    "choices": [{"text": " fake", "index": 0, "finish_reason": "length"}],
+                    "model": model_id,
+                    "choices": [{"text": completion, "index": 0, "finish_reason": "length"}],
                 })
 
         def log_message(self, format, *args):
@@ -115,6 +120,9 @@ def main():
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--mode", choices=["ready", "crash", "hang"], required=True)
     parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--model-id", default=DEFAULT_MODEL_ID)
+    parser.add_argument("--completion", default=DEFAULT_COMPLETION)
+    parser.add_argument("--api-key")
     parser.add_argument("--pid-file")
     parser.add_argument("--spawn-child", action="store_true")
     parser.add_argument("--ignore-term", action="store_true")
@@ -135,7 +143,7 @@ def main():
     elif args.mode == "hang":
         serve_hang(args.port)
     else:
-        serve_ready(args.port, args.delay)
+        serve_ready(args.port, args.delay, args.model_id, args.completion)
 
 
 if __name__ == "__main__":

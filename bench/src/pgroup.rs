@@ -67,6 +67,17 @@ pub enum Stopped {
     Lingering,
 }
 
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::AlreadyGone => "it had already exited",
+            Self::Term => "on SIGTERM",
+            Self::Kill => "on SIGKILL, after the grace period",
+            Self::Lingering => "some of its processes outlived SIGKILL",
+        })
+    }
+}
+
 impl ProcessGroup {
     /// Starts `sh -c command` in its own process group with stdin from
     /// /dev/null and stdout and stderr appended to `log`, with `env` added

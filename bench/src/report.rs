@@ -189,7 +189,10 @@ impl Header {
 /// Flags every benchmark takes: where results go and which binary to run.
 #[derive(Args, Debug)]
 pub struct OutputArgs {
-    /// JSON output [default: <benchmark>-<host>-<date and time>.json in the current directory; never overwritten].
+    /// Directory the results go into under their default names [default: the current directory].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// JSON output [default: <benchmark>-<host>-<date and time>.json in --out; never overwritten].
     #[arg(long)]
     pub json: Option<PathBuf>,
     /// Markdown output [default: beside the JSON, .md].
@@ -214,7 +217,17 @@ impl OutputArgs {
         print!("{markdown}");
         let json = match &self.json {
             Some(path) => path.clone(),
-            None => unused_path(&std::env::current_dir()?, &default_stem(header))?,
+            None => {
+                let dir = match &self.out {
+                    Some(dir) => {
+                        std::fs::create_dir_all(dir)
+                            .with_context(|| format!("creating {}", dir.display()))?;
+                        dir.clone()
+                    }
+                    None => std::env::current_dir()?,
+                };
+                unused_path(&dir, &default_stem(header))?
+            }
         };
         let md = self
             .markdown

@@ -157,11 +157,14 @@ async fn loads_verify_in_both_layouts_through_the_cli_and_the_client() {
     assert_eq!(report["host_load_s"], 0.0, "{out}");
     // On the daemon's host, the storage path need not be given: the daemon
     // says where it keeps its models.
-    let out = run_ok(
-        sllm_store(tmp.path())
-            .env_remove("STORAGE_PATH")
-            .args(["load", "--model", "org/m", "--verify", "--server", &daemon.addr]),
-    );
+    let out = run_ok(sllm_store(tmp.path()).env_remove("STORAGE_PATH").args([
+        "load",
+        "--model",
+        "org/m",
+        "--verify",
+        "--server",
+        &daemon.addr,
+    ]));
     assert!(out.contains("every tensor matches"), "{out}");
     let cfg = daemon.client().await.server_config().await.unwrap();
     assert_eq!(

@@ -18,31 +18,21 @@ pub(super) fn crash(status: ExitStatus, started: Instant) -> (FailureKind, Strin
     )
 }
 
-/// `Ok` with the first model id when `GET /v1/models` answers 200, else
+/// `Ok` with the listed model ids when `GET /v1/models` answers 200, else
 /// why not.
-pub(super) fn probe_models(agent: &ureq::Agent, url: &str) -> Result<Option<String>, String> {
+pub(super) fn probe_models(agent: &ureq::Agent, url: &str) -> Result<Vec<String>, String> {
     match agent.get(format!("{url}/v1/models")).call() {
         Ok(mut response) if response.status() == 200 => Ok(response
             .body_mut()
             .read_json::<serde_json::Value>()
-            .ok()
-            .and_then(|v| first_model_id(&v))),
+            .map(|v| model_ids(&v))
+            .unwrap_or_default()),
         Ok(response) => Err(format!("HTTP {}", response.status().as_u16())),
         Err(ureq::Error::Timeout(_)) => {
             Err(format!("no answer within {} s", POLL_TIMEOUT.as_secs()))
         }
         Err(e) => Err(e.to_string()),
     }
-}
-
-/// `data[0].id` of a `/v1/models` answer.
-pub(super) fn first_model_id(models: &serde_json::Value) -> Option<String> {
-    models["data"]
-        .as_array()?
-        .first()?
-        .get("id")?
-        .as_str()
-        .map(str::to_owned)
 }
 
 /// When a server already answers at `url`, what it said.
@@ -60,14 +50,15 @@ pub(super) fn port_taken(url: &str) -> Option<String> {
     }
 }
 
-/// Seconds a completion took from request to full answer.
+/// Seconds a completion (temperature 0) took from request to full answer,
+/// and the text of its first choice.
 pub(super) fn first_completion(
     agent: &ureq::Agent,
     url: &str,
     model: &str,
     prompt: &str,
     max_tokens: u32,
-) -> Result<f64, String> {
+) -> Result<(f64, String), String> {
     let endpoint = format!("{url}/v1/completions");
     let start = Instant::now();
     let mut response = agent
@@ -85,19 +76,23 @@ pub(super) fn first_completion(
         .map_err(|e| format!("POST {endpoint}: reading the answer: {e}"))?;
     let seconds = start.elapsed().as_secs_f64();
     let status = response.status().as_u16();
-    check_completion(status, &body).map_err(|e| format!("POST {endpoint} (model {model}): {e}"))?;
-    Ok(seconds)
+    let text = check_completion(status, &body)
+        .map_err(|e| format!("POST {endpoint} (model {model}): {e}"))?;
+    Ok((seconds, text))
 }
 
-/// A completion must be HTTP 200 with a non-empty `choices` array.
-pub(super) fn check_completion(status: u16, body: &str) -> Result<(), String> {
+/// A completion must be HTTP 200 with a non-empty `choices` array; the
+/// text of the first choice (empty when it has none).
+pub(super) fn check_completion(status: u16, body: &str) -> Result<String, String> {
     if status != 200 {
         return Err(format!("HTTP {status}: {}", quote(body)));
     }
     let parsed: serde_json::Value = serde_json::from_str(body)
         .map_err(|e| format!("answer is not JSON ({e}): {}", quote(body)))?;
     match parsed["choices"].as_array() {
-        Some(choices) if !choices.is_empty() => Ok(()),
+        Some(choices) if !choices.is_empty() => {
+            Ok(choices[0]["text"].as_str().unwrap_or_default().to_owned())
+        }
         _ => Err(format!("answer has no choices: {}", quote(body))),
     }
 }

@@ -4,12 +4,22 @@
 use super::*;
 
 /// Runs the doctor's offline checks and prints them; refuses on any STOP.
+/// A stale conversion (`model.source`), only a WARN for the doctor, is a
+/// STOP here: offline, the baseline loads the snapshot the ref points at
+/// and the fast start a copy converted from another commit, two different
+/// models.
 pub(super) fn offline_checks(
     storage_path: &Path,
     model: &str,
     revision: &str,
 ) -> anyhow::Result<Vec<Check>> {
-    let checks = doctor::offline_readiness(&HfEnv::from_env(), storage_path, model, revision);
+    let mut checks = doctor::offline_readiness(&HfEnv::from_env(), storage_path, model, revision);
+    for c in &mut checks {
+        if c.name == "model.source" && c.status == Status::Warn {
+            c.status = Status::Stop;
+            c.summary += ": the baseline would load one commit and the fast start another";
+        }
+    }
     for c in &checks {
         eprintln!("{} {}: {}", c.status.label(), c.name, c.summary);
         if let Some(fix) = &c.fix {
@@ -70,7 +80,8 @@ pub(super) fn model_files(storage_path: &Path, model: &str, revision: &str) -> V
     files
 }
 
-/// The recorded variables as the commands see them.
+/// The recorded variables as sllm-bench passes them to the commands
+/// (a command's own `NAME=value` prefix is not included); secrets masked.
 pub(super) fn command_env(offline: bool) -> BTreeMap<&'static str, Option<String>> {
     RECORDED_ENV
         .iter()
@@ -79,7 +90,15 @@ pub(super) fn command_env(offline: bool) -> BTreeMap<&'static str, Option<String
                 .iter()
                 .find(|(n, _)| offline && *n == name)
                 .map(|(_, v)| (*v).to_owned());
-            (name, set.or_else(|| std::env::var(name).ok()))
+            let value = set.or_else(|| std::env::var(name).ok());
+            let value = value.map(|v| {
+                if is_secret_var(name) {
+                    MASKED.to_owned()
+                } else {
+                    v
+                }
+            });
+            (name, value)
         })
         .collect()
 }

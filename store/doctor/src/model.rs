@@ -72,7 +72,7 @@ pub fn checks(
     }
     let mut out = vec![verify_check(model, &dirs, quick)];
     out.extend(device_check(storage, &dirs[0], !readiness));
-    if let Some(c) = stale_check(model, revision, &dirs, commit) {
+    if let Some(c) = stale_check(model, revision, &dirs, commit, readiness) {
         out.push(c);
     }
     match serving_gap(&model_dir) {
@@ -320,12 +320,15 @@ fn verify_check(model: &str, dirs: &[PathBuf], quick: bool) -> Check {
     )
 }
 
-/// A conversion from another commit than the one the ref points at now.
+/// A conversion from another commit than the one the ref points at now: a
+/// STOP for offline readiness (the two sides would serve different weights),
+/// else a WARN.
 fn stale_check(
     model: &str,
     revision: &str,
     dirs: &[PathBuf],
     commit: Option<&str>,
+    readiness: bool,
 ) -> Option<Check> {
     let commit = commit?;
     let converted_from = dirs
@@ -337,12 +340,14 @@ fn stale_check(
             format!("converted from {commit}, the snapshot that {revision} points at"),
         ));
     }
-    Some(Check::warn(
-        "model.source",
-        format!(
-            "converted from {converted_from}, but {revision:?} now resolves to {commit}: the \
-             stored model is stale"
-        ),
-        format!("re-convert: sllm-store save --force --model {model} --revision {commit}"),
-    ))
+    let summary = format!(
+        "converted from {converted_from}, but {revision} now points at {commit}: the stored \
+         model is stale"
+    );
+    let fix = format!("re-convert: sllm-store save --force --model {model} --revision {commit}");
+    Some(if readiness {
+        Check::stop("model.source", summary, fix)
+    } else {
+        Check::warn("model.source", summary, fix)
+    })
 }

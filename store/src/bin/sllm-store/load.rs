@@ -62,9 +62,12 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
     let model = ModelId::parse(&args.model)?;
     let mut client = StoreClient::connect(&args.server).await?;
     let config = client.server_config().await?;
-    let daemon_says = Some(std::path::Path::new(&config.storage_path)).filter(|p| !p.as_os_str().is_empty());
-    let model_dir =
-        model.dir_in(&resolve_client_storage_path(args.storage_path.as_deref(), daemon_says));
+    let daemon_says =
+        Some(std::path::Path::new(&config.storage_path)).filter(|p| !p.as_os_str().is_empty());
+    let model_dir = model.dir_in(&resolve_client_storage_path(
+        args.storage_path.as_deref(),
+        daemon_says,
+    ));
     match (args.device, config.device_backend) {
         (DeviceArg::Host | DeviceArg::Auto, BackendKind::Host)
         | (DeviceArg::Cuda | DeviceArg::Auto, BackendKind::Cuda) => {}
