@@ -631,4 +631,22 @@ fn save_and_start_warn_when_the_storage_path_is_on_the_os_disk() {
     );
     let log = daemon.log_text();
     assert!(log.contains("same filesystem as /"), "{log}");
+    // One-shot commands print their summary and warnings, not INFO logs,
+    // unless RUST_LOG asks for them.
+    let (out, stdout, stderr) = run(sllm_store(dir.path()).env_remove("RUST_LOG").args([
+        "load",
+        "--model",
+        "o/m",
+        "--device",
+        "cuda",
+        "--server",
+        &daemon.addr,
+    ]));
+    assert!(!out.status.success(), "{stdout}");
+    assert!(!stderr.contains("INFO"), "{stderr}");
+    assert!(
+        stderr.contains("serves host devices, but --device cuda was asked for")
+            && stderr.contains("--device host"),
+        "{stderr}"
+    );
 }

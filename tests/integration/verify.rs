@@ -49,7 +49,10 @@ fn a_flipped_byte_is_located_to_its_tensor() {
     bytes[100] ^= 0xff;
     std::fs::write(&part, bytes).unwrap();
     let out = verify(tmp.path());
-    assert!(out.contains("tensor.data_1: bytes [0, 8192)"), "{out}");
+    assert!(
+        out.contains("tensor.data_1: bytes [0, 8192) (checksum block 0)"),
+        "{out}"
+    );
     assert!(
         out.contains("affecting tensors t2")
             && out.contains("FAILED o/m")

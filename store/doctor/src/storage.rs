@@ -512,6 +512,39 @@ mod tests {
     }
 
     #[test]
+    fn azures_temporary_disk_is_named_and_the_fix_says_where_to_keep_models() {
+        let mount = tempfile::tempdir().unwrap();
+        let loc = Location {
+            path: mount.path().join("models"),
+            mount_point: mount.path().to_owned(),
+            fstype: "ext4".into(),
+            source: "/dev/sdb1".into(),
+            // Not the root filesystem, whatever this machine's is.
+            dev: "999:999".into(),
+            disks: vec![Disk {
+                name: "sdb".into(),
+                nvme: false,
+                rotational: false,
+                model: Some("Virtual Disk".into()),
+            }],
+        };
+        let without = device_check("storage.device", &loc.path, &loc);
+        assert!(!without.summary.contains("Azure"), "{}", without.summary);
+        std::fs::write(mount.path().join(AZURE_TEMP_DISK_MARKER), "").unwrap();
+        let with = device_check("storage.device", &loc.path, &loc);
+        assert_eq!(with.status, crate::Status::Warn);
+        assert!(
+            with.summary.contains("Azure's temporary disk") && with.summary.contains("lost"),
+            "{}",
+            with.summary
+        );
+        assert!(
+            with.fix.as_deref().unwrap_or("").contains("persistent"),
+            "{with:?}"
+        );
+    }
+
+    #[test]
     fn unescapes_octal_sequences() {
         assert_eq!(unescape_mountinfo("/a\\040b\\011c"), "/a b\tc");
         assert_eq!(unescape_mountinfo("/a\\b"), "/a\\b");
