@@ -30,6 +30,8 @@ pub enum ClientError {
     },
     #[error("invalid server address {0:?}: use host:port or unix:<path>")]
     BadAddress(String),
+    #[error("the store token ($SLLM_STORE_TOKEN or $SLLM_STORE_TOKEN_FILE): {0}")]
+    Token(String),
     #[error(
         "the daemon serves a device backend this client does not know ({0:?}); use a client of the daemon's version"
     )]
@@ -73,6 +75,9 @@ pub struct ServerConfig {
 pub struct StoreClient {
     inner: StorageClient<Channel>,
     channel: Channel,
+    /// `Bearer <token>`, sent with every call when the environment names a
+    /// token ($SLLM_STORE_TOKEN, or the file $SLLM_STORE_TOKEN_FILE names).
+    token: Option<tonic::metadata::AsciiMetadataValue>,
 }
 
 impl StoreClient {
@@ -113,16 +118,23 @@ impl StoreClient {
         let inner = StorageClient::new(channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Ok(Self { inner, channel })
+        Ok(Self {
+            inner,
+            channel,
+            token: token_from_env()?,
+        })
     }
 
     /// Indexes the model; returns its size in bytes.
     pub async fn register(&mut self, model: &str) -> Result<u64, ClientError> {
         let r = self
             .inner
-            .register_model(RegisterModelRequest {
-                model_path: model.into(),
-            })
+            .register_model(authed(
+                &self.token,
+                RegisterModelRequest {
+                    model_path: model.into(),
+                },
+            ))
             .await
             .map_err(rpc("RegisterModel"))?;
         Ok(r.into_inner().model_size as u64)
@@ -131,11 +143,14 @@ impl StoreClient {
     /// Starts loading the model into the daemon's host pool; returns at once.
     pub async fn load_to_host(&mut self, model: &str) -> Result<(), ClientError> {
         self.inner
-            .load_model_async(LoadModelRequest {
-                model_path: model.into(),
-                target_device_type: DeviceType::Cpu as i32,
-                ..Default::default()
-            })
+            .load_model_async(authed(
+                &self.token,
+                LoadModelRequest {
+                    model_path: model.into(),
+                    target_device_type: DeviceType::Cpu as i32,
+                    ..Default::default()
+                },
+            ))
             .await
             .map_err(rpc("LoadModelAsync(CPU)"))?;
         Ok(())
@@ -151,25 +166,28 @@ impl StoreClient {
         handles: HashMap<String, Vec<Vec<u8>>>,
     ) -> Result<(), ClientError> {
         self.inner
-            .load_model_async(LoadModelRequest {
-                model_path: model.into(),
-                replica_uuid: replica_uuid.into(),
-                chunks: copies
-                    .into_iter()
-                    .map(|(uuid, chunks)| (uuid, MemCopyChunkList { chunks }))
-                    .collect(),
-                handles: handles
-                    .into_iter()
-                    .map(|(uuid, list)| {
-                        let handles = list
-                            .into_iter()
-                            .map(|h| MemCopyHandle { cuda_ipc_handle: h })
-                            .collect();
-                        (uuid, MemCopyHandleList { handles })
-                    })
-                    .collect(),
-                target_device_type: DeviceType::Gpu as i32,
-            })
+            .load_model_async(authed(
+                &self.token,
+                LoadModelRequest {
+                    model_path: model.into(),
+                    replica_uuid: replica_uuid.into(),
+                    chunks: copies
+                        .into_iter()
+                        .map(|(uuid, chunks)| (uuid, MemCopyChunkList { chunks }))
+                        .collect(),
+                    handles: handles
+                        .into_iter()
+                        .map(|(uuid, list)| {
+                            let handles = list
+                                .into_iter()
+                                .map(|h| MemCopyHandle { cuda_ipc_handle: h })
+                                .collect();
+                            (uuid, MemCopyHandleList { handles })
+                        })
+                        .collect(),
+                    target_device_type: DeviceType::Gpu as i32,
+                },
+            ))
             .await
             .map_err(rpc("LoadModelAsync(GPU)"))?;
         Ok(())
@@ -178,11 +196,14 @@ impl StoreClient {
     /// Waits until the replica's copies are complete.
     pub async fn confirm(&mut self, model: &str, replica_uuid: &str) -> Result<(), ClientError> {
         self.inner
-            .confirm_model(ConfirmModelRequest {
-                model_path: model.into(),
-                replica_uuid: replica_uuid.into(),
-                target_device_type: DeviceType::Gpu as i32,
-            })
+            .confirm_model(authed(
+                &self.token,
+                ConfirmModelRequest {
+                    model_path: model.into(),
+                    replica_uuid: replica_uuid.into(),
+                    target_device_type: DeviceType::Gpu as i32,
+                },
+            ))
             .await
             .map_err(rpc("ConfirmModel"))?;
         Ok(())
@@ -191,11 +212,14 @@ impl StoreClient {
     /// Frees the model's host pool memory.
     pub async fn unload(&mut self, model: &str) -> Result<(), ClientError> {
         self.inner
-            .unload_model(UnloadModelRequest {
-                model_path: model.into(),
-                target_device_type: DeviceType::Cpu as i32,
-                ..Default::default()
-            })
+            .unload_model(authed(
+                &self.token,
+                UnloadModelRequest {
+                    model_path: model.into(),
+                    target_device_type: DeviceType::Cpu as i32,
+                    ..Default::default()
+                },
+            ))
             .await
             .map_err(rpc("UnloadModel"))?;
         Ok(())
@@ -204,7 +228,7 @@ impl StoreClient {
     /// Frees every model's host pool memory.
     pub async fn clear(&mut self) -> Result<(), ClientError> {
         self.inner
-            .clear_mem(ClearMemRequest {})
+            .clear_mem(authed(&self.token, ClearMemRequest {}))
             .await
             .map_err(rpc("ClearMem"))?;
         Ok(())
@@ -228,7 +252,7 @@ impl StoreClient {
     pub async fn server_config(&mut self) -> Result<ServerConfig, ClientError> {
         let r = self
             .inner
-            .get_server_config(GetServerConfigRequest {})
+            .get_server_config(authed(&self.token, GetServerConfigRequest {}))
             .await
             .map_err(rpc("GetServerConfig"))?
             .into_inner();
@@ -252,11 +276,53 @@ impl StoreClient {
     ) -> Result<GetModelStatusResponse, ClientError> {
         Ok(self
             .inner
-            .get_model_status(GetModelStatusRequest {
-                model_path: model.into(),
-            })
+            .get_model_status(authed(
+                &self.token,
+                GetModelStatusRequest {
+                    model_path: model.into(),
+                },
+            ))
             .await
             .map_err(rpc("GetModelStatus"))?
             .into_inner())
     }
+}
+
+/// `msg` with the token, when there is one.
+fn authed<T>(token: &Option<tonic::metadata::AsciiMetadataValue>, msg: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(msg);
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", token.clone());
+    }
+    request
+}
+
+/// The token the environment names: $SLLM_STORE_TOKEN, else the first line
+/// of the file $SLLM_STORE_TOKEN_FILE names; none when neither is set.
+fn token_from_env() -> Result<Option<tonic::metadata::AsciiMetadataValue>, ClientError> {
+    let token = match std::env::var("SLLM_STORE_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+    {
+        Some(token) => token,
+        None => match std::env::var_os("SLLM_STORE_TOKEN_FILE").filter(|p| !p.is_empty()) {
+            None => return Ok(None),
+            Some(path) => std::fs::read_to_string(&path)
+                .map_err(|e| ClientError::Token(format!("cannot read {}: {e}", path.display())))?
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned(),
+        },
+    };
+    format!("Bearer {}", token.trim())
+        .parse()
+        .map(Some)
+        .map_err(|_| {
+            ClientError::Token(
+                "the token holds characters gRPC metadata cannot carry; use printable ASCII".into(),
+            )
+        })
 }

@@ -2,6 +2,7 @@
 //! One test binary (ripgrep's layout); each test works in its own temporary
 //! directory, which is removed when it ends.
 
+mod auth;
 mod common;
 mod connections;
 mod daemon;

@@ -377,6 +377,8 @@ async fn daemon_with_limits(
         verify_checksums: true,
         checksum_threads: 1,
         copy_streams: 1,
+        socket_mode: 0o600,
+        auth_token: None,
         limits,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

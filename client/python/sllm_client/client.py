@@ -24,6 +24,22 @@ def resolve_storage_path(storage_path: "str | None" = None) -> str:
     return os.path.expanduser(storage_path or os.environ.get("STORAGE_PATH") or "~/models")
 
 
+def store_token() -> "str | None":
+    """The token the daemon may require (`sllm-store start --auth-token-file`):
+    $SLLM_STORE_TOKEN, else the first line of the file $SLLM_STORE_TOKEN_FILE
+    names; None when neither is set."""
+    token = os.environ.get("SLLM_STORE_TOKEN")
+    if not token and os.environ.get("SLLM_STORE_TOKEN_FILE"):
+        path = os.environ["SLLM_STORE_TOKEN_FILE"]
+        try:
+            with open(path, encoding="ascii") as f:
+                token = f.readline()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SllmStoreError(f"cannot read the store token from {path} ($SLLM_STORE_TOKEN_FILE): {e}") from None
+    token = (token or "").strip()
+    return token or None
+
+
 def storage_path_for(storage_path: "str | None" = None, server: "str | None" = None) -> str:
     """The storage path of a client of the daemon at `server`: argument,
     else $STORAGE_PATH, else the daemon's own (GetServerConfig) when that
@@ -73,6 +89,8 @@ class StoreClient:
         ]
         self._channel = grpc.insecure_channel(self.server, options=options)
         self._stub = StorageStub(self._channel)
+        token = store_token()
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
     def close(self):
         self._channel.close()
@@ -85,7 +103,7 @@ class StoreClient:
 
     def _call(self, name: str, request, timeout: "float | None" = None):
         try:
-            return getattr(self._stub, name)(request, timeout=timeout or self.timeout_s)
+            return getattr(self._stub, name)(request, timeout=timeout or self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
             code = e.code()
             if code == grpc.StatusCode.UNAVAILABLE:

@@ -135,3 +135,25 @@ def test_a_model_larger_than_the_pool_streams_through_it(tmp_path, storage):
         assert status["streamed"] and 0 < status["resident_bytes"] < 48 << 20, status
     finally:
         daemon.stop()
+
+
+def test_a_daemon_that_requires_a_token_gets_it_from_the_environment(tmp_path, storage, monkeypatch):
+    token = tmp_path / "token"
+    token.write_text("py-secret-42\n")
+    token.chmod(0o600)
+    daemon = Daemon(storage, "--auth-token-file", str(token))
+    try:
+        tensors = random_tensors(9, [("w", "torch.float32", (32, 17))])
+        save_model(tmp_path, storage, "org/locked", tensors)
+        monkeypatch.delenv("SLLM_STORE_TOKEN", raising=False)
+        monkeypatch.delenv("SLLM_STORE_TOKEN_FILE", raising=False)
+        with pytest.raises(sllm_client.SllmStoreError, match="requires a token"):
+            sllm_client.load_dict_host("org/locked", storage_path=str(storage), server=daemon.addr)
+        monkeypatch.setenv("SLLM_STORE_TOKEN", "wrong")
+        with pytest.raises(sllm_client.SllmStoreError, match="does not match"):
+            sllm_client.load_dict_host("org/locked", storage_path=str(storage), server=daemon.addr)
+        monkeypatch.delenv("SLLM_STORE_TOKEN")
+        monkeypatch.setenv("SLLM_STORE_TOKEN_FILE", str(token))
+        check(sllm_client.load_dict_host("org/locked", storage_path=str(storage), server=daemon.addr), tensors)
+    finally:
+        daemon.stop()

@@ -72,6 +72,10 @@ pub struct DaemonConfig {
     pub checksum_threads: usize,
     /// CUDA: streams each request's chunks are spread over.
     pub copy_streams: usize,
+    /// Mode bits of a unix socket (`--listen unix:`), set before it accepts.
+    pub socket_mode: u32,
+    /// The token every `storage.Storage` call must carry, if any.
+    pub auth_token: Option<crate::auth::Token>,
     pub limits: Limits,
 }
 
@@ -180,11 +184,14 @@ pub async fn serve(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<StorageServer<StorageService>>().await;
-    let service = StorageServer::new(StorageService::new(
-        Arc::clone(&registry),
-        cfg.host_shm_dir.display().to_string(),
-    ))
-    .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let service = tonic::service::interceptor::InterceptedService::new(
+        StorageServer::new(StorageService::new(
+            Arc::clone(&registry),
+            cfg.host_shm_dir.display().to_string(),
+        ))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        crate::auth::Check::new(cfg.auth_token.clone()),
+    );
     let router = Server::builder()
         .layer(TrackRequestsLayer)
         .add_service(health_service)
@@ -263,7 +270,7 @@ pub async fn serve(
         Listen::Unix(path) => {
             remove_stale_socket(path);
             let listener =
-                tokio::net::UnixListener::bind(path).map_err(|source| DaemonError::Bind {
+                bind_unix(path, cfg.socket_mode).map_err(|source| DaemonError::Bind {
                     listen: cfg.listen.clone(),
                     source,
                 })?;
@@ -308,6 +315,27 @@ fn make_backend(cfg: &DaemonConfig) -> Result<Arc<dyn DeviceBackend>, DaemonErro
             }
         },
     }
+}
+
+/// A listening unix socket at `path` with mode `mode`: bound, given its
+/// mode, and only then listening, so no client connects through laxer
+/// permissions in between.
+fn bind_unix(path: &std::path::Path, mode: u32) -> std::io::Result<tokio::net::UnixListener> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )?;
+    rustix::net::bind(&fd, &SocketAddrUnix::new(path)?)?;
+    let placed = std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .and_then(|()| Ok(rustix::net::listen(&fd, 1024)?));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    tokio::net::UnixListener::from_std(std::os::unix::net::UnixListener::from(fd))
 }
 
 /// Raises the soft limit on open files to the hard one: every partition is

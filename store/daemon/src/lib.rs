@@ -7,6 +7,7 @@
 //! It depends on the format (`sllm-format`) and the protocol (`sllm-proto`)
 //! only: not on the client, the converter or the doctor.
 
+pub mod auth;
 pub mod daemon;
 pub mod device;
 pub mod io;

@@ -241,7 +241,12 @@ impl Connections {
         permit: OwnedSemaphorePermit,
     ) -> Conn<IO> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(%peer, "connection accepted");
+        if peer.is_unix() {
+            // Who connects through the socket, as the kernel vouches for it.
+            tracing::info!(%peer, "connection accepted");
+        } else {
+            tracing::debug!(%peer, "connection accepted");
+        }
         let state = Arc::new(ConnState {
             peer,
             in_flight: AtomicUsize::new(0),

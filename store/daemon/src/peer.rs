@@ -106,6 +106,13 @@ impl Peer {
     }
 }
 
+impl Peer {
+    /// Connected through the unix socket.
+    pub fn is_unix(&self) -> bool {
+        matches!(self.0.addr, PeerAddr::Unix)
+    }
+}
+
 impl fmt::Display for Peer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0.addr {

@@ -29,14 +29,35 @@ pub fn daemon(addr: &str, named: bool) -> Check {
     let asked = runtime.block_on(async {
         tokio::time::timeout(ANSWER_WITHIN, async {
             let mut client = StoreClient::connect(addr).await?;
+            // The health service answers without the token a daemon may
+            // require; the settings need it.
             let serving = client.serving().await?;
-            let config = client.server_config().await?;
+            let config = match client.server_config().await {
+                Err(e) if e.code() == Some(tonic::Code::Unauthenticated) => Err(e),
+                other => Ok(other?),
+            };
             Ok::<_, sllm_client::ClientError>((serving, config))
         })
         .await
     });
     let (serving, config) = match asked {
-        Ok(Ok(answer)) => answer,
+        Ok(Ok((serving, Ok(config)))) => (serving, config),
+        Ok(Ok((serving, Err(e)))) => {
+            let summary = format!(
+                "the daemon at {addr} {}, and requires a token for everything else: {e}",
+                if serving {
+                    "serves"
+                } else {
+                    "reports NOT_SERVING (shutting down)"
+                }
+            );
+            let fix = "set SLLM_STORE_TOKEN (or SLLM_STORE_TOKEN_FILE) to the daemon's token";
+            return if serving {
+                Check::warn(name, summary, fix)
+            } else {
+                Check::stop(name, summary, fix)
+            };
+        }
         Ok(Err(e)) => {
             let reason = match e {
                 sllm_client::ClientError::Connect { reason, .. } => reason,

@@ -166,6 +166,8 @@ fn serve_and_load(
         verify_checksums: true,
         checksum_threads: 2,
         copy_streams: 1,
+        socket_mode: 0o600,
+        auth_token: None,
         limits: Limits::default(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -79,6 +79,16 @@ pub struct StartArgs {
     /// (seconds) its ring waits for a device request before the load fails and frees the pool.
     #[arg(long, default_value_t = 120)]
     stream_drain_timeout: u64,
+    /// Require this token (the file's first line) on every storage call, as gRPC metadata
+    /// `authorization: Bearer <token>`; the file must be private (chmod 600). Clients send
+    /// $SLLM_STORE_TOKEN, or the token in the file $SLLM_STORE_TOKEN_FILE names. Health
+    /// checks stay open.
+    #[arg(long, env = "SLLM_STORE_AUTH_TOKEN_FILE")]
+    auth_token_file: Option<PathBuf>,
+    /// Mode of the unix socket (`--listen unix:<path>`), in octal: 600 lets only this user
+    /// connect, 660 its group too.
+    #[arg(long, default_value = "600", value_parser = parse_mode)]
+    socket_mode: u32,
     /// CUDA: streams each request's chunks are spread over, round robin (1 to 8).
     #[arg(long, default_value_t = 1)]
     copy_streams: usize,
@@ -153,6 +163,12 @@ pub fn run_start(args: StartArgs) -> anyhow::Result<ExitCode> {
         verify_checksums: !args.skip_checksums,
         checksum_threads,
         copy_streams: args.copy_streams,
+        socket_mode: args.socket_mode,
+        auth_token: args
+            .auth_token_file
+            .as_deref()
+            .map(sllm_daemon::auth::Token::read_file)
+            .transpose()?,
         limits: Limits {
             stream_drain_timeout: std::time::Duration::from_secs(args.stream_drain_timeout.max(1)),
             ..Limits::default()
@@ -165,4 +181,12 @@ pub fn run_start(args: StartArgs) -> anyhow::Result<ExitCode> {
         .context("starting the async runtime")?;
     runtime.block_on(run(cfg))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// An octal file mode, e.g. `600`, of permission bits only.
+fn parse_mode(text: &str) -> Result<u32, String> {
+    u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{text:?} is not an octal mode such as 600 or 660"))
 }
