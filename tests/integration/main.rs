@@ -13,6 +13,7 @@ mod kill;
 mod python;
 mod save_bad_input;
 mod save_roundtrip;
+mod soak;
 mod streaming;
 mod trust;
 mod verify;
