@@ -264,7 +264,7 @@ fn soak_mixed_work_keeps_bytes_right_and_the_daemon_flat() {
                 let mut n = 0usize;
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
-                    let _ = if n % 7 == 0 {
+                    let _ = if n.is_multiple_of(7) {
                         client.clear().await
                     } else {
                         client.unload(MODELS[n % MODELS.len()].0).await

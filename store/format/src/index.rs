@@ -162,10 +162,11 @@ impl TensorIndex {
     /// Reads `<model_dir>/tensor_index.json`.
     pub fn read(model_dir: &Path) -> Result<Self, IndexError> {
         let path = model_dir.join(INDEX_FILE);
-        let bytes = std::fs::read(&path).map_err(|source| IndexError::Read {
-            path: path.clone(),
-            source,
-        })?;
+        let bytes =
+            crate::small_files::read_regular_file(&path).map_err(|source| IndexError::Read {
+                path: path.clone(),
+                source,
+            })?;
         Self::from_json(&bytes).map_err(|source| IndexError::Parse { path, source })
     }
 

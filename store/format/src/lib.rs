@@ -17,6 +17,7 @@ pub mod manifest;
 pub mod model_id;
 pub mod partitions;
 pub mod progress;
+pub mod small_files;
 pub mod units;
 pub mod verify;
 pub mod writer;

@@ -114,7 +114,7 @@ impl Manifest {
     /// (models written by the reference writer have no manifest).
     pub fn read(model_dir: &Path) -> Result<Option<Self>, ManifestError> {
         let path = model_dir.join(MANIFEST_FILE);
-        let bytes = match std::fs::read(&path) {
+        let bytes = match crate::small_files::read_regular_file(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(ManifestError::Read { path, source }),

@@ -241,7 +241,10 @@ fn check_manifest(
     for problem in manifest.mismatches(model_dir, parts, index_bytes.as_deref()) {
         report.problem(problem);
     }
-    let total: u64 = manifest.partitions.iter().map(|p| p.size_bytes).sum();
+    let total = manifest
+        .partitions
+        .iter()
+        .fold(0u64, |sum, p| sum.saturating_add(p.size_bytes));
     progress.begin("verifying", total);
     let mut buf = vec![0u8; READ_BYTES];
     for (expected, part) in manifest.partitions.iter().zip(parts.iter()) {

@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use super::ImportError;
 use crate::format::TorchDtype;
 
-/// The crate's limit on header size; a larger header is not safetensors.
-const MAX_HEADER_BYTES: u64 = 100 << 20;
+/// The crate's limit on header size (and Python's); a larger header is not
+/// safetensors.
+const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 /// One tensor in a source file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,8 +60,8 @@ impl SafetensorsFile {
         let header_len = u64::from_le_bytes(len_bytes);
         if header_len > MAX_HEADER_BYTES {
             return Err(invalid(format!(
-                "the header claims {header_len} bytes, more than the format's 100 MiB limit; \
-                 this is not a safetensors file"
+                "the header claims {header_len} bytes, more than the format's limit of \
+                 {MAX_HEADER_BYTES}; this is not a safetensors file"
             )));
         }
         if 8 + header_len > file_len {
@@ -72,6 +73,12 @@ impl SafetensorsFile {
         }
         let mut header = vec![0u8; header_len as usize];
         file.read_exact(&mut header).map_err(io_err)?;
+        if let Some(name) = duplicate_key(&header) {
+            return Err(invalid(format!(
+                "the header names {name:?} twice; the format forbids duplicate keys: the file is \
+                 damaged or was not written by a safetensors library"
+            )));
+        }
         let metadata: safetensors::tensor::Metadata =
             serde_json::from_slice(&header).map_err(|e| invalid(format!("bad header: {e}")))?;
 
@@ -116,4 +123,34 @@ impl SafetensorsFile {
             tensors,
         })
     }
+}
+
+/// A key the header's top-level object holds twice (a JSON map would keep
+/// the last silently); `None` when there is none, or when the header is not
+/// an object (the full parse says why).
+fn duplicate_key(header: &[u8]) -> Option<String> {
+    struct Keys;
+    impl<'de> serde::de::Visitor<'de> for Keys {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                if !seen.insert(key.clone()) {
+                    return Ok(Some(key));
+                }
+            }
+            Ok(None)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(header);
+    serde::Deserializer::deserialize_map(&mut de, Keys)
+        .ok()
+        .flatten()
 }

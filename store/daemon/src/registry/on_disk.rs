@@ -179,7 +179,7 @@ fn check_manifest(
     partitions: &Partitions,
 ) -> Result<BlockSums, OnDiskError> {
     let index_path = real_dir.join(INDEX_FILE);
-    let index = match std::fs::read(&index_path) {
+    let index = match sllm_format::small_files::read_regular_file(&index_path) {
         Ok(bytes) => Some(bytes),
         // The daemon serves bytes, not the index; a missing one is the
         // client's concern (and `verify` reports it).
