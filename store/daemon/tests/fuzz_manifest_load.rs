@@ -47,7 +47,7 @@ use proptest::test_runner::TestCaseError;
 use sllm_daemon::registry::Limits;
 use sllm_daemon::registry::on_disk::OnDisk;
 use sllm_daemon::server::to_status;
-use sllm_format::{INDEX_FILE, MANIFEST_FILE, Manifest, StoreWriter, TensorEntry, WriterOptions};
+use sllm_format::{INDEX_FILE, MANIFEST_FILE, Manifest, StoreWriter, WriterOptions};
 use tonic::Code;
 
 const BLOCK_BYTES: u64 = 16 << 10;
@@ -66,22 +66,10 @@ fn write_model(dir: &Path) {
         .into_iter()
         .enumerate()
     {
-        let offset = w.begin_record(len).unwrap();
         let bytes: Vec<u8> = (0..len)
             .map(|b| ((b ^ (b >> 9)) as u8).wrapping_add(i as u8 * 61))
             .collect();
-        w.write(&bytes).unwrap();
-        w.end_record().unwrap();
-        w.add_entry(
-            format!("t.{i}"),
-            TensorEntry {
-                offset,
-                size: len,
-                shape: vec![len],
-                stride: vec![1],
-                dtype: "torch.uint8".into(),
-            },
-        );
+        fuzz_support::add_u8_tensor(&mut w, format!("t.{i}"), &bytes);
     }
     w.finish(None).unwrap();
 }

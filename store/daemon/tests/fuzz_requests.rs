@@ -52,7 +52,7 @@ use sllm_daemon::device::BackendChoice;
 use sllm_daemon::io::EngineKind;
 use sllm_daemon::registry::Limits;
 use sllm_daemon::server::MAX_STATUS_MESSAGE_BYTES;
-use sllm_format::{StoreWriter, TensorEntry, WriterOptions};
+use sllm_format::{StoreWriter, WriterOptions};
 use sllm_proto::storage_client::StorageClient;
 use sllm_proto::{
     ClearMemRequest, ClearMemResponse, ConfirmModelRequest, ConfirmModelResponse,
@@ -194,7 +194,6 @@ fn write_model(dir: &Path, lens: &[u64], seed: u8) -> Vec<u8> {
     };
     let mut w = StoreWriter::new(dir, opts).unwrap();
     for (i, &len) in lens.iter().enumerate() {
-        let offset = w.begin_record(len).unwrap();
         let bytes: Vec<u8> = (0..len)
             .map(|b| {
                 ((b ^ (b >> 11)) as u8)
@@ -202,18 +201,7 @@ fn write_model(dir: &Path, lens: &[u64], seed: u8) -> Vec<u8> {
                     .wrapping_add(i as u8)
             })
             .collect();
-        w.write(&bytes).unwrap();
-        w.end_record().unwrap();
-        w.add_entry(
-            format!("t.{i}"),
-            TensorEntry {
-                offset,
-                size: len,
-                shape: vec![len],
-                stride: vec![1],
-                dtype: "torch.uint8".into(),
-            },
-        );
+        fuzz_support::add_u8_tensor(&mut w, format!("t.{i}"), &bytes);
     }
     w.finish(None).unwrap();
     let mut parts = Vec::new();

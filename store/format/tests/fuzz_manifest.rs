@@ -37,7 +37,7 @@ use proptest::test_runner::TestCaseError;
 use serde_json::{Value, json};
 use sllm_format::manifest::{CHECKSUM_ALGORITHM, MANIFEST_FORMAT};
 use sllm_format::verify::{READ_BYTES, verify_model};
-use sllm_format::{INDEX_FILE, MANIFEST_FILE, Manifest, StoreWriter, TensorEntry, WriterOptions};
+use sllm_format::{INDEX_FILE, MANIFEST_FILE, Manifest, StoreWriter, WriterOptions};
 
 const BLOCK_BYTES: u64 = 1024;
 
@@ -50,22 +50,10 @@ fn write_model(dir: &Path) -> Value {
     };
     let mut w = StoreWriter::new(dir, opts).unwrap();
     for (i, len) in [3000u64, 700, 2500, 10, 1200].into_iter().enumerate() {
-        let offset = w.begin_record(len).unwrap();
         let bytes: Vec<u8> = (0..len)
             .map(|b| (b as u8).wrapping_mul(31) ^ i as u8)
             .collect();
-        w.write(&bytes).unwrap();
-        w.end_record().unwrap();
-        w.add_entry(
-            format!("t.{i}"),
-            TensorEntry {
-                offset,
-                size: len,
-                shape: vec![len],
-                stride: vec![1],
-                dtype: "torch.uint8".into(),
-            },
-        );
+        fuzz_support::add_u8_tensor(&mut w, format!("t.{i}"), &bytes);
     }
     w.finish(None).unwrap();
     serde_json::from_slice(&std::fs::read(dir.join(MANIFEST_FILE)).unwrap()).unwrap()

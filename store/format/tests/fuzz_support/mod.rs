@@ -154,6 +154,28 @@ pub fn check_allocation(usage: Usage, input_bytes: usize) -> Result<(), TestCase
 }
 
 // ---------------------------------------------------------------------------
+// Models.
+
+/// Appends `bytes` to `w` as a one-dimensional `torch.uint8` tensor named
+/// `name`: how the fuzz targets build the real models they mutate.
+pub fn add_u8_tensor(w: &mut sllm_format::StoreWriter, name: String, bytes: &[u8]) {
+    let len = bytes.len() as u64;
+    let offset = w.begin_record(len).unwrap();
+    w.write(bytes).unwrap();
+    w.end_record().unwrap();
+    w.add_entry(
+        name,
+        sllm_format::TensorEntry {
+            offset,
+            size: len,
+            shape: vec![len],
+            stride: vec![1],
+            dtype: "torch.uint8".into(),
+        },
+    );
+}
+
+// ---------------------------------------------------------------------------
 // The runner.
 
 /// How long and how hard a target runs.
