@@ -438,3 +438,41 @@ fn a_fifo_as_the_index_does_not_block_the_read() {
         "OnDisk::read blocked on a FIFO named {INDEX_FILE}"
     );
 }
+
+/// A streamed load whose first chunk fails its checksum (two blocks of the
+/// manifest swapped) left its replica copying for good, about once in a few
+/// hundred loads: the io thread, reporting the load's outcome, held the
+/// error's lock while it asked for the slots' lock, and a copy thread that
+/// had found the failed chunk held the slots' lock while it asked for the
+/// error's. The error now lives under the slots' lock. Run many times over,
+/// each load must fail with DATA_LOSS well within the confirm timeout.
+#[test]
+#[ignore = "slow tier (a race, run many times): cargo test -- --include-ignored"]
+fn failed_streamed_loads_end_promptly_many_times_over() {
+    let w = World::new();
+    let tally = Tally::default();
+    let swapped = Case {
+        mutations: vec![Mutation::BlockSwap(0, 2, 5)],
+        streamed: true,
+    };
+    let intact = Case {
+        mutations: vec![],
+        streamed: true,
+    };
+    let rounds: usize = std::env::var("SLLM_RACE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    for round in 0..rounds {
+        for case in [&intact, &swapped, &swapped] {
+            let began = std::time::Instant::now();
+            check(case, &w, &tally).unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert!(
+                began.elapsed() < Duration::from_secs(10),
+                "round {round}: {case:?} took {:.1} s",
+                began.elapsed().as_secs_f64()
+            );
+        }
+    }
+    tally.print("failed streamed loads");
+}

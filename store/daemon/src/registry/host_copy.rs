@@ -95,6 +95,11 @@ struct State {
     issued_past_keep: usize,
     /// When a consumer last took or passed a chunk (or the copy began).
     last_progress: Instant,
+    /// The load's first real error (a cancellation only until one comes).
+    /// Kept under the same lock as the slots, so that a waiter that finds
+    /// a failed chunk reads the cause without taking a second lock: two
+    /// locks here once deadlocked a copy thread against the io thread.
+    failed: Option<IoError>,
 }
 
 impl State {
@@ -134,7 +139,6 @@ pub struct HostCopy {
     changed: Condvar,
     cancel: AtomicBool,
     complete: AtomicBool,
-    failed: Mutex<Option<IoError>>,
     /// Seconds the whole load took, once it is over.
     seconds: Mutex<Option<f64>>,
 }
@@ -184,11 +188,11 @@ impl HostCopy {
                 highest_released: None,
                 issued_past_keep: 0,
                 last_progress: Instant::now(),
+                failed: None,
             }),
             changed: Condvar::new(),
             cancel: AtomicBool::new(false),
             complete: AtomicBool::new(first_missing == n),
-            failed: Mutex::new(None),
             seconds: Mutex::new((first_missing == n).then_some(0.0)),
         });
         let this = Arc::clone(&copy);
@@ -216,7 +220,7 @@ impl HostCopy {
                     bytes,
                     seconds: started.elapsed().as_secs_f64(),
                     engine: engine.name(),
-                    error: lock(&this.failed).clone(),
+                    error: this.error(),
                     streamed: this.ring.map(|_| this.keep()),
                 };
                 on_done(&this, outcome);
@@ -398,7 +402,8 @@ impl HostCopy {
     }
 
     fn settle(&self, chunk_no: usize, result: Result<SharedChunk, IoError>) {
-        let mut state = self.state();
+        let mut guard = self.state();
+        let state = &mut *guard;
         // A chunk settles once: what waiters saw never changes.
         let Some(slot) = state
             .slots
@@ -412,10 +417,9 @@ impl HostCopy {
             Err(e) => {
                 // One failed chunk fails the load: stop reading the rest.
                 self.cancel.store(true, Ordering::Relaxed);
-                let mut failed = lock(&self.failed);
                 // Keep the first real error, not the cancellations it caused.
-                if failed.is_none() || matches!(*failed, Some(IoError::Cancelled)) {
-                    *failed = Some(e.clone());
+                if matches!(state.failed, None | Some(IoError::Cancelled)) {
+                    state.failed = Some(e.clone());
                 }
                 Slot::Failed(e)
             }
@@ -425,7 +429,7 @@ impl HostCopy {
         if state.slots.iter().all(|s| !matches!(s, Slot::Pending)) {
             self.complete.store(true, Ordering::Release);
         }
-        drop(state);
+        drop(guard);
         self.changed.notify_all();
     }
 
@@ -517,7 +521,9 @@ impl HostCopy {
         loop {
             match state.slots.get(i) {
                 Some(Slot::Landed(chunk)) => return Ok(Arc::clone(chunk)),
-                Some(Slot::Failed(e)) => return Err(self.error().unwrap_or_else(|| e.clone())),
+                Some(Slot::Failed(e)) => {
+                    return Err(state.failed.clone().unwrap_or_else(|| e.clone()));
+                }
                 Some(Slot::Pending)
                     if abort.load(Ordering::Relaxed) || Instant::now() >= deadline =>
                 {
@@ -609,7 +615,7 @@ impl HostCopy {
 
     /// The load's error, once one chunk failed.
     pub fn error(&self) -> Option<IoError> {
-        lock(&self.failed).clone()
+        self.state().failed.clone()
     }
 }
 

@@ -97,6 +97,8 @@ pub enum ReplicaError {
     Aborted(String),
     #[error("cannot start a copy thread: {0}")]
     NoThread(String),
+    #[error("device {device}: the copy thread panicked (a bug: please report it with the log)")]
+    Panicked { device: String },
     #[error("the copy threads ended without a result")]
     Lost,
 }
@@ -170,13 +172,22 @@ impl Replica {
             let spawned = std::thread::Builder::new()
                 .name("sllm-copy".into())
                 .spawn(move || {
-                    let (result, figures) =
-                        run_device_copy(consumer, copy, &worker.abort, deadline, poll);
-                    {
-                        let mut all = lock(&worker.figures);
-                        *all = all.max(figures);
-                    }
-                    worker.device_done(result.err());
+                    let device = copy.device.uuid.clone();
+                    // A device thread that panics still counts as done (its
+                    // consumer and target are dropped on the way out), so
+                    // the replica fails rather than copying forever.
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run_device_copy(consumer, copy, &worker.abort, deadline, poll)
+                    }));
+                    let error = match ran {
+                        Ok((result, figures)) => {
+                            let mut all = lock(&worker.figures);
+                            *all = all.max(figures);
+                            result.err()
+                        }
+                        Err(_) => Some(ReplicaError::Panicked { device }),
+                    };
+                    worker.device_done(error);
                 });
             if let Err(e) = spawned {
                 // Devices never started count as done; started ones stop.
