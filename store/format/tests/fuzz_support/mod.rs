@@ -1,8 +1,8 @@
 //! What the fuzz tests of the format, the converter and the daemon share
 //! (each includes this file: `#[path = ...] mod fuzz_support;`): a proptest
 //! runner held to a case count *and* a wall-clock budget, a watchdog that
-//! turns a hung case into a failure that names the input, and an allocator
-//! that counts what one call allocates, so that a parser which believes a
+//! turns a hung case into a failure that names the input, and a count of
+//! what one call allocates (`allocation-counter`), so that a parser which believes a
 //! length its input does not back shows up as a failed case instead of an
 //! allocation the machine happens to survive.
 //!
@@ -14,15 +14,8 @@
 //! - `SLLM_FUZZ_CASES`, `SLLM_FUZZ_SECONDS`: the slow tier's case count and
 //!   time budget per target.
 
-#![allow(
-    unsafe_code,
-    reason = "a counting global allocator, test-only: it forwards every call to the system \
-              allocator unchanged"
-)]
 #![allow(dead_code, reason = "each fuzz file uses part of the harness")]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::fmt::Debug;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,93 +35,24 @@ pub const SLOW_CASE: Duration = Duration::from_secs(10);
 // ---------------------------------------------------------------------------
 // Allocation counting.
 
-/// Counts, per thread, the bytes live and the largest single request.
-pub struct CountingAlloc;
-
-#[global_allocator]
-static COUNTING: CountingAlloc = CountingAlloc;
-
-thread_local! {
-    /// Bytes allocated minus bytes freed by this thread (may go negative
-    /// when it frees what another thread allocated).
-    static LIVE: Cell<isize> = const { Cell::new(0) };
-    /// Highest `LIVE` since the last [`measure`] began.
-    static PEAK: Cell<isize> = const { Cell::new(0) };
-    /// Largest single allocation since the last [`measure`] began.
-    static LARGEST: Cell<usize> = const { Cell::new(0) };
-}
-
-fn note_alloc(bytes: usize) {
-    // `try_with`: never panic inside the allocator, even while the thread's
-    // locals are being torn down.
-    let _ = LIVE.try_with(|live| {
-        let now = live.get().saturating_add(bytes as isize);
-        live.set(now);
-        let _ = PEAK.try_with(|peak| peak.set(peak.get().max(now)));
-    });
-    let _ = LARGEST.try_with(|largest| largest.set(largest.get().max(bytes)));
-}
-
-fn note_free(bytes: usize) {
-    let _ = LIVE.try_with(|live| live.set(live.get().saturating_sub(bytes as isize)));
-}
-
-// SAFETY: every method forwards its arguments unchanged to `System`, which
-// implements `GlobalAlloc`'s contract; the bookkeeping touches only
-// thread-local cells that never allocate.
-unsafe impl GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note_alloc(layout.size());
-        // SAFETY: the caller's layout is passed on as the contract requires.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note_alloc(layout.size());
-        // SAFETY: the caller's layout is passed on as the contract requires.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        note_free(layout.size());
-        // SAFETY: `ptr` and `layout` come from a matching `alloc` through
-        // this allocator, which got them from `System`.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note_alloc(new_size);
-        // SAFETY: as for `dealloc`, and `new_size` is the caller's.
-        let moved = unsafe { System.realloc(ptr, layout, new_size) };
-        if moved.is_null() {
-            note_free(new_size);
-        } else {
-            note_free(layout.size());
-        }
-        moved
-    }
-}
-
 /// What one call allocated on its thread.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Usage {
-    /// Most bytes held at once beyond what the thread held before the call.
+    /// Most bytes held at once beyond what the thread held before the call
+    /// (so also a bound on its largest single allocation).
     pub peak_bytes: usize,
-    /// The largest single allocation.
-    pub largest_bytes: usize,
 }
 
-/// Runs `f` and says what it allocated on this thread.
+/// Runs `f` and says what it allocated on this thread, by the counting
+/// global allocator of the `allocation-counter` crate (which linking it
+/// installs in the test binary).
 pub fn measure<T>(f: impl FnOnce() -> T) -> (T, Usage) {
-    let start = LIVE.with(Cell::get);
-    PEAK.with(|p| p.set(start));
-    LARGEST.with(|l| l.set(0));
-    let out = f();
+    let mut out = None;
+    let info = allocation_counter::measure(|| out = Some(f()));
     let usage = Usage {
-        peak_bytes: PEAK.with(Cell::get).saturating_sub(start).max(0) as usize,
-        largest_bytes: LARGEST.with(Cell::get),
+        peak_bytes: usize::try_from(info.bytes_max).unwrap_or(usize::MAX),
     };
-    (out, usage)
+    (out.expect("measure ran the closure"), usage)
 }
 
 /// Bytes a parser may hold for an input of `input_bytes`: a generous
@@ -143,11 +67,11 @@ pub fn allowance(input_bytes: usize) -> usize {
 /// Fails the case when `usage` exceeds the allowance for `input_bytes`.
 pub fn check_allocation(usage: Usage, input_bytes: usize) -> Result<(), TestCaseError> {
     let allowed = allowance(input_bytes);
-    if usage.peak_bytes > allowed || usage.largest_bytes > allowed {
+    if usage.peak_bytes > allowed {
         return Err(TestCaseError::fail(format!(
-            "allocated {} bytes at peak (largest block {}) for {input_bytes} bytes of input; \
-             the allowance is {allowed}",
-            usage.peak_bytes, usage.largest_bytes
+            "allocated {} bytes at peak for {input_bytes} bytes of input; the allowance is \
+             {allowed}",
+            usage.peak_bytes
         )));
     }
     Ok(())
