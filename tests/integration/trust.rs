@@ -13,8 +13,6 @@ use sllm_client::plan::{DeviceMap, Layout, plan};
 use sllm_client::proto::MemCopyChunk;
 use sllm_client::shm::ShmBuffer;
 use sllm_daemon::daemon::{DaemonConfig, Listen, serve};
-use sllm_daemon::device::BackendChoice;
-use sllm_daemon::io::EngineKind;
 use sllm_daemon::registry::Limits;
 use sllm_format::TensorIndex;
 use tonic::Code;
@@ -360,26 +358,15 @@ async fn daemon_with_limits(
     limits: Limits,
 ) -> (String, tokio::sync::oneshot::Sender<()>) {
     let cfg = DaemonConfig {
-        storage_root: storage.to_owned(),
-        listen: Listen::Tcp("127.0.0.1:0".parse().unwrap()),
-        max_connections: sllm_daemon::listener::DEFAULT_MAX_CONNECTIONS,
-        io_threads: 2,
-        chunk_bytes: 64 << 10,
-        pool_bytes: 4 << 20,
-        registration_required: false,
-        device: BackendChoice::Host,
         host_devices,
-        host_shm_dir: PathBuf::from(SHM),
-        io_engine: EngineKind::Auto,
-        queue_depth: 16,
-        max_io_bytes: 1 << 20,
-        metrics_port: None,
-        verify_checksums: true,
-        checksum_threads: 1,
-        copy_streams: 1,
-        socket_mode: 0o600,
-        auth_token: None,
         limits,
+        ..DaemonConfig::host(
+            storage.to_owned(),
+            Listen::Tcp("127.0.0.1:0".parse().unwrap()),
+            PathBuf::from(SHM),
+            4 << 20,
+            64 << 10,
+        )
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<String>();

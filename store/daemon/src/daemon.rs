@@ -79,6 +79,43 @@ pub struct DaemonConfig {
     pub limits: Limits,
 }
 
+impl DaemonConfig {
+    /// A small daemon on the host backend (one device, its buffers under
+    /// `host_shm_dir`), checking checksums, with the default limits: what the
+    /// demo and the tests run. Change what differs with struct update
+    /// syntax: `DaemonConfig { host_devices: 2, ..DaemonConfig::host(..) }`.
+    pub fn host(
+        storage_root: PathBuf,
+        listen: Listen,
+        host_shm_dir: PathBuf,
+        pool_bytes: usize,
+        chunk_bytes: usize,
+    ) -> Self {
+        Self {
+            storage_root,
+            listen,
+            max_connections: crate::listener::DEFAULT_MAX_CONNECTIONS,
+            io_threads: 2,
+            chunk_bytes,
+            pool_bytes,
+            registration_required: false,
+            device: BackendChoice::Host,
+            host_devices: 1,
+            host_shm_dir,
+            io_engine: EngineKind::Auto,
+            queue_depth: 16,
+            max_io_bytes: 1 << 20,
+            metrics_port: None,
+            verify_checksums: true,
+            checksum_threads: 1,
+            copy_streams: 1,
+            socket_mode: 0o600,
+            auth_token: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
 /// The daemon could not start or failed while serving.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {

@@ -48,8 +48,6 @@ use proptest::test_runner::TestCaseError;
 use prost::Message;
 use prost::bytes::BufMut;
 use sllm_daemon::daemon::{DaemonConfig, Listen, serve};
-use sllm_daemon::device::BackendChoice;
-use sllm_daemon::io::EngineKind;
 use sllm_daemon::registry::Limits;
 use sllm_daemon::server::MAX_STATUS_MESSAGE_BYTES;
 use sllm_format::{StoreWriter, WriterOptions};
@@ -350,25 +348,7 @@ impl World {
             .build()
             .unwrap();
         let cfg = DaemonConfig {
-            storage_root: storage.clone(),
-            listen: Listen::Tcp("127.0.0.1:0".parse().unwrap()),
-            max_connections: sllm_daemon::listener::DEFAULT_MAX_CONNECTIONS,
-            io_threads: 2,
-            chunk_bytes: 64 << 10,
-            pool_bytes: 2 << 20,
-            registration_required: false,
-            device: BackendChoice::Host,
             host_devices: 2,
-            host_shm_dir: shm.clone(),
-            io_engine: EngineKind::Auto,
-            queue_depth: 16,
-            max_io_bytes: 1 << 20,
-            metrics_port: None,
-            verify_checksums: true,
-            checksum_threads: 1,
-            copy_streams: 1,
-            socket_mode: 0o600,
-            auth_token: None,
             limits: Limits {
                 confirm_timeout: Duration::from_secs(5),
                 unknown_replica_wait: Duration::from_millis(10),
@@ -378,6 +358,13 @@ impl World {
                 stream_drain_timeout: Duration::from_secs(5),
                 ..Limits::default()
             },
+            ..DaemonConfig::host(
+                storage.clone(),
+                Listen::Tcp("127.0.0.1:0".parse().unwrap()),
+                shm.clone(),
+                2 << 20,
+                64 << 10,
+            )
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<String>();

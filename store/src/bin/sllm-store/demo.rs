@@ -24,10 +24,7 @@ use sllm_client::StoreClient;
 use sllm_client::load::load_model;
 use sllm_client::plan::Layout;
 use sllm_daemon::daemon::{DaemonConfig, Listen, serve};
-use sllm_daemon::device::BackendChoice;
 use sllm_daemon::device::host::DEFAULT_SHM_DIR;
-use sllm_daemon::io::EngineKind;
-use sllm_daemon::registry::Limits;
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -149,26 +146,17 @@ fn serve_and_load(
     };
     let chunk_bytes = 8usize << 20;
     let cfg = DaemonConfig {
-        storage_root: storage.to_owned(),
-        listen: Listen::Unix(socket.clone()),
-        max_connections: sllm_daemon::listener::DEFAULT_MAX_CONNECTIONS,
         io_threads: 4,
-        chunk_bytes,
-        pool_bytes: (model_bytes as usize).next_multiple_of(chunk_bytes) + 2 * chunk_bytes,
-        registration_required: false,
-        device: BackendChoice::Host,
-        host_devices: 1,
-        host_shm_dir: shm_dir,
-        io_engine: EngineKind::Auto,
         queue_depth: 64,
         max_io_bytes: 4 << 20,
-        metrics_port: None,
-        verify_checksums: true,
         checksum_threads: 2,
-        copy_streams: 1,
-        socket_mode: 0o600,
-        auth_token: None,
-        limits: Limits::default(),
+        ..DaemonConfig::host(
+            storage.to_owned(),
+            Listen::Unix(socket.clone()),
+            shm_dir,
+            (model_bytes as usize).next_multiple_of(chunk_bytes) + 2 * chunk_bytes,
+            chunk_bytes,
+        )
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
