@@ -676,3 +676,35 @@ fn a_header_naming_a_tensor_twice_is_refused() {
         result.map(|f| f.tensors).unwrap_or_default()
     );
 }
+
+/// Tensors that share an offset (empty ones) came out in hash-map order, so
+/// two conversions of one checkpoint could write their index entries in
+/// different orders. They now come by offset, then by name.
+#[test]
+fn tensors_that_share_an_offset_come_in_one_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("model.safetensors");
+    let names = ["e", "b", "z", "a", "d", "c", "y", "x"];
+    let mut header = String::from("{");
+    for n in names {
+        header.push_str(&format!(
+            r#""{n}": {{"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}, "#
+        ));
+    }
+    header.push_str(r#""w": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}}"#);
+    let mut file = with_prefix(header.len() as u64, header.as_bytes());
+    file.extend_from_slice(&[1, 2, 3, 4]);
+    std::fs::write(&path, &file).unwrap();
+    let mut sorted: Vec<&str> = names.iter().copied().chain(["w"]).collect();
+    sorted.sort_unstable();
+    // Each open parses into a new hash map (a new random order).
+    for _ in 0..20 {
+        let got: Vec<String> = SafetensorsFile::open(&path)
+            .unwrap()
+            .tensors
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        assert_eq!(got, sorted);
+    }
+}

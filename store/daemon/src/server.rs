@@ -67,6 +67,7 @@ pub fn to_status(e: RegistryError) -> Status {
             Status::invalid_argument(message)
         }
         RegistryError::NotFound { .. }
+        | RegistryError::NotADirectory { .. }
         | RegistryError::UnknownModel { .. }
         | RegistryError::UnknownDevice { .. }
         | RegistryError::ReplicaUnknown { .. } => Status::not_found(message),

@@ -251,3 +251,31 @@ fn unload_during_a_copy_keeps_the_chunks_until_the_copy_ends() {
     // And the pool has every chunk back.
     assert_eq!(f.registry.pool_used_bytes(), 0);
 }
+
+/// A model id that names a file inside a model (found by the request
+/// fuzzing: it came back INTERNAL, "Not a directory") is NOT_FOUND, with a
+/// message that says what a model is.
+#[test]
+fn a_model_id_naming_a_file_is_not_found_and_says_why() {
+    let f = Fixture::new(4, Limits::default());
+    f.write("o/m", 1000, 7);
+    for id in ["o/m/tensor.data_0", "o/m/tensor_index.json"] {
+        let e = f.registry.load_to_host(id).unwrap_err();
+        assert!(
+            matches!(e, RegistryError::NotADirectory { .. }),
+            "{id}: {e:?}"
+        );
+        let status = sllm_daemon::server::to_status(e);
+        assert_eq!(status.code(), tonic::Code::NotFound, "{id}: {status:?}");
+        assert!(
+            status.message().contains("is not a directory")
+                && status
+                    .message()
+                    .contains("tensor_index.json and tensor.data_0"),
+            "{}",
+            status.message()
+        );
+    }
+    // The model itself still loads.
+    f.load_to_host("o/m");
+}

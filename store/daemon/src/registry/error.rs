@@ -34,6 +34,15 @@ pub enum RegistryError {
         root: PathBuf,
     },
     #[error(
+        "model {model} names {path}, which is not a directory: a model is the directory that \
+         holds tensor_index.json and tensor.data_0 (storage path {root})"
+    )]
+    NotADirectory {
+        model: String,
+        path: PathBuf,
+        root: PathBuf,
+    },
+    #[error(
         "model {model} is not registered and the daemon runs with --registration-required; call RegisterModel first"
     )]
     NotRegistered { model: String },

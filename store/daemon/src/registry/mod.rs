@@ -233,6 +233,13 @@ impl Registry {
                 root: root.clone(),
             });
         }
+        if !real.is_dir() {
+            return Err(RegistryError::NotADirectory {
+                model: id.to_string(),
+                path: dir,
+                root: root.clone(),
+            });
+        }
         Ok(real)
     }
 
