@@ -15,8 +15,8 @@
   exits with status 3 before serving anything;
 - hang: listens and accepts connections but never answers.
 
---api-key is accepted and not checked (the tests check that the benchmark
-keeps it out of its results). --pid-file appends this process's pid to F; --spawn-child starts a
+--api-key KEY makes every request without `Authorization: Bearer KEY` get
+HTTP 401, as vLLM's --api-key does. --pid-file appends this process's pid to F; --spawn-child starts a
 grandchild `sleep 600` and appends its pid to F.child, so that tests can
 check that the whole process group was stopped; --ignore-term ignores
 SIGTERM, so that only SIGKILL stops it.
@@ -45,7 +45,7 @@ def append_line(path, value):
         f.write(f"{value}\n")
 
 
-def serve_ready(port, delay, model_id, completion):
+def serve_ready(port, delay, model_id, completion, api_key):
     started = time.monotonic()
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -62,7 +62,15 @@ def serve_ready(port, delay, model_id, completion):
             self.end_headers()
             self.wfile.write(data)
 
+        def authorized(self):
+            if api_key is None or self.headers.get("Authorization") == f"Bearer {api_key}":
+                return True
+            self.reply(401, {"error": "Unauthorized"})
+            return False
+
         def do_GET(self):
+            if not self.authorized():
+                return
             if self.path == "/v1/models" and self.ready():
                 self.reply(200, {
                     "object": "list",
@@ -77,6 +85,8 @@ def serve_ready(port, delay, model_id, completion):
                 request = json.loads(self.rfile.read(length) or b"{}")
             except ValueError:
                 self.reply(400, {"error": "request body is not JSON"})
+                return
+            if not self.authorized():
                 return
             if self.path != "/v1/completions" or not self.ready():
                 self.reply(404, {"detail": "Not Found"})
@@ -143,7 +153,7 @@ def main():
     elif args.mode == "hang":
         serve_hang(args.port)
     else:
-        serve_ready(args.port, args.delay, args.model_id, args.completion)
+        serve_ready(args.port, args.delay, args.model_id, args.completion, args.api_key)
 
 
 if __name__ == "__main__":

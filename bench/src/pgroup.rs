@@ -80,15 +80,21 @@ impl std::fmt::Display for Stopped {
 
 impl ProcessGroup {
     /// Starts `sh -c command` in its own process group with stdin from
-    /// /dev/null and stdout and stderr appended to `log`, with `env` added
-    /// to the environment.
-    pub fn spawn(command: &str, env: &[(&str, &str)], log: &Path) -> anyhow::Result<Self> {
+    /// /dev/null and stdout and stderr appended to `log` (headed by the
+    /// command as `shown`: with its secrets masked), with `env` added to the
+    /// environment.
+    pub fn spawn(
+        command: &str,
+        shown: &str,
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         let mut out = File::options()
             .create(true)
             .append(true)
             .open(log)
             .with_context(|| format!("opening the log file {}", log.display()))?;
-        writeln!(out, "# sllm-bench: sh -c {command:?}")
+        writeln!(out, "# sllm-bench: sh -c {shown:?}")
             .with_context(|| format!("writing {}", log.display()))?;
         let err = out
             .try_clone()
@@ -113,7 +119,7 @@ impl ProcessGroup {
             .stderr(err)
             .process_group(0)
             .spawn()
-            .with_context(|| format!("starting `sh -c {command:?}`: is sh on PATH?"))?;
+            .with_context(|| format!("starting `sh -c {shown:?}`: is sh on PATH?"))?;
         let raw = i32::try_from(child.id()).context("the child's pid does not fit a pid_t")?;
         let pgid = Pid::from_raw(raw).context("the child's pid is 0")?;
         running.pgid = raw;
@@ -404,7 +410,13 @@ mod tests {
     fn a_group_is_stopped_with_its_children() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("log");
-        let mut group = ProcessGroup::spawn("sleep 600 & echo started; wait", &[], &log).unwrap();
+        let mut group = ProcessGroup::spawn(
+            "sleep 600 & echo started; wait",
+            "sleep 600 & echo started; wait",
+            &[],
+            &log,
+        )
+        .unwrap();
         let pgid = Pid::from_raw(group.pid() as i32).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while !std::fs::read_to_string(&log).unwrap().contains("started") {

