@@ -81,6 +81,23 @@ pub fn run_bounded(cmd: &mut Command, secs: u64) -> (std::process::ExitStatus, S
     }
 }
 
+/// A number field of `/proc/<pid>/status` (`VmRSS:` in KiB, `Threads:`);
+/// 0 when the process or the field is gone.
+pub fn proc_status_field(pid: u32, name: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Resident memory of process `pid`, in bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    proc_status_field(pid, "VmRSS:") << 10
+}
+
 /// Creates a FIFO (named pipe) at `path`.
 pub fn mkfifo(path: &Path) {
     rustix::fs::mknodat(

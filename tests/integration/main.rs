@@ -16,5 +16,7 @@ mod save_roundtrip;
 mod soak;
 mod streaming;
 mod trust;
+#[path = "../vllm/venv.rs"]
+mod venv;
 mod verify;
 mod vllm;

@@ -60,20 +60,11 @@ struct Sample {
 }
 
 fn sample(pid: u32, started: Instant) -> Sample {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
     Sample {
         t_s: started.elapsed().as_secs_f64(),
-        rss_bytes: field("VmRSS:") << 10,
+        rss_bytes: rss_bytes(pid),
         fds: std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count()),
-        threads: field("Threads:") as usize,
+        threads: proc_status_field(pid, "Threads:") as usize,
     }
 }
 

@@ -35,18 +35,6 @@ fn save_big(home: &Path, storage: &Path, bytes: u64) {
     );
 }
 
-/// Resident memory of process `pid`, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kib << 10
-}
-
 async fn wait_status(
     daemon: &Daemon,
     what: &str,
@@ -70,7 +58,7 @@ fn a_model_four_times_the_pool_loads_byte_exactly_and_the_daemon_stays_at_the_po
     let storage = tmp.path().join("models");
     save_big(tmp.path(), &storage, 256 << 20);
     let daemon = Daemon::start(tmp.path(), &storage, POOL);
-    let before = rss(daemon.child.id());
+    let before = rss_bytes(daemon.child.id());
     for run in ["cold", "with the kept prefix"] {
         let out = run_ok(
             sllm_store(tmp.path())
@@ -86,7 +74,7 @@ fn a_model_four_times_the_pool_loads_byte_exactly_and_the_daemon_stays_at_the_po
             "{out}"
         );
     }
-    let grown = rss(daemon.child.id()).saturating_sub(before);
+    let grown = rss_bytes(daemon.child.id()).saturating_sub(before);
     assert!(
         grown < 24 << 20,
         "the daemon grew by {grown} bytes streaming 4x its pool"

