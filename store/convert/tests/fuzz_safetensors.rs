@@ -677,9 +677,11 @@ fn a_header_naming_a_tensor_twice_is_refused() {
     );
 }
 
-/// Tensors that share an offset (empty ones) came out in hash-map order, so
-/// two conversions of one checkpoint could write their index entries in
-/// different orders. They now come by offset, then by name.
+/// Tensors that share an offset (empty ones, and the tensor after them)
+/// came out in hash-map order, so two conversions of one checkpoint could
+/// write their index entries in different orders. They now come by offset,
+/// then length (the empty ones before the tensor they share an offset with,
+/// so all still lie back to back), then name.
 #[test]
 fn tensors_that_share_an_offset_come_in_one_order() {
     let tmp = tempfile::tempdir().unwrap();
@@ -695,16 +697,17 @@ fn tensors_that_share_an_offset_come_in_one_order() {
     let mut file = with_prefix(header.len() as u64, header.as_bytes());
     file.extend_from_slice(&[1, 2, 3, 4]);
     std::fs::write(&path, &file).unwrap();
-    let mut sorted: Vec<&str> = names.iter().copied().chain(["w"]).collect();
+    let mut sorted: Vec<&str> = names.to_vec();
     sorted.sort_unstable();
+    sorted.push("w");
     // Each open parses into a new hash map (a new random order).
     for _ in 0..20 {
-        let got: Vec<String> = SafetensorsFile::open(&path)
-            .unwrap()
-            .tensors
-            .into_iter()
-            .map(|t| t.name)
-            .collect();
+        let tensors = SafetensorsFile::open(&path).unwrap().tensors;
+        let got: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(got, sorted);
+        // Back to back: each begins where the one before ends.
+        for pair in tensors.windows(2) {
+            assert_eq!(pair[1].file_offset, pair[0].file_offset + pair[0].len);
+        }
     }
 }

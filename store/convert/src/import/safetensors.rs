@@ -117,11 +117,13 @@ impl SafetensorsFile {
                 len: (end - start) as u64,
             });
         }
-        // The crate orders by offset; tensors that share one (empty ones)
-        // come in hash-map order, which differs from run to run. By name
-        // among those, so that one checkpoint always converts to the same
-        // index.
-        tensors.sort_by(|a, b| (a.file_offset, &a.name).cmp(&(b.file_offset, &b.name)));
+        // The crate orders by offset; tensors that share one (empty ones,
+        // and the tensor after them) come in hash-map order, which differs
+        // from run to run. By offset, then length (empty ones first, so the
+        // tensors still lie back to back), then name: one checkpoint always
+        // converts to the same index.
+        tensors
+            .sort_by(|a, b| (a.file_offset, a.len, &a.name).cmp(&(b.file_offset, b.len, &b.name)));
         Ok(Self {
             path: path.to_owned(),
             file_len,
