@@ -314,7 +314,9 @@ impl ConnState {
     fn close(&self) {
         self.closing.store(true, Ordering::SeqCst);
         for slot in [&self.reader, &self.writer] {
-            if let Some(waker) = lock(slot).take() {
+            // Taken out first: the guard is gone before the task is woken.
+            let waker = lock(slot).take();
+            if let Some(waker) = waker {
                 waker.wake();
             }
         }

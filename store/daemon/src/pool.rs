@@ -182,7 +182,7 @@ impl HostPool {
 
     /// Chunks not leased right now.
     pub fn free_chunks(&self) -> usize {
-        self.inner.free.lock().expect("pool lock").len()
+        crate::lock(&self.inner.free).len()
     }
 
     /// How the memory was obtained.
@@ -198,7 +198,7 @@ impl HostPool {
 
     /// Leases `n` chunks, all or none.
     pub fn try_lease(&self, n: usize) -> Option<Vec<ChunkLease>> {
-        let mut free = self.inner.free.lock().expect("pool lock");
+        let mut free = crate::lock(&self.inner.free);
         if free.len() < n {
             return None;
         }
@@ -321,9 +321,7 @@ impl ChunkLease {
 
 impl Drop for ChunkLease {
     fn drop(&mut self) {
-        if let Ok(mut free) = self.pool.free.lock() {
-            free.push(self.index);
-        }
+        crate::lock(&self.pool.free).push(self.index);
         self.pool.returned.notify_all();
     }
 }

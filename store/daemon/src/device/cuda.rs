@@ -383,7 +383,8 @@ fn unregister(pieces: &mut Vec<usize>) {
 impl Drop for CudaInner {
     /// Runs after the last target is gone: no copy is in flight.
     fn drop(&mut self) {
-        if let Ok(mut registered) = self.registered.lock() {
+        {
+            let mut registered = crate::lock(&self.registered);
             if self
                 .contexts
                 .first()
