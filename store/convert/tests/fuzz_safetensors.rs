@@ -30,6 +30,8 @@
 
 #[path = "../../format/tests/fuzz_support/mod.rs"]
 mod fuzz_support;
+#[path = "../../format/tests/fuzz_support/json_keys.rs"]
+mod json_keys;
 
 use std::fmt;
 use std::path::Path;
@@ -38,7 +40,6 @@ use fuzz_support::{Tally, Tier, check_allocation, measure, run};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use safetensors::SafeTensors;
-use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use sllm_convert::format::TorchDtype;
 use sllm_convert::import::{ImportError, SafetensorsFile};
 
@@ -436,29 +437,6 @@ fn file() -> impl Strategy<Value = FileBytes> {
 // ---------------------------------------------------------------------------
 // The oracle.
 
-/// The keys of a JSON object in order, duplicates kept.
-struct Keys(Vec<String>);
-
-impl<'de> serde::Deserialize<'de> for Keys {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Keys;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Keys, A::Error> {
-                let mut keys = Vec::new();
-                while let Some(k) = map.next_key::<String>()? {
-                    map.next_value::<IgnoredAny>()?;
-                    keys.push(k);
-                }
-                Ok(Keys(keys))
-            }
-        }
-        d.deserialize_map(V)
-    }
-}
 
 /// True when the header of `bytes` (as its prefix delimits it) names a key
 /// twice.
@@ -475,13 +453,7 @@ fn has_duplicate_key(bytes: &[u8]) -> bool {
     else {
         return false;
     };
-    let Ok(Keys(mut keys)) = serde_json::from_slice(header) else {
-        return false;
-    };
-    let all = keys.len();
-    keys.sort();
-    keys.dedup();
-    keys.len() != all
+    json_keys::object_keys(header).is_some_and(|keys| json_keys::repeats(&keys))
 }
 
 fn check(file: &FileBytes, path: &Path, tally: &Tally) -> Result<(), TestCaseError> {

@@ -22,13 +22,14 @@
 //! variant in the slow tier (`cargo test -- --include-ignored`).
 
 mod fuzz_support;
+#[path = "fuzz_support/json_keys.rs"]
+mod json_keys;
 
 use std::fmt;
 
 use fuzz_support::{Tally, Tier, check_allocation, measure, run};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
-use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use sllm_format::index::contiguous_stride;
 use sllm_format::verify::{Depth, verify_model_to};
 use sllm_format::{TensorEntry, TensorIndex, TorchDtype};
@@ -390,29 +391,6 @@ fn document() -> impl Strategy<Value = Doc> {
 // The oracle of the parser: what the module's docs promise, decided with
 // serde_json's generic value and a list of the object's keys.
 
-/// The keys of a JSON object in order, duplicates kept.
-struct Keys(Vec<String>);
-
-impl<'de> serde::Deserialize<'de> for Keys {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Keys;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Keys, A::Error> {
-                let mut keys = Vec::new();
-                while let Some(k) = map.next_key::<String>()? {
-                    map.next_value::<IgnoredAny>()?;
-                    keys.push(k);
-                }
-                Ok(Keys(keys))
-            }
-        }
-        d.deserialize_map(V)
-    }
-}
 
 fn as_u64(v: &serde_json::Value) -> Option<u64> {
     v.as_u64()
@@ -426,11 +404,8 @@ fn as_u64_list(v: &serde_json::Value) -> Option<Vec<u64>> {
 fn expected_index(bytes: &[u8]) -> Option<Vec<(String, TensorEntry)>> {
     let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
     let object = value.as_object()?;
-    let Keys(keys) = serde_json::from_slice(bytes).ok()?;
-    let mut unique = keys.clone();
-    unique.sort();
-    unique.dedup();
-    if unique.len() != keys.len() {
+    let keys = json_keys::object_keys(bytes)?;
+    if json_keys::repeats(&keys) {
         return None;
     }
     keys.into_iter()
