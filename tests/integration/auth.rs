@@ -17,19 +17,10 @@ fn token_file(dir: &Path, token: &str) -> std::path::PathBuf {
 }
 
 fn load(home: &Path, storage: &Path, addr: &str) -> std::process::Command {
-    let mut cmd = sllm_store(home);
+    let mut cmd = load_cmd(home, storage, addr, "o/m");
     cmd.env_remove("SLLM_STORE_TOKEN")
         .env_remove("SLLM_STORE_TOKEN_FILE")
-        .args([
-            "load",
-            "--model",
-            "o/m",
-            "--verify",
-            "--server",
-            addr,
-            "--storage-path",
-        ])
-        .arg(storage);
+        .arg("--verify");
     cmd
 }
 
@@ -89,24 +80,21 @@ fn a_token_is_required_on_every_storage_call_but_not_on_health() {
 fn a_token_file_others_can_read_or_an_empty_one_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let file = token_file(tmp.path(), "abc");
+    let start = || {
+        run_err(
+            sllm_store(tmp.path())
+                .args(["start", "--port", "0", "--auth-token-file"])
+                .arg(&file)
+                .arg("--storage-path")
+                .arg(tmp.path()),
+        )
+    };
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let err = run_err(
-        sllm_store(tmp.path())
-            .args(["start", "--port", "0", "--auth-token-file"])
-            .arg(&file)
-            .arg("--storage-path")
-            .arg(tmp.path()),
-    );
+    let err = start();
     assert!(err.contains("chmod 600"), "{err}");
     std::fs::write(&file, "\n").unwrap();
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let err = run_err(
-        sllm_store(tmp.path())
-            .args(["start", "--port", "0", "--auth-token-file"])
-            .arg(&file)
-            .arg("--storage-path")
-            .arg(tmp.path()),
-    );
+    let err = start();
     assert!(err.contains("is empty"), "{err}");
 }
 

@@ -81,6 +81,15 @@ pub fn run_bounded(cmd: &mut Command, secs: u64) -> (std::process::ExitStatus, S
     }
 }
 
+/// `sllm-store load --model <model> --server <addr> --storage-path
+/// <storage>` run from `home`; callers add the flags they need.
+pub fn load_cmd(home: &Path, storage: &Path, addr: &str, model: &str) -> Command {
+    let mut cmd = sllm_store(home);
+    cmd.args(["load", "--model", model, "--server", addr, "--storage-path"])
+        .arg(storage);
+    cmd
+}
+
 /// A number field of `/proc/<pid>/status` (`VmRSS:` in KiB, `Threads:`);
 /// 0 when the process or the field is gone.
 pub fn proc_status_field(pid: u32, name: &str) -> u64 {

@@ -96,20 +96,8 @@ async fn loads_verify_in_both_layouts_through_the_cli_and_the_client() {
         &["--mem-pool-size", "8MiB", "--chunk-size", "256KiB"],
     );
 
-    let out = run_ok(
-        sllm_store(tmp.path())
-            .args([
-                "load",
-                "--model",
-                "org/m",
-                "--verify",
-                "--json",
-                "--server",
-                &daemon.addr,
-                "--storage-path",
-            ])
-            .arg(&storage),
-    );
+    let out =
+        run_ok(load_cmd(tmp.path(), &storage, &daemon.addr, "org/m").args(["--verify", "--json"]));
     let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(report["verified"], true, "{out}");
     for key in [
@@ -126,32 +114,9 @@ async fn loads_verify_in_both_layouts_through_the_cli_and_the_client() {
     assert_eq!(report["from_pool"], false, "{out}");
     // Again: the model is in the pool now, and the report says so rather
     // than repeating the first load's time.
-    let out = run_ok(
-        sllm_store(tmp.path())
-            .args([
-                "load",
-                "--model",
-                "org/m",
-                "--server",
-                &daemon.addr,
-                "--storage-path",
-            ])
-            .arg(&storage),
-    );
+    let out = run_ok(&mut load_cmd(tmp.path(), &storage, &daemon.addr, "org/m"));
     assert!(out.contains("host load    from the pool"), "{out}");
-    let out = run_ok(
-        sllm_store(tmp.path())
-            .args([
-                "load",
-                "--model",
-                "org/m",
-                "--json",
-                "--server",
-                &daemon.addr,
-            ])
-            .arg("--storage-path")
-            .arg(&storage),
-    );
+    let out = run_ok(load_cmd(tmp.path(), &storage, &daemon.addr, "org/m").arg("--json"));
     let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(report["from_pool"], true, "{out}");
     assert_eq!(report["host_load_s"], 0.0, "{out}");
@@ -695,16 +660,7 @@ fn sigterm_during_a_load_and_a_client_killed_mid_load() {
 
     // A client process killed while its load runs: nothing leaks, the
     // daemon keeps serving and the pool is whole again.
-    let mut load = sllm_store(tmp.path())
-        .args([
-            "load",
-            "--model",
-            "o/big",
-            "--server",
-            &daemon.addr,
-            "--storage-path",
-        ])
-        .arg(&storage)
+    let mut load = load_cmd(tmp.path(), &storage, &daemon.addr, "o/big")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -712,19 +668,7 @@ fn sigterm_during_a_load_and_a_client_killed_mid_load() {
     std::thread::sleep(Duration::from_millis(150));
     load.kill().unwrap();
     load.wait().unwrap();
-    let out = run_ok(
-        sllm_store(tmp.path())
-            .args([
-                "load",
-                "--model",
-                "o/small",
-                "--verify",
-                "--server",
-                &daemon.addr,
-                "--storage-path",
-            ])
-            .arg(&storage),
-    );
+    let out = run_ok(load_cmd(tmp.path(), &storage, &daemon.addr, "o/small").arg("--verify"));
     assert!(out.contains("every tensor matches"), "{out}");
 
     // SIGTERM while a load is in flight: a prompt, clean exit.
@@ -844,18 +788,12 @@ fn load_without_a_daemon_is_one_line_and_a_failure() {
         .local_addr()
         .unwrap()
         .port();
-    let err = run_err(
-        sllm_store(tmp.path())
-            .args([
-                "load",
-                "--model",
-                "o/m",
-                "--server",
-                &format!("127.0.0.1:{port}"),
-                "--storage-path",
-            ])
-            .arg(tmp.path()),
-    );
+    let err = run_err(&mut load_cmd(
+        tmp.path(),
+        tmp.path(),
+        &format!("127.0.0.1:{port}"),
+        "o/m",
+    ));
     assert!(
         err.contains("cannot reach the store daemon") && err.contains("sllm-store start"),
         "{err}"

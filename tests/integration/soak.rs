@@ -396,10 +396,8 @@ fn soak_mixed_work_keeps_bytes_right_and_the_daemon_flat() {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
-                    let mut child = sllm_store(&home)
-                        .args(["load", "--model", MODELS[(n as usize) % MODELS.len()].0])
-                        .args(["--server", &addr, "--storage-path"])
-                        .arg(&storage)
+                    let model = MODELS[(n as usize) % MODELS.len()].0;
+                    let mut child = load_cmd(&home, &storage, &addr, model)
                         .stdout(std::process::Stdio::null())
                         .stderr(std::process::Stdio::null())
                         .spawn()

@@ -61,10 +61,7 @@ fn a_model_four_times_the_pool_loads_byte_exactly_and_the_daemon_stays_at_the_po
     let before = rss_bytes(daemon.child.id());
     for run in ["cold", "with the kept prefix"] {
         let out = run_ok(
-            sllm_store(tmp.path())
-                .args(["load", "--model", "org/big", "--verify", "--json"])
-                .args(["--server", &daemon.addr, "--storage-path"])
-                .arg(&storage),
+            load_cmd(tmp.path(), &storage, &daemon.addr, "org/big").args(["--verify", "--json"]),
         );
         let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
         assert_eq!(report["verified"], true, "{run}: {out}");
@@ -122,10 +119,7 @@ async fn a_client_that_dies_before_its_device_request_frees_the_pool_after_the_d
         "1MiB",
     );
     let out = run_ok(
-        sllm_store(tmp.path())
-            .args(["load", "--model", "org/small", "--verify", "--json"])
-            .args(["--server", &daemon.addr, "--storage-path"])
-            .arg(&storage),
+        load_cmd(tmp.path(), &storage, &daemon.addr, "org/small").args(["--verify", "--json"]),
     );
     assert!(out.contains("\"verified\":true"), "{out}");
 }

@@ -137,11 +137,8 @@ async fn a_resaved_model_is_served_from_its_new_files() {
         "third version",
     );
     let out = run_ok(
-        sllm_store(tmp.path())
-            .args(["load", "--model", "org/c1", "--verify", "--json"])
-            .args(["--layout", "packed", "--server", &daemon.addr])
-            .arg("--storage-path")
-            .arg(&storage),
+        load_cmd(tmp.path(), &storage, &daemon.addr, "org/c1")
+            .args(["--verify", "--json", "--layout", "packed"]),
     );
     assert!(out.contains(r#""verified":true"#), "{out}");
     assert!(daemon.log_text().contains("changed on disk"));
@@ -255,12 +252,8 @@ async fn damaged_bytes_and_tampered_indexes_are_never_served() {
     );
 
     let load_cli = |addr: &str| {
-        let mut cmd = sllm_store(tmp.path());
-        cmd.args([
-            "load", "--model", "o/m", "--verify", "--json", "--server", addr,
-        ])
-        .arg("--storage-path")
-        .arg(&storage);
+        let mut cmd = load_cmd(tmp.path(), &storage, addr, "o/m");
+        cmd.args(["--verify", "--json"]);
         cmd
     };
     let err = run_err(&mut load_cli(&daemon.addr));

@@ -437,7 +437,6 @@ fn file() -> impl Strategy<Value = FileBytes> {
 // ---------------------------------------------------------------------------
 // The oracle.
 
-
 /// True when the header of `bytes` (as its prefix delimits it) names a key
 /// twice.
 fn has_duplicate_key(bytes: &[u8]) -> bool {

@@ -391,7 +391,6 @@ fn document() -> impl Strategy<Value = Doc> {
 // The oracle of the parser: what the module's docs promise, decided with
 // serde_json's generic value and a list of the object's keys.
 
-
 fn as_u64(v: &serde_json::Value) -> Option<u64> {
     v.as_u64()
 }
