@@ -9,6 +9,9 @@ use sllm_proto::{
     GetModelStatusResponse, GetServerConfigRequest, LoadModelRequest, MemCopyChunk,
     MemCopyChunkList, MemCopyHandle, MemCopyHandleList, RegisterModelRequest, UnloadModelRequest,
 };
+use tonic::Status;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 /// Default daemon address, as ServerlessLLM's client dials it.
@@ -73,11 +76,25 @@ pub struct ServerConfig {
 /// A connection to the daemon. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct StoreClient {
-    inner: StorageClient<Channel>,
+    inner: StorageClient<InterceptedService<Channel, AuthHeader>>,
     channel: Channel,
-    /// `Bearer <token>`, sent with every call when the environment names a
-    /// token ($SLLM_STORE_TOKEN, or the file $SLLM_STORE_TOKEN_FILE names).
-    token: Option<tonic::metadata::AsciiMetadataValue>,
+}
+
+/// Adds `authorization: Bearer <token>` to every storage call when the
+/// environment names a token ($SLLM_STORE_TOKEN, or the file
+/// $SLLM_STORE_TOKEN_FILE names).
+#[derive(Clone, Debug)]
+struct AuthHeader(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl Interceptor for AuthHeader {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
+        }
+        Ok(request)
+    }
 }
 
 impl StoreClient {
@@ -115,26 +132,19 @@ impl StoreClient {
                 .await
                 .map_err(connect_err)?
         };
-        let inner = StorageClient::new(channel.clone())
+        let inner = StorageClient::with_interceptor(channel.clone(), AuthHeader(token_from_env()?))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Ok(Self {
-            inner,
-            channel,
-            token: token_from_env()?,
-        })
+        Ok(Self { inner, channel })
     }
 
     /// Indexes the model; returns its size in bytes.
     pub async fn register(&mut self, model: &str) -> Result<u64, ClientError> {
         let r = self
             .inner
-            .register_model(authed(
-                &self.token,
-                RegisterModelRequest {
-                    model_path: model.into(),
-                },
-            ))
+            .register_model(RegisterModelRequest {
+                model_path: model.into(),
+            })
             .await
             .map_err(rpc("RegisterModel"))?;
         Ok(r.into_inner().model_size as u64)
@@ -143,14 +153,11 @@ impl StoreClient {
     /// Starts loading the model into the daemon's host pool; returns at once.
     pub async fn load_to_host(&mut self, model: &str) -> Result<(), ClientError> {
         self.inner
-            .load_model_async(authed(
-                &self.token,
-                LoadModelRequest {
-                    model_path: model.into(),
-                    target_device_type: DeviceType::Cpu as i32,
-                    ..Default::default()
-                },
-            ))
+            .load_model_async(LoadModelRequest {
+                model_path: model.into(),
+                target_device_type: DeviceType::Cpu as i32,
+                ..Default::default()
+            })
             .await
             .map_err(rpc("LoadModelAsync(CPU)"))?;
         Ok(())
@@ -166,28 +173,25 @@ impl StoreClient {
         handles: HashMap<String, Vec<Vec<u8>>>,
     ) -> Result<(), ClientError> {
         self.inner
-            .load_model_async(authed(
-                &self.token,
-                LoadModelRequest {
-                    model_path: model.into(),
-                    replica_uuid: replica_uuid.into(),
-                    chunks: copies
-                        .into_iter()
-                        .map(|(uuid, chunks)| (uuid, MemCopyChunkList { chunks }))
-                        .collect(),
-                    handles: handles
-                        .into_iter()
-                        .map(|(uuid, list)| {
-                            let handles = list
-                                .into_iter()
-                                .map(|h| MemCopyHandle { cuda_ipc_handle: h })
-                                .collect();
-                            (uuid, MemCopyHandleList { handles })
-                        })
-                        .collect(),
-                    target_device_type: DeviceType::Gpu as i32,
-                },
-            ))
+            .load_model_async(LoadModelRequest {
+                model_path: model.into(),
+                replica_uuid: replica_uuid.into(),
+                chunks: copies
+                    .into_iter()
+                    .map(|(uuid, chunks)| (uuid, MemCopyChunkList { chunks }))
+                    .collect(),
+                handles: handles
+                    .into_iter()
+                    .map(|(uuid, list)| {
+                        let handles = list
+                            .into_iter()
+                            .map(|h| MemCopyHandle { cuda_ipc_handle: h })
+                            .collect();
+                        (uuid, MemCopyHandleList { handles })
+                    })
+                    .collect(),
+                target_device_type: DeviceType::Gpu as i32,
+            })
             .await
             .map_err(rpc("LoadModelAsync(GPU)"))?;
         Ok(())
@@ -196,14 +200,11 @@ impl StoreClient {
     /// Waits until the replica's copies are complete.
     pub async fn confirm(&mut self, model: &str, replica_uuid: &str) -> Result<(), ClientError> {
         self.inner
-            .confirm_model(authed(
-                &self.token,
-                ConfirmModelRequest {
-                    model_path: model.into(),
-                    replica_uuid: replica_uuid.into(),
-                    target_device_type: DeviceType::Gpu as i32,
-                },
-            ))
+            .confirm_model(ConfirmModelRequest {
+                model_path: model.into(),
+                replica_uuid: replica_uuid.into(),
+                target_device_type: DeviceType::Gpu as i32,
+            })
             .await
             .map_err(rpc("ConfirmModel"))?;
         Ok(())
@@ -212,14 +213,11 @@ impl StoreClient {
     /// Frees the model's host pool memory.
     pub async fn unload(&mut self, model: &str) -> Result<(), ClientError> {
         self.inner
-            .unload_model(authed(
-                &self.token,
-                UnloadModelRequest {
-                    model_path: model.into(),
-                    target_device_type: DeviceType::Cpu as i32,
-                    ..Default::default()
-                },
-            ))
+            .unload_model(UnloadModelRequest {
+                model_path: model.into(),
+                target_device_type: DeviceType::Cpu as i32,
+                ..Default::default()
+            })
             .await
             .map_err(rpc("UnloadModel"))?;
         Ok(())
@@ -228,7 +226,7 @@ impl StoreClient {
     /// Frees every model's host pool memory.
     pub async fn clear(&mut self) -> Result<(), ClientError> {
         self.inner
-            .clear_mem(authed(&self.token, ClearMemRequest {}))
+            .clear_mem(ClearMemRequest {})
             .await
             .map_err(rpc("ClearMem"))?;
         Ok(())
@@ -252,7 +250,7 @@ impl StoreClient {
     pub async fn server_config(&mut self) -> Result<ServerConfig, ClientError> {
         let r = self
             .inner
-            .get_server_config(authed(&self.token, GetServerConfigRequest {}))
+            .get_server_config(GetServerConfigRequest {})
             .await
             .map_err(rpc("GetServerConfig"))?
             .into_inner();
@@ -276,27 +274,13 @@ impl StoreClient {
     ) -> Result<GetModelStatusResponse, ClientError> {
         Ok(self
             .inner
-            .get_model_status(authed(
-                &self.token,
-                GetModelStatusRequest {
-                    model_path: model.into(),
-                },
-            ))
+            .get_model_status(GetModelStatusRequest {
+                model_path: model.into(),
+            })
             .await
             .map_err(rpc("GetModelStatus"))?
             .into_inner())
     }
-}
-
-/// `msg` with the token, when there is one.
-fn authed<T>(token: &Option<tonic::metadata::AsciiMetadataValue>, msg: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(msg);
-    if let Some(token) = token {
-        request
-            .metadata_mut()
-            .insert("authorization", token.clone());
-    }
-    request
 }
 
 /// The token the environment names: $SLLM_STORE_TOKEN, else the first line
