@@ -47,7 +47,8 @@ def storage_path_for(storage_path: "str | None" = None, server: "str | None" = N
     if storage_path or os.environ.get("STORAGE_PATH"):
         return resolve_storage_path(storage_path)
     try:
-        said = StoreClient(server, timeout_s=5.0).server_config().storage_path
+        with StoreClient(server, timeout_s=5.0) as client:
+            said = client.server_config().storage_path
     except Exception:  # noqa: BLE001 (unreachable: the load itself will say so)
         said = ""
     if said and os.path.isabs(said) and os.path.isdir(said):

@@ -73,13 +73,17 @@ def load_weights_into(model, model_dir: str, rank: int, quantized: bool = False,
     that vLLM was pointed at (`model_dir`) into `model` for
     tensor-parallel rank `rank`. Returns the LoadReport."""
     kind, sub = detect_layout(model_dir, rank)
-    model_id = model_id_for(model_dir)
+    # Asked of the daemon once, for the model's id and for the load.
+    root = storage_path_for(None)
+    model_id = model_id_for(model_dir, root)
     # Like vLLM's default loader: parameters left unset are an error for an
     # unquantized model, when we can tell (the rank layout names them all;
     # a model's load_weights says what it loaded by returning a set).
     tracked = True
     if kind == "rank":
-        report, loaded = load_into_module(model, f"{model_id}/{sub}", window_bytes=window_bytes)
+        report, loaded = load_into_module(
+            model, f"{model_id}/{sub}", storage_path=root, window_bytes=window_bytes
+        )
         what = f"{model_id}/{sub}"
     else:
         from vllm.model_executor.model_loader.weight_utils import default_weight_loader
@@ -92,7 +96,7 @@ def load_weights_into(model, model_dir: str, rank: int, quantized: bool = False,
 
         report, loaded = load_into_module(
             model, model_id, weights_loader=weights_loader, accept=_direct_accept(default_weight_loader),
-            window_bytes=window_bytes,
+            storage_path=root, window_bytes=window_bytes,
         )
         what = model_id
     params = {name for name, _p in model.named_parameters()}
