@@ -119,6 +119,16 @@ impl State {
         false
     }
 
+    /// Chunks `from..to` moved past by one more consumer; those every
+    /// consumer has moved past are released.
+    fn pass(&mut self, from: usize, to: usize) {
+        for i in from..to.min(self.taken.len()) {
+            self.taken[i] += 1;
+            self.maybe_release(i);
+        }
+        self.last_progress = Instant::now();
+    }
+
     /// Chunks past the prefix the copy holds or is reading.
     fn ring_held(&self) -> usize {
         self.issued_past_keep - self.released
@@ -324,6 +334,11 @@ impl HostCopy {
         stream: &Stream,
         wait: bool,
     ) -> Result<Option<ChunkLease>, IoError> {
+        let stopped = || Err(self.error().unwrap_or(IoError::Cancelled));
+        if self.cancel.load(Ordering::Relaxed) {
+            // Not even a prefix chunk: the engine would only fail its read.
+            return stopped();
+        }
         {
             let mut state = self.state();
             if next < state.keep {
@@ -336,7 +351,7 @@ impl HostCopy {
         }
         loop {
             if self.cancel.load(Ordering::Relaxed) {
-                return Err(self.error().unwrap_or(IoError::Cancelled));
+                return stopped();
             }
             let state = self.state();
             if state.consumers == 0 && Arc::strong_count(self) == 1 {
@@ -445,12 +460,8 @@ impl HostCopy {
         state.consumers += first.len();
         let n = state.taken.len();
         for &f in first {
-            for i in 0..f.min(n) {
-                state.taken[i] += 1;
-                state.maybe_release(i);
-            }
+            state.pass(0, f);
         }
-        state.last_progress = Instant::now();
         drop(state);
         self.changed.notify_all();
         Some(
@@ -479,13 +490,7 @@ impl HostCopy {
         if from >= to {
             return;
         }
-        let mut state = self.state();
-        for i in from..to.min(state.taken.len()) {
-            state.taken[i] += 1;
-            state.maybe_release(i);
-        }
-        state.last_progress = Instant::now();
-        drop(state);
+        self.state().pass(from, to);
         self.changed.notify_all();
     }
 
