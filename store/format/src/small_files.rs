@@ -1,36 +1,79 @@
-//! Reading the format's small files (`tensor_index.json`,
-//! `sllm_manifest.json`) without hanging: each is opened non-blocking and
-//! must be a regular file, so a FIFO or a device planted in a model folder
-//! fails at once instead of blocking the reader (a daemon request, a
-//! `verify`) forever.
+//! Opening files that must be regular files without hanging: the format's
+//! small files (`tensor_index.json`, `sllm_manifest.json`), and the
+//! checkpoint files the converter reads. Each is opened non-blocking and its
+//! type checked on the opened descriptor, so a FIFO or a device planted in a
+//! model folder fails at once instead of blocking the reader (a daemon
+//! request, a `verify`, a `save`) forever, and a file swapped after a check
+//! cannot slip through.
 
+use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
+
+use rustix::fs::{FileType, Mode, OFlags};
+use rustix::io::Errno;
+
+/// Why [`open_regular_file`] refused.
+#[derive(Debug)]
+pub enum OpenError {
+    /// The open or the stat failed.
+    Io(std::io::Error),
+    /// It is something else: what, in words ([`describe`]).
+    NotRegular(&'static str),
+}
+
+/// Opens `path` for reading, refusing anything but a regular file (links
+/// are followed). `O_NONBLOCK` makes the open of a FIFO return at once
+/// instead of waiting for a writer; it stays set, which changes nothing for
+/// reads of a regular file.
+pub fn open_regular_file(path: &Path) -> Result<File, OpenError> {
+    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
+    let fd = match rustix::fs::open(path, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        // A socket (or a device without a driver) cannot be opened at all.
+        Err(Errno::NXIO | Errno::NODEV) => {
+            let what = rustix::fs::stat(path).map_or("a socket or device", |st| {
+                describe(FileType::from_raw_mode(st.st_mode))
+            });
+            return Err(OpenError::NotRegular(what));
+        }
+        Err(e) => return Err(OpenError::Io(e.into())),
+    };
+    let kind = FileType::from_raw_mode(
+        rustix::fs::fstat(&fd)
+            .map_err(|e| OpenError::Io(e.into()))?
+            .st_mode,
+    );
+    if kind != FileType::RegularFile {
+        return Err(OpenError::NotRegular(describe(kind)));
+    }
+    Ok(File::from(fd))
+}
+
+/// What a file of type `kind` is, in words.
+pub fn describe(kind: FileType) -> &'static str {
+    match kind {
+        FileType::RegularFile => "a regular file",
+        FileType::Directory => "a directory",
+        FileType::Fifo => "a FIFO (named pipe)",
+        FileType::Socket => "a socket",
+        FileType::CharacterDevice => "a character device",
+        FileType::BlockDevice => "a block device",
+        FileType::Symlink => "a symbolic link",
+        _ => "not a regular file",
+    }
+}
 
 /// The bytes of the regular file at `path`; an error of kind
 /// `InvalidInput` naming what it is when it is something else.
 pub fn read_regular_file(path: &Path) -> std::io::Result<Vec<u8>> {
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
-        .open(path)?;
-    let kind = file.metadata()?.file_type();
-    if !kind.is_file() {
-        let what = if kind.is_fifo() {
-            "a FIFO"
-        } else if kind.is_dir() {
-            "a directory"
-        } else if kind.is_socket() {
-            "a socket"
-        } else {
-            "a device"
-        };
-        return Err(std::io::Error::new(
+    let mut file = open_regular_file(path).map_err(|e| match e {
+        OpenError::Io(e) => e,
+        OpenError::NotRegular(what) => std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!("it is {what}, not a regular file"),
-        ));
-    }
+        ),
+    })?;
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)?;
     Ok(bytes)

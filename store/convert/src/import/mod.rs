@@ -18,12 +18,11 @@ use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{FileType, Mode, OFlags};
-use rustix::io::Errno;
 use serde::Deserialize;
 
 pub use self::safetensors::{SafetensorsFile, SourceTensor};
 use sllm_format::is_store_file_name;
+use sllm_format::small_files::{OpenError, describe, open_regular_file};
 
 /// Name of the shard index Transformers writes beside sharded checkpoints.
 pub const SHARD_INDEX_FILE: &str = "model.safetensors.index.json";
@@ -176,51 +175,16 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImportError + '_ {
 }
 
 /// Opens a file of a checkpoint for reading, refusing anything but a regular
-/// file (links are followed: the HF cache links to blobs). `O_NONBLOCK` makes
-/// the open of a FIFO return at once instead of waiting for a writer, and the
-/// type is checked on the opened fd, so a file swapped after a check cannot
-/// slip through. `O_NONBLOCK` stays set, which changes nothing for reads of a
-/// regular file.
+/// file (links are followed: the HF cache links to blobs), never blocking on
+/// a FIFO: [`sllm_format::small_files::open_regular_file`].
 pub fn open_source_file(path: &Path) -> Result<File, ImportError> {
-    let not_regular = |what| ImportError::NotRegularFile {
-        path: path.to_owned(),
-        what,
-    };
-    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
-    let fd = match rustix::fs::open(path, flags, Mode::empty()) {
-        Ok(fd) => fd,
-        // A socket (or a device without a driver) cannot be opened at all.
-        Err(Errno::NXIO | Errno::NODEV) => {
-            let what = rustix::fs::stat(path).map_or("a socket or device", |st| {
-                describe(FileType::from_raw_mode(st.st_mode))
-            });
-            return Err(not_regular(what));
-        }
-        Err(e) => return Err(io_err(path)(e.into())),
-    };
-    let kind = FileType::from_raw_mode(
-        rustix::fs::fstat(&fd)
-            .map_err(|e| io_err(path)(e.into()))?
-            .st_mode,
-    );
-    if kind != FileType::RegularFile {
-        return Err(not_regular(describe(kind)));
-    }
-    Ok(File::from(fd))
-}
-
-/// What a file of type `kind` is, in words.
-fn describe(kind: FileType) -> &'static str {
-    match kind {
-        FileType::RegularFile => "a regular file",
-        FileType::Directory => "a directory",
-        FileType::Fifo => "a FIFO (named pipe)",
-        FileType::Socket => "a socket",
-        FileType::CharacterDevice => "a character device",
-        FileType::BlockDevice => "a block device",
-        FileType::Symlink => "a symbolic link",
-        _ => "not a regular file",
-    }
+    open_regular_file(path).map_err(|e| match e {
+        OpenError::Io(e) => io_err(path)(e),
+        OpenError::NotRegular(what) => ImportError::NotRegularFile {
+            path: path.to_owned(),
+            what,
+        },
+    })
 }
 
 fn open_weight_file(path: &Path) -> Result<SafetensorsFile, ImportError> {
@@ -409,7 +373,7 @@ fn collect_extra_files(
             Ok(meta) if meta.is_dir() => {}
             Ok(meta) => {
                 return Err(ImportError::NotRegularFile {
-                    what: describe(FileType::from_raw_mode(meta.mode())),
+                    what: describe(rustix::fs::FileType::from_raw_mode(meta.mode())),
                     path,
                 });
             }
