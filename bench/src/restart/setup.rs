@@ -3,23 +3,16 @@
 
 use super::*;
 
-/// Runs the doctor's offline checks and prints them; refuses on any STOP.
-/// A stale conversion (`model.source`), only a WARN for the doctor, is a
-/// STOP here: offline, the baseline loads the snapshot the ref points at
-/// and the fast start a copy converted from another commit, two different
-/// models.
+/// Runs the doctor's offline checks and prints them; refuses on any STOP
+/// (among them a stale conversion, `model.source`: offline, the baseline
+/// would load the snapshot the ref points at and the fast start a copy
+/// converted from another commit, two different models).
 pub(super) fn offline_checks(
     storage_path: &Path,
     model: &str,
     revision: &str,
 ) -> anyhow::Result<Vec<Check>> {
-    let mut checks = doctor::offline_readiness(&HfEnv::from_env(), storage_path, model, revision);
-    for c in &mut checks {
-        if c.name == "model.source" && c.status == Status::Warn {
-            c.status = Status::Stop;
-            c.summary += ": the baseline would load one commit and the fast start another";
-        }
-    }
+    let checks = doctor::offline_readiness(&HfEnv::from_env(), storage_path, model, revision);
     for c in &checks {
         eprintln!("{} {}: {}", c.status.label(), c.name, c.summary);
         if let Some(fix) = &c.fix {
