@@ -199,18 +199,27 @@ fn is_short_hash(s: &str) -> bool {
     (4..40).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// The snapshot folders (commit hashes) under `snapshots`, sorted.
-fn known_snapshots(snapshots: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(snapshots)
+/// The names of the entries of `dir` that `keep` takes (given the entry's
+/// path and name), sorted; none when `dir` cannot be read.
+fn sorted_names(dir: &Path, keep: impl Fn(&Path, &str) -> bool) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| e.path().is_dir())
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| is_commit_hash(n))
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            keep(&e.path(), &name).then_some(name)
+        })
         .collect();
     names.sort();
     names
+}
+
+/// The snapshot folders (commit hashes) under `snapshots`, sorted.
+fn known_snapshots(snapshots: &Path) -> Vec<String> {
+    sorted_names(snapshots, |path, name| {
+        path.is_dir() && is_commit_hash(name)
+    })
 }
 
 /// " (snapshots present: a, b)", or " (no snapshot is present)".
@@ -263,14 +272,7 @@ fn read_ref(repo: &Path, model: &str, revision: &str) -> Result<String, ResolveE
 }
 
 fn known_refs(refs: &Path) -> String {
-    let mut names: Vec<String> = std::fs::read_dir(refs)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.path().is_file())
-        .filter_map(|e| e.file_name().into_string().ok())
-        .collect();
-    names.sort();
+    let names = sorted_names(refs, |path, _| path.is_file());
     if names.is_empty() {
         String::new()
     } else {
@@ -306,13 +308,19 @@ mod tests {
         );
     }
 
-    #[test]
-    fn resolves_refs_main_and_unique_short_hashes() {
+    /// A cache in a new temporary directory (removed when the first is dropped).
+    fn temp_cache() -> (tempfile::TempDir, HfCache) {
         let root = tempfile::tempdir().unwrap();
         let cache = HfCache {
             root: root.path().into(),
             chosen_by: "test".into(),
         };
+        (root, cache)
+    }
+
+    #[test]
+    fn resolves_refs_main_and_unique_short_hashes() {
+        let (_root, cache) = temp_cache();
         let a = "abcdef0123456789abcdef0123456789abcdef01";
         let b = "abcd990123456789abcdef0123456789abcdef01";
         let repo = cache.repo_dir("org/m");
@@ -338,11 +346,7 @@ mod tests {
 
     #[test]
     fn resolves_refs_and_hashes() {
-        let root = tempfile::tempdir().unwrap();
-        let cache = HfCache {
-            root: root.path().into(),
-            chosen_by: "test".into(),
-        };
+        let (_root, cache) = temp_cache();
         let hash = "0123456789abcdef0123456789abcdef01234567";
         let repo = cache.repo_dir("org/m");
         std::fs::create_dir_all(repo.join("snapshots").join(hash)).unwrap();
