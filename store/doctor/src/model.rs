@@ -188,6 +188,13 @@ pub fn serving_gap(dir: &Path) -> Option<ServingGap> {
     }
 }
 
+/// What keeps vLLM from starting from the model stored in `model_dir` (from
+/// its [`serving_dir`]) and the fix, in one line; `None` when nothing does.
+pub fn unservable_warning(model_dir: &Path) -> Option<String> {
+    let dir = serving_dir(model_dir);
+    serving_gap(dir).map(|gap| format!("{}: {}", gap.describe(dir), gap.fix()))
+}
+
 /// The folder vLLM is started from for a model stored in `model_dir`: the
 /// folder above it for one rank of the vLLM layout (`.../rank_<r>`).
 pub fn serving_dir(model_dir: &Path) -> &Path {

@@ -86,17 +86,12 @@ pub fn run(args: SaveArgs) -> anyhow::Result<ExitCode> {
     }
     let report = save(&request, &TermProgress::new())?;
     println!("{}", summary(&model, &report));
-    warn_if_unservable(&report.target);
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Says on stderr when vLLM could not start from the stored model's folder
-/// (for one rank of the vLLM layout, the folder above).
-pub fn warn_if_unservable(model_dir: &std::path::Path) {
-    let dir = sllm_doctor::model::serving_dir(model_dir);
-    if let Some(gap) = sllm_doctor::model::serving_gap(dir) {
-        eprintln!("warning: {}: {}", gap.describe(dir), gap.fix());
+    // vLLM could not start from the stored model's folder (for one rank of
+    // the vLLM layout, the folder above): said, not a failure.
+    if let Some(warning) = sllm_doctor::model::unservable_warning(&report.target) {
+        eprintln!("warning: {warning}");
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn summary(model: &ModelId, r: &SaveReport) -> String {

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::bail;
 use clap::Args;
-use sllm_doctor::model::{serving_dir, serving_gap};
+use sllm_doctor::model::unservable_warning;
 use sllm_format::ModelId;
 use sllm_format::config::resolve_storage_path;
 use sllm_format::verify::{summary_line, verify_model};
@@ -41,11 +41,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let seconds = started.elapsed().as_secs_f64();
     // Sound bytes, but a folder vLLM cannot start from: a warning, not a
     // failure of the check.
-    let served = serving_dir(&dir);
-    let warnings: Vec<String> = serving_gap(served)
-        .map(|gap| format!("{}: {}", gap.describe(served), gap.fix()))
-        .into_iter()
-        .collect();
+    let warnings: Vec<String> = unservable_warning(&dir).into_iter().collect();
     let status = if report.is_ok() {
         ExitCode::SUCCESS
     } else {
