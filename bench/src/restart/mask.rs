@@ -144,10 +144,12 @@ pub(super) struct Secrets {
 }
 
 impl Secrets {
-    /// Collects the secrets of `commands` and of this process's environment.
-    pub(super) fn new(commands: &[&str]) -> Self {
+    /// Collects the secrets of `commands`, the ones `given` otherwise (the
+    /// benchmark's own `--api-key`) and those of this process's environment.
+    pub(super) fn new(commands: &[&str], given: Option<&str>) -> Self {
         Self::from_parts(
             commands,
+            given,
             std::env::vars_os()
                 .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
         )
@@ -156,9 +158,10 @@ impl Secrets {
     /// The same from `vars` instead of this process's environment.
     pub(super) fn from_parts(
         commands: &[&str],
+        given: Option<&str>,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Self {
-        let mut values = Vec::new();
+        let mut values: Vec<String> = given.into_iter().map(str::to_owned).collect();
         for c in commands {
             mask_words(c, &mut values);
         }
@@ -172,14 +175,6 @@ impl Secrets {
         values.sort_by_key(|v| std::cmp::Reverse(v.len()));
         values.dedup();
         Self { values }
-    }
-
-    /// Adds a secret given otherwise (the benchmark's own `--api-key`).
-    pub(super) fn add(&mut self, value: &str) {
-        if value.len() >= MIN_LOOSE_LEN && !self.values.iter().any(|v| v == value) {
-            self.values.push(value.to_owned());
-            self.values.sort_by_key(|v| std::cmp::Reverse(v.len()));
-        }
     }
 
     /// `text` with every secret in it replaced by [`MASKED`].
@@ -201,6 +196,7 @@ mod tests {
     fn secrets(commands: &[&str]) -> Secrets {
         Secrets::from_parts(
             commands,
+            None,
             [("HF_TOKEN".to_owned(), "hf_fromtheshell".to_owned())],
         )
     }

@@ -206,10 +206,7 @@ struct Measured {
 pub fn run(args: RestartArgs) -> anyhow::Result<()> {
     let urls = validate(&args)?;
     let storage_path = sllm_format::config::resolve_storage_path(args.storage_path.as_deref());
-    let mut secrets = Secrets::new(&[&args.baseline, &args.faststart]);
-    if let Some(key) = &args.api_key {
-        secrets.add(key);
-    }
+    let secrets = Secrets::new(&[&args.baseline, &args.faststart], args.api_key.as_deref());
 
     let offline_checks = match (&args.model, args.offline) {
         (Some(model), true) => offline_checks(&storage_path, model, &args.revision)?,
@@ -412,22 +409,18 @@ fn validate(args: &RestartArgs) -> anyhow::Result<Urls> {
         !args.baseline.trim().is_empty() && !args.faststart.trim().is_empty(),
         "--baseline and --faststart must be shell commands that start vLLM"
     );
-    let side_url = |flag: &str, own: &Option<String>| match (own, &args.url) {
+    let side_url = |side: Side, flag: &str, own: &Option<String>| match (own, &args.url) {
         (Some(url), _) => base_url(flag, url),
         (None, Some(url)) => base_url("--url", url),
         (None, None) => bail!(
             "no URL for the {}: give --url <http://host:port> when both commands serve at one \
              URL, or --baseline-url and --faststart-url when each has its own port",
-            if flag == "--baseline-url" {
-                "baseline"
-            } else {
-                "fast start"
-            }
+            side.label()
         ),
     };
     let urls = Urls {
-        baseline: side_url("--baseline-url", &args.baseline_url)?,
-        faststart: side_url("--faststart-url", &args.faststart_url)?,
+        baseline: side_url(Side::Baseline, "--baseline-url", &args.baseline_url)?,
+        faststart: side_url(Side::Faststart, "--faststart-url", &args.faststart_url)?,
     };
     ensure!(
         !args.offline || args.model.is_some(),
@@ -491,8 +484,7 @@ impl Bench<'_> {
                 ready_s: m.ready_s,
                 first_completion_s: m.first_completion_s,
                 ready_plus_completion_s: m.ready_s + m.first_completion_s,
-                model_id: m.served.listed,
-                served_as: m.served.model,
+                served: m.served,
                 listed: m.listed,
                 completion_text: m.completion_text,
                 log,

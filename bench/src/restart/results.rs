@@ -40,11 +40,9 @@ pub(super) struct RunFigures {
     /// The first completion request, sent once ready, to its full answer.
     pub(super) first_completion_s: f64,
     pub(super) ready_plus_completion_s: f64,
-    /// The model id the first completion asked for, as `/v1/models` lists it.
-    pub(super) model_id: String,
-    /// The model that id names (a path under the storage path is read as
-    /// the model below it).
-    pub(super) served_as: String,
+    /// The model id the first completion asked for, and the model it names.
+    #[serde(flatten)]
+    pub(super) served: Served,
     /// Every id `/v1/models` listed.
     pub(super) listed: Vec<String>,
     /// The text of the first completion (temperature 0).
@@ -344,11 +342,7 @@ pub(super) fn markdown(r: &Results) -> String {
     for (title, side) in [("Baseline", &r.baseline), ("Fast start", &r.faststart)] {
         out += &format!("\n## {title}\n\n`{}`\n\n", side.command);
         if let Some(first) = side.runs.first() {
-            let served = Served {
-                listed: first.model_id.clone(),
-                model: first.served_as.clone(),
-            };
-            out += &format!("Serves {}.\n\n", served.describe());
+            out += &format!("Serves {}.\n\n", first.served.describe());
         }
         let mut table = Table::new(&[
             ">run",
@@ -426,8 +420,10 @@ mod tests {
             ready_s: 1.0,
             first_completion_s: 0.1,
             ready_plus_completion_s: 1.1,
-            model_id: "org/name".into(),
-            served_as: "org/name".into(),
+            served: Served {
+                listed: "org/name".into(),
+                model: "org/name".into(),
+            },
             listed: vec!["org/name".into()],
             completion_text: text.into(),
             log: PathBuf::from("x.log"),

@@ -16,12 +16,16 @@
 
 use super::*;
 
-/// What one side serves, as the benchmark reads it.
+/// What one side serves, as the benchmark reads it (in the results, each
+/// run's `model_id` and `served_as`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub(super) struct Served {
     /// The id as `/v1/models` lists it; the first completion asks for it.
+    #[serde(rename = "model_id")]
     pub(super) listed: String,
-    /// The model it names (see the module docs).
+    /// The model it names (see the module docs): a path under the storage
+    /// path is read as the model below it.
+    #[serde(rename = "served_as")]
     pub(super) model: String,
 }
 
