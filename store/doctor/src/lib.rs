@@ -116,6 +116,10 @@ pub struct DoctorRequest {
     pub pool_bytes: u64,
     /// A Hugging Face model id to check end to end, e.g. `org/name`.
     pub model: Option<String>,
+    /// A local folder of safetensors the model is converted from instead of
+    /// the Hugging Face cache: its files are checked in the cache's place,
+    /// and no snapshot is looked up.
+    pub local_model_path: Option<PathBuf>,
     /// Its revision (a ref such as `main`, or a commit hash).
     pub revision: String,
     /// The daemon's address, and whether the user named it (an unreachable
@@ -137,6 +141,7 @@ pub fn run(req: &DoctorRequest) -> Vec<Check> {
     let model = req
         .model
         .as_deref()
+        .filter(|_| req.local_model_path.is_none())
         .map(|m| (m, hf::find(&req.hf, m, &req.revision)));
     // Space a conversion would still need, when known.
     let needed_bytes = match &model {
@@ -163,9 +168,21 @@ pub fn run(req: &DoctorRequest) -> Vec<Check> {
             model::Purpose::Doctor { quick: req.quick },
         ));
     }
+    if let Some(dir) = &req.local_model_path {
+        checks.push(model::local_source_check(dir));
+        if let Some(m) = &req.model {
+            checks.extend(model::checks(
+                &req.storage_path,
+                m,
+                &req.revision,
+                None,
+                model::Purpose::Doctor { quick: req.quick },
+            ));
+        }
+    }
     checks.push(services::daemon(&req.server, req.server_named));
     if let Some(url) = &req.vllm_url {
-        checks.push(services::vllm(url, req.model.as_deref()));
+        checks.push(services::vllm(url, model.as_ref().map(|(m, _)| *m)));
     }
     checks
 }

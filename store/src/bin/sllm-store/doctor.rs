@@ -76,8 +76,8 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     let req = DoctorRequest {
         storage_path: resolve_storage_path(args.storage_path.as_deref()),
         pool_bytes: args.mem_pool_size.bytes(),
-        // A local folder stands in for the cache: no snapshot to look up.
-        model: model.clone().filter(|_| args.local_model_path.is_none()),
+        model: model.clone(),
+        local_model_path: args.local_model_path.clone(),
         revision: revision.clone(),
         server: args.server.clone().unwrap_or_else(|| DEFAULT_ADDR.into()),
         server_named: args.server.is_some(),
@@ -85,24 +85,7 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
         hf,
         quick: args.quick,
     };
-    let mut checks = doctor::run(&req);
-    if let Some(dir) = &args.local_model_path {
-        let at = checks
-            .iter()
-            .position(|c| c.name.starts_with("daemon"))
-            .unwrap_or(checks.len());
-        let mut local = vec![doctor::model::local_source_check(dir)];
-        if let Some(m) = &model {
-            local.extend(doctor::model::checks(
-                &req.storage_path,
-                m,
-                &revision,
-                None,
-                doctor::model::Purpose::Doctor { quick: args.quick },
-            ));
-        }
-        checks.splice(at..at, local);
-    }
+    let checks = doctor::run(&req);
     let worst = doctor::worst(&checks);
     if args.json {
         let out = json!({
