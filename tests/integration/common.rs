@@ -90,6 +90,63 @@ pub fn load_cmd(home: &Path, storage: &Path, addr: &str, model: &str) -> Command
     cmd
 }
 
+/// Copies `model` through `client` into new shared-memory buffers laid out
+/// by `plan` (LoadModelAsync to the pool, then to the buffers, then
+/// ConfirmModel); the buffers, in the plan's order.
+pub async fn copy_into_shm(
+    client: &mut sllm_client::StoreClient,
+    model: &str,
+    plan: &sllm_client::plan::LoadPlan,
+) -> Result<Vec<sllm_client::shm::ShmBuffer>, String> {
+    let buffers: Vec<sllm_client::shm::ShmBuffer> = plan
+        .buffers
+        .iter()
+        .map(|b| sllm_client::shm::ShmBuffer::create(Path::new("/dev/shm"), b.size_bytes))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let handles = plan
+        .buffers
+        .iter()
+        .zip(&buffers)
+        .map(|(b, s)| (b.uuid.clone(), vec![s.handle()]))
+        .collect();
+    let replica = uuid::Uuid::new_v4().to_string();
+    client
+        .load_to_host(model)
+        .await
+        .map_err(|e| e.to_string())?;
+    client
+        .load_to_devices(model, &replica, plan.copies_by_device(), handles)
+        .await
+        .map_err(|e| e.to_string())?;
+    client
+        .confirm(model, &replica)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(buffers)
+}
+
+/// The `size` bytes of tensor `name` as `buffers` (laid out by `plan`) hold
+/// them, and the device they are on.
+pub fn read_back(
+    plan: &sllm_client::plan::LoadPlan,
+    buffers: &[sllm_client::shm::ShmBuffer],
+    name: &str,
+    size: usize,
+) -> Result<(Vec<u8>, String), String> {
+    let place = &plan.tensors[name];
+    let i = plan
+        .buffers
+        .iter()
+        .position(|b| b.uuid == place.device)
+        .ok_or_else(|| format!("{name} is on {}, which has no buffer", place.device))?;
+    let mut bytes = vec![0u8; size];
+    buffers[i]
+        .read_at(&mut bytes, place.offset)
+        .map_err(|e| e.to_string())?;
+    Ok((bytes, place.device.clone()))
+}
+
 /// A number field of `/proc/<pid>/status` (`VmRSS:` in KiB, `Threads:`);
 /// 0 when the process or the field is gone.
 pub fn proc_status_field(pid: u32, name: &str) -> u64 {

@@ -48,38 +48,13 @@ async fn load_and_check_map(
 ) {
     let index = TensorIndex::read(&storage.join(model)).unwrap();
     let plan = plan(&index, &map, layout).unwrap();
-    let buffers: Vec<ShmBuffer> = plan
-        .buffers
-        .iter()
-        .map(|b| ShmBuffer::create(Path::new(SHM), b.size_bytes).unwrap())
-        .collect();
-    let handles = plan
-        .buffers
-        .iter()
-        .zip(&buffers)
-        .map(|(b, s)| (b.uuid.clone(), vec![s.handle()]))
-        .collect();
-    let replica = uuid::Uuid::new_v4().to_string();
-    client.load_to_host(model).await.unwrap();
-    client
-        .load_to_devices(model, &replica, plan.copies_by_device(), handles)
-        .await
-        .unwrap();
-    client.confirm(model, &replica).await.unwrap();
+    let buffers = copy_into_shm(client, model, &plan).await.unwrap();
     for t in tensors {
-        let place = &plan.tensors[&t.name];
-        let i = plan
-            .buffers
-            .iter()
-            .position(|b| b.uuid == place.device)
-            .unwrap();
-        let mut got = vec![0u8; t.data.len()];
-        buffers[i].read_at(&mut got, place.offset).unwrap();
+        let (got, device) = read_back(&plan, &buffers, &t.name, t.data.len()).unwrap();
         assert!(
             got == t.data,
-            "tensor {} of {model} differs on {}",
+            "tensor {} of {model} differs on {device}",
             t.name,
-            place.device
         );
     }
 }

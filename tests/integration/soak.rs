@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use sllm_client::StoreClient;
 use sllm_client::plan::{DeviceMap, Layout, plan};
 use sllm_client::proto::MemCopyChunk;
-use sllm_client::shm::ShmBuffer;
 use sllm_format::TensorIndex;
 
 use crate::common::*;
@@ -101,46 +100,14 @@ async fn load_once(
     };
     let plan =
         plan(&index, &DeviceMap::single(device), Layout::Mirrored).map_err(|e| e.to_string())?;
-    let buffers: Vec<ShmBuffer> = plan
-        .buffers
-        .iter()
-        .map(|b| ShmBuffer::create(Path::new("/dev/shm"), b.size_bytes))
-        .collect::<Result<_, _>>()
-        .map_err(|e| e.to_string())?;
-    let handles = plan
-        .buffers
-        .iter()
-        .zip(&buffers)
-        .map(|(b, s)| (b.uuid.clone(), vec![s.handle()]))
-        .collect();
-    let replica = uuid::Uuid::new_v4().to_string();
-    client
-        .load_to_host(model)
-        .await
-        .map_err(|e| e.to_string())?;
-    client
-        .load_to_devices(model, &replica, plan.copies_by_device(), handles)
-        .await
-        .map_err(|e| e.to_string())?;
-    client
-        .confirm(model, &replica)
-        .await
-        .map_err(|e| e.to_string())?;
+    let buffers = copy_into_shm(client, model, &plan).await?;
     if stamp() != before {
         return Ok(None);
     }
     let mut out = HashMap::new();
-    for (name, place) in &plan.tensors {
-        let i = plan
-            .buffers
-            .iter()
-            .position(|b| b.uuid == place.device)
-            .unwrap();
+    for name in plan.tensors.keys() {
         let size = index.get(name).map_or(0, |e| e.size);
-        let mut bytes = vec![0u8; size as usize];
-        buffers[i]
-            .read_at(&mut bytes, place.offset)
-            .map_err(|e| e.to_string())?;
+        let (bytes, _) = read_back(&plan, &buffers, name, size as usize)?;
         out.insert(name.clone(), bytes);
     }
     Ok(Some(out))
