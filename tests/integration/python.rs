@@ -29,7 +29,10 @@ fn python_client_suite() {
 /// of pytest's output if any fails.
 pub fn pytest(python: &Path, root: &Path, dir: &str) {
     let out = Command::new(python)
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", dir])
+        // No cache, and no temporary directories kept after the run
+        // (pytest keeps its last three by default: hundreds of MiB here).
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .args(["-o", "tmp_path_retention_policy=none", dir])
         .current_dir(root)
         .env("SLLM_STORE_BIN", env!("CARGO_BIN_EXE_sllm-store"))
         .env("PYTHONPATH", root.join("client/python"))

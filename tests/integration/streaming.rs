@@ -14,7 +14,9 @@ use crate::common::*;
 /// need a ring of six, which leaves two chunks to keep.
 const POOL: &[&str] = &["--mem-pool-size", "64MiB", "--chunk-size", "8MiB"];
 
-/// Saves a synthetic model of about `bytes` as `org/big`.
+/// Saves a synthetic model of about `bytes` as `org/big`, and removes its
+/// source so that the tests, run side by side, hold each big model on disk
+/// once (CI's disk can be nearly full).
 fn save_big(home: &Path, storage: &Path, bytes: u64) {
     let src = home.join("src");
     write_synthetic(
@@ -33,6 +35,7 @@ fn save_big(home: &Path, storage: &Path, bytes: u64) {
             .arg("--storage-path")
             .arg(storage),
     );
+    std::fs::remove_dir_all(&src).unwrap();
 }
 
 async fn wait_status(
@@ -92,7 +95,7 @@ fn a_model_four_times_the_pool_loads_byte_exactly_and_the_daemon_stays_at_the_po
 async fn a_client_that_dies_before_its_device_request_frees_the_pool_after_the_drain_timeout() {
     let tmp = tempfile::tempdir().unwrap();
     let storage = tmp.path().join("models");
-    save_big(tmp.path(), &storage, 160 << 20);
+    save_big(tmp.path(), &storage, 96 << 20);
     let mut extra = POOL.to_vec();
     extra.extend(["--stream-drain-timeout", "1"]);
     let daemon = Daemon::start(tmp.path(), &storage, &extra);
@@ -128,7 +131,7 @@ async fn a_client_that_dies_before_its_device_request_frees_the_pool_after_the_d
 async fn sigterm_in_the_middle_of_a_stream_stops_the_daemon_promptly() {
     let tmp = tempfile::tempdir().unwrap();
     let storage = tmp.path().join("models");
-    save_big(tmp.path(), &storage, 160 << 20);
+    save_big(tmp.path(), &storage, 96 << 20);
     let mut daemon = Daemon::start(tmp.path(), &storage, POOL);
     let mut client = daemon.client().await;
     client.load_to_host("org/big").await.unwrap();

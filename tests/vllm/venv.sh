@@ -30,7 +30,7 @@ fi
 echo "sllm-store: making the vLLM test venv at $venv (once; about 6 GB)" >&2
 rm -rf "$venv"
 python3 -m venv "$venv"
-pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir)
 "${pip[@]}" --upgrade pip
 wheels="$(mktemp -d)"
 trap 'rm -rf "$wheels"' EXIT
