@@ -570,7 +570,7 @@ fn a_path_in_the_storage_path_and_a_snapshot_count_as_their_model() {
     let port = free_port();
     let snapshot = dir
         .path()
-        .join("hub/models--acme--tiny-llama/snapshots/0123abcd");
+        .join("hub/models--acme--tiny-llama/snapshots/0123456789abcdef0123456789abcdef01234567");
     let mut a = args(
         fake(
             port,

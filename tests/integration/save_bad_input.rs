@@ -471,7 +471,7 @@ fn force_over_what_is_not_a_model_is_refused() {
     s.refused(
         "org/file",
         &s.dir("org"),
-        &["is a file, not a stored model"],
+        &["is a regular file, not a stored model"],
     );
 }
 

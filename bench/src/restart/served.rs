@@ -57,7 +57,7 @@ pub(super) fn read_as(id: &str, storage_path: &Path, model: Option<&str>) -> Str
                 return rest.to_string_lossy().into_owned();
             }
         }
-        if let Some(repo) = hf_snapshot_repo(path) {
+        if let Some((_, repo, _)) = sllm_doctor::hf::parse_snapshot_path(path) {
             return repo;
         }
     }
@@ -65,18 +65,6 @@ pub(super) fn read_as(id: &str, storage_path: &Path, model: Option<&str>) -> Str
         Some(m) if trimmed != m && trimmed.contains('/') && path.ends_with(m) => m.to_owned(),
         _ => trimmed.to_owned(),
     }
-}
-
-/// `org/name` for `<cache>/models--org--name/snapshots/<commit>`.
-fn hf_snapshot_repo(path: &Path) -> Option<String> {
-    let commit = path.file_name()?;
-    let snapshots = path.parent()?;
-    if snapshots.file_name()? != "snapshots" || commit.is_empty() {
-        return None;
-    }
-    let repo = snapshots.parent()?.file_name()?.to_str()?;
-    let id = repo.strip_prefix("models--")?.replacen("--", "/", 1);
-    id.contains('/').then_some(id)
 }
 
 /// The ids of a `/v1/models` answer (`data[].id`), in its order.
@@ -173,7 +161,7 @@ mod tests {
         assert_eq!(read("/mnt/nvme/models/org/name/", None), "org/name");
         assert_eq!(
             read(
-                "/root/.cache/huggingface/hub/models--org--na-me/snapshots/0123abcd",
+                "/root/.cache/huggingface/hub/models--org--na-me/snapshots/0123456789abcdef0123456789abcdef01234567",
                 None
             ),
             "org/na-me"

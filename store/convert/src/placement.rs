@@ -21,8 +21,8 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::format::ModelId;
 use crate::format::layout::{holds_model_files, is_stored_model, rank_number};
+use crate::format::{ModelId, small_files};
 
 /// Most directory entries looked at below one target before giving up: a
 /// stored model holds a handful of files, an org folder a few models.
@@ -116,7 +116,7 @@ pub fn check(root: &Path, model: &ModelId, replace: bool) -> Result<Target, Plac
         return Err(not_a_model(format!("a symbolic link to {}", to.display())));
     }
     if !meta.is_dir() {
-        return Err(not_a_model(describe_non_dir(&meta).into()));
+        return Err(not_a_model(small_files::describe_mode(meta.mode()).into()));
     }
     let first_entry = match fs::read_dir(&target).and_then(|mut d| d.next().transpose()) {
         Ok(None) => return Ok(Target::Vacant),
@@ -216,7 +216,7 @@ fn check_ancestors(root: &Path, model: &ModelId) -> Result<(), PlacementError> {
         if !meta.is_dir() {
             return Err(PlacementError::NotAFolder {
                 model: model.to_string(),
-                what: describe_non_dir(&meta),
+                what: small_files::describe_mode(meta.mode()),
                 path: dir,
             });
         }
@@ -268,20 +268,6 @@ fn find_model_below(
         }
     }
     Ok(None)
-}
-
-fn describe_non_dir(meta: &fs::Metadata) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    let t = meta.file_type();
-    if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_block_device() || t.is_char_device() {
-        "a device"
-    } else {
-        "a file"
-    }
 }
 
 /// The model id of a folder under `root`, as a user would type it.
@@ -398,7 +384,7 @@ mod tests {
         std::os::unix::fs::symlink(root.join("org/notes"), root.join("org/link")).unwrap();
         for (name, needle) in [
             ("org/notes", "todo.txt"),
-            ("org/file", "is a file"),
+            ("org/file", "is a regular file"),
             ("org/link", "symbolic link"),
         ] {
             let err = check(root, &id(name), true).unwrap_err();
@@ -413,7 +399,7 @@ mod tests {
             matches!(err, PlacementError::NotAFolder { .. })
                 && err
                     .to_string()
-                    .contains("is a file, where the id needs a folder"),
+                    .contains("is a regular file, where the id needs a folder"),
             "{err}"
         );
     }

@@ -50,6 +50,12 @@ pub fn open_regular_file(path: &Path) -> Result<File, OpenError> {
     Ok(File::from(fd))
 }
 
+/// What a file with `st_mode` `mode` (e.g. `MetadataExt::mode`) is, in
+/// words.
+pub fn describe_mode(mode: u32) -> &'static str {
+    describe(FileType::from_raw_mode(mode))
+}
+
 /// What a file of type `kind` is, in words.
 pub fn describe(kind: FileType) -> &'static str {
     match kind {

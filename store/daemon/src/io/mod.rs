@@ -311,12 +311,7 @@ pub fn chunk_reads_from(
         .iter()
         .zip(leases)
         .enumerate()
-        .map(|(i, (span, lease))| ChunkRead {
-            chunk_no: first + i,
-            lease,
-            len: span.len,
-            ops: plan_chunk(files, span, max_io),
-        })
+        .map(|(i, (span, lease))| ChunkRead::plan(files, span, first + i, lease, max_io))
         .collect()
 }
 
@@ -369,6 +364,23 @@ pub struct ChunkRead {
 }
 
 impl ChunkRead {
+    /// The read of chunk `chunk_no` of a model, whose bytes are `span`,
+    /// into `lease`.
+    pub fn plan(
+        files: &ModelFiles,
+        span: &ChunkSpan,
+        chunk_no: usize,
+        lease: ChunkLease,
+        max_io: usize,
+    ) -> Self {
+        ChunkRead {
+            chunk_no,
+            lease,
+            len: span.len,
+            ops: plan_chunk(files, span, max_io),
+        }
+    }
+
     /// Checks that a chunk's plan stays inside its buffer and names real
     /// partitions, so no read can reach outside the lease.
     pub fn check(&self, files: &ModelFiles) -> Result<(), ReadPlanError> {

@@ -31,7 +31,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::checksums::{LoadCheck, Released};
-use crate::io::{ChunkSpan, IoEngine, IoError, ModelFiles, Next, ReadSource, chunk_reads_from};
+use crate::io::{
+    ChunkRead, ChunkSpan, IoEngine, IoError, ModelFiles, Next, ReadSource, chunk_reads_from,
+};
 use crate::lock;
 use crate::pool::{ChunkLease, HostPool, SharedChunk};
 use sllm_format::partitions::Partitions;
@@ -645,16 +647,10 @@ impl ReadSource for Ring<'_> {
         }
         match self.copy.next_lease(self.next, self.stream, wait) {
             Ok(Some(lease)) => {
-                let read = chunk_reads_from(
-                    self.files,
-                    &self.copy.spans,
-                    self.next,
-                    vec![lease],
-                    self.max_io_bytes,
-                )
-                .pop();
+                let span = &self.copy.spans[self.next];
+                let read = ChunkRead::plan(self.files, span, self.next, lease, self.max_io_bytes);
                 self.next += 1;
-                read.map_or(Next::Done, Next::Read)
+                Next::Read(read)
             }
             Ok(None) => Next::NotYet,
             Err(e) => {
