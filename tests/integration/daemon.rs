@@ -835,3 +835,43 @@ async fn one_replica_across_two_devices() {
         .await;
     }
 }
+
+#[test]
+fn start_refuses_what_it_cannot_serve_from_or_listen_on_and_says_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("config.json");
+    std::fs::write(&file, "{}").unwrap();
+    let start = |storage: &Path, listen: &[&str]| {
+        let err = run_err(
+            sllm_store(tmp.path())
+                .args(["start", "--mem-pool-size", "1MiB", "--chunk-size", "64KiB"])
+                .args(listen)
+                .arg("--storage-path")
+                .arg(storage),
+        );
+        assert_no_repeated_causes(&err);
+        err
+    };
+    let tcp = ["--port", "0"];
+    for (storage, needles) in [
+        (file.clone(), &["is a regular file, not a folder", "--storage-path"][..]),
+        (tmp.path().join("absent"), &["create it", "--storage-path"][..]),
+    ] {
+        let err = start(&storage, &tcp);
+        for needle in needles {
+            assert!(err.contains(needle), "{needle:?} in {err}");
+        }
+    }
+    let in_missing = format!("unix:{}", tmp.path().join("no/such/x.sock").display());
+    let err = start(tmp.path(), &["--listen", &in_missing]);
+    assert!(err.contains("does not exist; create it"), "{err}");
+    assert!(!err.contains("another daemon"), "{err}");
+    let on_a_file = format!("unix:{}", file.display());
+    let err = start(tmp.path(), &["--listen", &on_a_file]);
+    assert!(err.contains("not a socket, and is left alone"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "{}");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let err = start(tmp.path(), &["--port", &port]);
+    assert!(err.contains("another daemon"), "{err}");
+}

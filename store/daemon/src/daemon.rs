@@ -126,18 +126,23 @@ pub enum DaemonError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "storage path {path} is {what}, not a folder; point --storage-path (or $STORAGE_PATH) at \
+         the folder that holds your models"
+    )]
+    StorageRootNotAFolder { path: PathBuf, what: &'static str },
     #[error(transparent)]
     Pool(#[from] PoolError),
     #[error(transparent)]
     Io(#[from] IoError),
     #[error(transparent)]
     Device(#[from] DeviceError),
-    #[error(
-        "cannot listen on {listen}: {source}; is another daemon running there? pick another --port or --listen"
-    )]
+    #[error("cannot listen on {listen}: {source}; {hint}")]
     Bind {
         listen: Listen,
         source: std::io::Error,
+        /// What to do, for this error at this address ([`DaemonError::bind`]).
+        hint: String,
     },
     #[error("cannot start the checksum threads: {0}; the machine is out of threads or memory")]
     Threads(std::io::Error),
@@ -145,6 +150,45 @@ pub enum DaemonError {
     Metrics { port: u16, reason: String },
     #[error("the server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+}
+
+impl DaemonError {
+    /// Binding `listen` failed with `source`: the error, with a fix that
+    /// fits the cause (a live daemon, a file in the way, a missing folder).
+    fn bind(listen: &Listen, source: std::io::Error) -> Self {
+        use std::io::ErrorKind;
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let hint = match (listen, source.kind()) {
+            (Listen::Unix(path), ErrorKind::AddrInUse) => match std::fs::symlink_metadata(path) {
+                Ok(meta) if !meta.file_type().is_socket() => format!(
+                    "{} is {}, not a socket, and is left alone; remove it or pick another --listen",
+                    path.display(),
+                    sllm_format::small_files::describe_mode(meta.mode())
+                ),
+                _ => {
+                    "another daemon is serving on it; stop that one or pick another --listen".into()
+                }
+            },
+            (Listen::Unix(path), ErrorKind::NotFound) => format!(
+                "the folder {} does not exist; create it or pick another --listen",
+                path.parent().unwrap_or(path).display()
+            ),
+            (Listen::Tcp(_), ErrorKind::AddrInUse) => {
+                "is another daemon running there? pick another --port or --listen".into()
+            }
+            (_, ErrorKind::PermissionDenied) => {
+                "this user may not listen there; pick another --port (1024 or above) or a \
+                 --listen socket in a folder it may write"
+                    .into()
+            }
+            _ => "pick another --port or --listen".into(),
+        };
+        Self::Bind {
+            listen: listen.clone(),
+            source,
+            hint,
+        }
+    }
 }
 
 /// Builds everything, serves until SIGINT/SIGTERM, then stops cleanly.
@@ -185,6 +229,17 @@ pub async fn serve(
                 path: cfg.storage_root.clone(),
                 source,
             })?;
+    let meta = std::fs::metadata(&storage_root).map_err(|source| DaemonError::StorageRoot {
+        path: cfg.storage_root.clone(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        use std::os::unix::fs::MetadataExt;
+        return Err(DaemonError::StorageRootNotAFolder {
+            path: cfg.storage_root.clone(),
+            what: sllm_format::small_files::describe_mode(meta.mode()),
+        });
+    }
     let backend = make_backend(&cfg)?;
     let (engine, engine_reason) = make_engine(cfg.io_engine, cfg.io_threads, cfg.queue_depth)?;
     let touch_threads = std::thread::available_parallelism().map_or(4, |n| n.get());
@@ -289,14 +344,10 @@ pub async fn serve(
         Listen::Tcp(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
-                .map_err(|source| DaemonError::Bind {
-                    listen: cfg.listen.clone(),
-                    source,
-                })?;
-            let local = listener.local_addr().map_err(|source| DaemonError::Bind {
-                listen: cfg.listen.clone(),
-                source,
-            })?;
+                .map_err(|e| DaemonError::bind(&cfg.listen, e))?;
+            let local = listener
+                .local_addr()
+                .map_err(|e| DaemonError::bind(&cfg.listen, e))?;
             ready(&Listen::Tcp(local));
             let incoming = incoming(listener, connections);
             tokio::select! {
@@ -307,10 +358,7 @@ pub async fn serve(
         Listen::Unix(path) => {
             remove_stale_socket(path);
             let listener =
-                bind_unix(path, cfg.socket_mode).map_err(|source| DaemonError::Bind {
-                    listen: cfg.listen.clone(),
-                    source,
-                })?;
+                bind_unix(path, cfg.socket_mode).map_err(|e| DaemonError::bind(&cfg.listen, e))?;
             ready(&cfg.listen);
             let incoming = incoming(listener, connections);
             let served = tokio::select! {

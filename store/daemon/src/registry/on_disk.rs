@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use sllm_format::manifest::ManifestError;
 use sllm_format::partitions::{FileStamp, Partitions, partition_file_name};
-use sllm_format::{INDEX_FILE, MANIFEST_FILE, Manifest};
+use sllm_format::{INDEX_FILE, MANIFEST_FILE, Manifest, TensorIndex};
 
 /// How often [`OnDisk::read`] tries for a stable view of a model that keeps
 /// changing under it.
@@ -167,9 +167,48 @@ fn read_once(
     };
     let sums = match manifest {
         Some(manifest) => Some(Arc::new(check_manifest(real_dir, &manifest, &partitions)?)),
-        None => None,
+        None => {
+            check_index_reach(real_dir, &partitions)?;
+            None
+        }
     };
     Ok((partitions, sums))
+}
+
+/// Without a manifest (the reference tools write none, and `--no-checksums`
+/// reads none) only the index says how many bytes the model should have:
+/// a partition truncated, or one missing at the end, shows as a tensor
+/// placed past the end of the partitions. Caught here, the load fails with
+/// what happened instead of the client's copies failing as out of range.
+/// A missing index is left to the client (it cannot plan without one).
+fn check_index_reach(real_dir: &Path, partitions: &Partitions) -> Result<(), OnDiskError> {
+    let path = real_dir.join(INDEX_FILE);
+    let bytes = match sllm_format::small_files::read_regular_file(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(OnDiskError::Io { path, source }),
+    };
+    let index = TensorIndex::from_json(&bytes).map_err(|e| {
+        OnDiskError::Mismatch(vec![format!(
+            "{} is not a tensor index ({e}); clients plan their copies from it: save the \
+             model again",
+            path.display()
+        )])
+    })?;
+    let total = partitions.total_size();
+    let furthest = index
+        .iter()
+        .map(|(name, e)| (name, e.end().unwrap_or(u64::MAX)))
+        .max_by_key(|&(_, end)| end);
+    match furthest {
+        Some((name, end)) if end > total => Err(OnDiskError::Mismatch(vec![format!(
+            "{} places tensor {name:?} up to byte {end}, but the partitions hold {total} bytes: \
+             a partition is truncated or missing; `sllm-store verify` on the model says which, \
+             then save the model again",
+            path.display(),
+        )])),
+        _ => Ok(()),
+    }
 }
 
 /// The manifest's checksums, once the index and partitions agree with it.
@@ -364,5 +403,35 @@ mod tests {
         let on_disk = OnDisk::read(tmp.path(), true).unwrap();
         assert!(on_disk.checksums.is_none());
         assert_eq!(on_disk.partitions.total_size(), 100);
+    }
+
+    #[test]
+    fn without_a_manifest_the_index_tells_a_truncated_partition() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_owned();
+        write_model(&dir, 10_000, 4096);
+        std::fs::remove_file(dir.join(MANIFEST_FILE)).unwrap();
+        OnDisk::read(&dir, true).unwrap();
+        let part = dir.join("tensor.data_0");
+        let f = std::fs::OpenOptions::new().write(true).open(&part).unwrap();
+        f.set_len(6_000).unwrap();
+        // With the manifest gone, and with checksums off, alike.
+        for checksums in [true, false] {
+            let err = OnDisk::read(&dir, checksums).unwrap_err();
+            let text = err.to_string();
+            assert!(matches!(err, OnDiskError::Mismatch(_)), "{text}");
+            for needle in [
+                "\"w\" up to byte 10000",
+                "hold 6000 bytes",
+                "truncated",
+                "verify",
+            ] {
+                assert!(text.contains(needle), "{needle:?} in {text}");
+            }
+        }
+        // An index that is not one.
+        std::fs::write(dir.join(INDEX_FILE), "{").unwrap();
+        let text = OnDisk::read(&dir, true).unwrap_err().to_string();
+        assert!(text.contains("is not a tensor index"), "{text}");
     }
 }
