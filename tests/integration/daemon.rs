@@ -854,8 +854,14 @@ fn start_refuses_what_it_cannot_serve_from_or_listen_on_and_says_why() {
     };
     let tcp = ["--port", "0"];
     for (storage, needles) in [
-        (file.clone(), &["is a regular file, not a folder", "--storage-path"][..]),
-        (tmp.path().join("absent"), &["create it", "--storage-path"][..]),
+        (
+            file.clone(),
+            &["is a regular file, not a folder", "--storage-path"][..],
+        ),
+        (
+            tmp.path().join("absent"),
+            &["create it", "--storage-path"][..],
+        ),
     ] {
         let err = start(&storage, &tcp);
         for needle in needles {

@@ -489,3 +489,33 @@ fn ranks_of_the_vllm_layout_are_saved_side_by_side() {
             .arg(&s.storage),
     );
 }
+
+#[test]
+fn a_file_where_a_folder_belongs_is_called_a_file() {
+    // The source.
+    let mut c = Case::new();
+    std::fs::remove_dir(&c.src).unwrap();
+    std::fs::write(&c.src, "not a checkpoint").unwrap();
+    c.fails_with(&["is a regular file, not a folder", "--local-model-path"]);
+    // The storage path.
+    std::fs::remove_file(&c.src).unwrap();
+    std::fs::create_dir(&c.src).unwrap();
+    one_tensor(&c.file("model.safetensors"));
+    std::fs::write(&c.storage, "not a store").unwrap();
+    let (status, stdout, stderr) = run_bounded(&mut c.save_cmd(), 20);
+    assert!(!status.success(), "{stdout}");
+    for needle in ["is a regular file, not a folder", "--storage-path"] {
+        assert!(stderr.contains(needle), "{needle:?} in {stderr}");
+    }
+    assert_eq!(std::fs::read_to_string(&c.storage).unwrap(), "not a store");
+    // verify, on a model id that names a file.
+    c.storage = c.home.join("models2");
+    std::fs::create_dir_all(c.storage.join("org")).unwrap();
+    std::fs::write(c.storage.join("org/file"), "x").unwrap();
+    let err = run_err(
+        sllm_store(&c.home)
+            .args(["verify", "--model", "org/file", "--storage-path"])
+            .arg(&c.storage),
+    );
+    assert!(err.contains("is a regular file, not a model folder"), "{err}");
+}

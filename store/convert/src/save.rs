@@ -91,6 +91,11 @@ pub enum SaveError {
         source: std::io::Error,
     },
     #[error(
+        "the storage path {path} is {what}, not a folder; pass --storage-path (or set \
+         $STORAGE_PATH) to the folder models are kept in"
+    )]
+    StorageNotAFolder { path: PathBuf, what: &'static str },
+    #[error(
         "not enough space for {model} under {path}: it needs {}, {} are free; free some \
          space or pass another --storage-path",
         human_bytes(*needed), human_bytes(*available)
@@ -142,6 +147,15 @@ pub fn save(req: &SaveRequest, progress: &dyn Progress) -> Result<SaveReport, Sa
         path: req.storage_root.clone(),
         source,
     };
+    if let Ok(meta) = std::fs::metadata(&req.storage_root)
+        && !meta.is_dir()
+    {
+        use std::os::unix::fs::MetadataExt;
+        return Err(SaveError::StorageNotAFolder {
+            path: req.storage_root.clone(),
+            what: crate::format::small_files::describe_mode(meta.mode()),
+        });
+    }
     std::fs::create_dir_all(&req.storage_root).map_err(unusable)?;
     // Checked again right before publishing; this one fails before writing.
     placement::check(&req.storage_root, &req.model, req.force)?;

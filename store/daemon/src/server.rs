@@ -58,6 +58,18 @@ pub const MAX_STATUS_MESSAGE_BYTES: usize = 4096;
 pub fn to_status(e: RegistryError) -> Status {
     let message = sllm_format::elide(&e.to_string(), MAX_STATUS_MESSAGE_BYTES).into_owned();
     metrics::counter!("sllm_errors_total", "kind" => "request").increment(1);
+    let status = status_of(e, message);
+    // The operator sees what a client was told (a model asked for that is
+    // not there is routine, and only at debug).
+    if status.code() == tonic::Code::NotFound {
+        tracing::debug!(code = ?status.code(), "request failed: {}", status.message());
+    } else {
+        tracing::info!(code = ?status.code(), "request failed: {}", status.message());
+    }
+    status
+}
+
+fn status_of(e: RegistryError, message: String) -> Status {
     match e {
         RegistryError::BadModelId(_)
         | RegistryError::Escapes { .. }

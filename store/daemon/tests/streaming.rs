@@ -215,7 +215,11 @@ fn a_pool_smaller_than_one_checksum_block_is_refused_with_the_sizes() {
     common::write_model(&f.models().join("o/big"), 3 * CHUNK, 1);
     let e = f.registry.load_to_host("o/big").unwrap_err();
     assert!(matches!(e, RegistryError::PoolTooSmall { .. }), "{e}");
-    for needle in ["--mem-pool-size", "--chunk-size", "checksum block"] {
+    for needle in [
+        "--mem-pool-size",
+        "all of its 3 chunks of 64.00 KiB",
+        "checksum block of 32.00 MiB",
+    ] {
         assert!(e.to_string().contains(needle), "{needle:?} in {e}");
     }
 }

@@ -27,6 +27,11 @@ pub enum VerifyError {
          (or $STORAGE_PATH) and the model id, or create it with `sllm-store save`"
     )]
     NotFound { path: PathBuf },
+    #[error(
+        "no model at {path}: it is {what}, not a model folder; check the model id and \
+         --storage-path (or $STORAGE_PATH)"
+    )]
+    NotAFolder { path: PathBuf, what: &'static str },
     #[error("cannot read {path}: {source}")]
     Io {
         path: PathBuf,
@@ -90,10 +95,20 @@ pub fn verify_model_to(
     depth: Depth,
     progress: &dyn Progress,
 ) -> Result<VerifyReport, VerifyError> {
-    if !model_dir.is_dir() {
-        return Err(VerifyError::NotFound {
-            path: model_dir.to_owned(),
-        });
+    match std::fs::metadata(model_dir) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(meta) => {
+            use std::os::unix::fs::MetadataExt;
+            return Err(VerifyError::NotAFolder {
+                path: model_dir.to_owned(),
+                what: crate::small_files::describe_mode(meta.mode()),
+            });
+        }
+        Err(_) => {
+            return Err(VerifyError::NotFound {
+                path: model_dir.to_owned(),
+            });
+        }
     }
     let mut report = VerifyReport::default();
     let parts = Partitions::discover(model_dir).map_err(|source| VerifyError::Io {

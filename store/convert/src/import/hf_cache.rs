@@ -76,9 +76,12 @@ pub enum ResolveError {
         "revision {revision:?} of {model} names {} snapshot in the cache{present}; {}",
         if matches.is_empty() { "no" } else { "more than one" },
         if matches.is_empty() {
-            "pass one of them, a ref (main), or download it while online with `hf download ... --revision <hash>`"
+            format!(
+                "pass one of them, a ref (main), or download it while online with `hf download \
+                 {model} --revision <its full 40-digit hash>`"
+            )
         } else {
-            "give more digits of the hash"
+            "give more digits of the hash".into()
         }
     )]
     ShortHash {

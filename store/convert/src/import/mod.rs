@@ -52,6 +52,11 @@ pub enum ImportError {
     #[error("source directory {path} does not exist; check --local-model-path")]
     SourceMissing { path: PathBuf },
     #[error(
+        "source {path} is {what}, not a folder; --local-model-path takes the folder that holds \
+         the *.safetensors files and config.json"
+    )]
+    SourceNotAFolder { path: PathBuf, what: &'static str },
+    #[error(
         "no *.safetensors files in {dir}{others}; only safetensors checkpoints can be \
          converted: save the model with safe_serialization=True or convert it first"
     )]
@@ -129,10 +134,20 @@ struct ShardIndex {
 impl SourceCheckpoint {
     /// Finds and checks the checkpoint in `dir`.
     pub fn open(dir: &Path) -> Result<Self, ImportError> {
-        if !dir.is_dir() {
-            return Err(ImportError::SourceMissing {
-                path: dir.to_owned(),
-            });
+        match std::fs::metadata(dir) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(meta) => {
+                use std::os::unix::fs::MetadataExt;
+                return Err(ImportError::SourceNotAFolder {
+                    path: dir.to_owned(),
+                    what: crate::format::small_files::describe_mode(meta.mode()),
+                });
+            }
+            Err(_) => {
+                return Err(ImportError::SourceMissing {
+                    path: dir.to_owned(),
+                });
+            }
         }
         let index_path = dir.join(SHARD_INDEX_FILE);
         let files = if index_path.exists() {

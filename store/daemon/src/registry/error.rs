@@ -26,7 +26,7 @@ pub enum RegistryError {
     },
     #[error(
         "model {model} not found: {path} has no tensor.data_0; convert it with `sllm-store save \
-         --model {model}` (storage path {root})"
+         --model {model} --storage-path {root}`"
     )]
     NotFound {
         model: String,
@@ -47,15 +47,23 @@ pub enum RegistryError {
     )]
     NotRegistered { model: String },
     #[error(
-        "model {model} is {} and streams through the pool, which must then hold at least {} \
-         (one checksum block of its manifest, in whole chunks) but holds only {}; restart the \
-         daemon with a larger --mem-pool-size (or $MEM_POOL_SIZE), or a smaller --chunk-size",
-        human_bytes(*size), human_bytes(*needed), human_bytes(*pool)
+        "model {model} is {} and streams through the pool, which must then hold at least {} ({}) \
+         but holds only {}; restart the daemon with a larger --mem-pool-size (or \
+         $MEM_POOL_SIZE){}",
+        human_bytes(*size),
+        human_bytes(*ring as u64 * *chunk),
+        ring_reason(*size, *ring, *chunk, *block),
+        human_bytes(*pool),
+        smaller_chunks(*chunk, *block)
     )]
     PoolTooSmall {
         model: String,
         size: u64,
-        needed: u64,
+        /// Chunks the ring needs.
+        ring: usize,
+        chunk: u64,
+        /// The manifest's checksum block, `None` without one.
+        block: Option<u64>,
         pool: u64,
     },
     #[error("model {model}: other replicas are streaming it; send the request again")]
@@ -126,4 +134,65 @@ pub enum RegistryError {
     NoThread(std::io::Error),
     #[error("the daemon is shutting down")]
     ShuttingDown,
+}
+
+/// Why a streamed load of a model of `size` bytes needs `ring` chunks of
+/// `chunk` bytes.
+fn ring_reason(size: u64, ring: usize, chunk: u64, block: Option<u64>) -> String {
+    match block {
+        Some(block) if ring as u64 * chunk >= size => format!(
+            "all of its {ring} chunks of {}: one checksum block of {} spans them, and they all \
+             land before it is hashed",
+            human_bytes(chunk),
+            human_bytes(block)
+        ),
+        Some(block) => format!(
+            "{ring} chunks of {}: the chunks one checksum block of {} can span, all landed \
+             before it is hashed, and one more for the copy in progress",
+            human_bytes(chunk),
+            human_bytes(block)
+        ),
+        None => format!(
+            "{ring} chunks of {}: one being copied while the next is read",
+            human_bytes(chunk)
+        ),
+    }
+}
+
+/// The other fix, where smaller chunks would need less: the ring then
+/// approaches one checksum block.
+fn smaller_chunks(chunk: u64, block: Option<u64>) -> String {
+    match block {
+        Some(block) if chunk > 1 << 20 => format!(
+            ", or a smaller --chunk-size (with chunks of {} it needs {})",
+            human_bytes(chunk / 4),
+            human_bytes((block.div_ceil(chunk / 4) + 2) * (chunk / 4))
+        ),
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pool_too_small_to_stream_says_what_it_needs_and_what_smaller_chunks_need() {
+        let e = RegistryError::PoolTooSmall {
+            model: "o/m".into(),
+            size: 1 << 30,
+            ring: 3,
+            chunk: 32 << 20,
+            block: Some(32 << 20),
+            pool: 32 << 20,
+        };
+        let text = e.to_string();
+        for needle in [
+            "at least 96.00 MiB (3 chunks of 32.00 MiB",
+            "holds only 32.00 MiB",
+            "with chunks of 8.00 MiB it needs 48.00 MiB",
+        ] {
+            assert!(text.contains(needle), "{needle:?} in {text}");
+        }
+    }
 }

@@ -488,7 +488,9 @@ impl Registry {
             return Err(RegistryError::PoolTooSmall {
                 model: model.into(),
                 size: info.size,
-                needed: ring as u64 * chunk,
+                ring,
+                chunk,
+                block: info.checksums.as_ref().map(|s| s.block_bytes),
                 pool: pool.total_bytes() as u64,
             });
         }

@@ -84,12 +84,19 @@ fn demo(work: &Path, size: ByteSize) -> anyhow::Result<bool> {
         synth.weight_files.len(),
         source_dir.display()
     );
+    if synth.tensor_bytes > size.bytes().saturating_mul(2) {
+        println!(
+            "           (--size {size} is below the smallest model the generator makes: one of each layer)"
+        );
+    }
 
     let request = SaveRequest {
         model: model.clone(),
         source: Source::Local(source_dir.clone()),
         storage_root: storage.clone(),
-        force: false,
+        // A second demo in the same --dir replaces the first one's model
+        // (a folder there that is not a stored model is still refused).
+        force: true,
         writer: WriterOptions::default(),
     };
     let report = save(&request, &progress)?;
