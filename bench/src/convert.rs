@@ -21,6 +21,8 @@ pub struct ConvertArgs {
     #[arg(long, default_value = "1GiB")]
     size: ByteSize,
     /// Where the checkpoint and the copies go (on the disk to measure).
+    /// Relative to the current directory; the generated checkpoint is kept
+    /// there for the next run (delete the folder when done).
     #[arg(long, default_value = "target/sllm-bench")]
     dir: PathBuf,
     /// Runs per scenario; the median is reported.

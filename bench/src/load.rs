@@ -39,6 +39,8 @@ pub struct LoadArgs {
     #[arg(long, default_value = "4GiB")]
     size: ByteSize,
     /// Where the checkpoint and the converted model live (on the disk to measure).
+    /// Relative to the current directory; the generated checkpoint is kept
+    /// there for the next run (delete the folder when done).
     #[arg(long, default_value = "target/sllm-bench")]
     dir: PathBuf,
     /// Runs per scenario; the median is reported.
@@ -726,7 +728,10 @@ fn markdown(r: &Results) -> String {
     let mut out = format!(
         "# Loads: disk, pool and device against the machine's limits\n\n\
          {}- model: {:.2} GiB; medians of {} interleaved runs; cold runs drop the page cache with {}\n\
-         - ratio: throughput / the ceiling named (disk = the fio limit; best grid setting {})\n\n",
+         - ratio: throughput / the ceiling named (disk = the fio limit; best grid setting {})\n\
+         - CPU: the in-process rows from this process's CPU clock; the others (daemon and \
+         client, fio, Python) from /proc in 10 ms ticks, so rough where a run takes under a \
+         few tenths of a CPU second\n\n",
         r.header.markdown(),
         r.model_bytes as f64 / (1u64 << 30) as f64,
         r.runs,

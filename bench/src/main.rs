@@ -67,6 +67,7 @@ fn run() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_target(false)
         .init();
     match Cli::parse().command {
         Command::Convert(args) => convert::run(args),

@@ -48,8 +48,10 @@ fn children_cpu_s() -> f64 {
 
 /// CPU seconds (user + system, all threads) this process has used so far.
 pub fn self_cpu_s() -> f64 {
-    // utime and stime are fields 14 and 15.
-    stat_cpu_s("/proc/self/stat", 14)
+    // The process CPU clock counts in nanoseconds; /proc counts in 10 ms
+    // ticks, too coarse for an in-process read of a small model.
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
 }
 
 /// CPU seconds (user + system, all threads) process `pid` has used so far.

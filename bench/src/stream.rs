@@ -24,6 +24,8 @@ pub struct StreamArgs {
     #[arg(long, default_value = "1GiB")]
     size: ByteSize,
     /// Where the checkpoint and the converted model live (on the disk to measure).
+    /// Relative to the current directory; the generated checkpoint is kept
+    /// there for the next run (delete the folder when done).
     #[arg(long, default_value = "target/sllm-bench")]
     dir: PathBuf,
     /// Runs per pool size, interleaved; medians are reported.

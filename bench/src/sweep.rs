@@ -21,6 +21,8 @@ pub struct SweepArgs {
     #[arg(long, default_value = "2GiB")]
     size: ByteSize,
     /// Where the checkpoint and the converted model live (on the disk to measure).
+    /// Relative to the current directory; the generated checkpoint is kept
+    /// there for the next run (delete the folder when done).
     #[arg(long, default_value = "target/sllm-bench")]
     dir: PathBuf,
     /// Cold runs per setting; the median is reported.
