@@ -1,5 +1,6 @@
 //! A save killed part-way leaves no model at the final path, and the next
-//! save cleans up what it left and succeeds.
+//! save cleans up what it left and succeeds. A save interrupted (Ctrl-C,
+//! SIGTERM) removes its partial copy itself and says so.
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
@@ -83,4 +84,54 @@ fn a_killed_save_leaves_nothing_and_the_next_one_cleans_up() {
             .args(["verify", "org/killed", "--storage-path"])
             .arg(&storage),
     );
+}
+
+#[test]
+fn an_interrupted_save_removes_its_partial_copy_and_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_synthetic(
+        &src,
+        &SynthSpec {
+            target_bytes: 96 << 20,
+            shards: 2,
+            seed: 4,
+        },
+    )
+    .unwrap();
+    let storage = tmp.path().join("models");
+    let mut child = sllm_store(tmp.path())
+        .args(["save", "--model", "org/stopped", "--local-model-path"])
+        .arg(&src)
+        .arg("--storage-path")
+        .arg(&storage)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while staged_bytes(&storage) == 0 {
+        assert!(Instant::now() < deadline, "the save never started writing");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the save ended before it could be interrupted"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let pid = rustix::process::Pid::from_child(&child);
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("interrupted; nothing was saved"),
+        "{stderr}"
+    );
+    assert!(!storage.join("org/stopped").exists(), "nothing published");
+    let left: Vec<_> = std::fs::read_dir(storage.join(".sllm-staging"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "the partial copy is gone: {left:?}");
 }

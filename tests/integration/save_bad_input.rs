@@ -517,5 +517,8 @@ fn a_file_where_a_folder_belongs_is_called_a_file() {
             .args(["verify", "--model", "org/file", "--storage-path"])
             .arg(&c.storage),
     );
-    assert!(err.contains("is a regular file, not a model folder"), "{err}");
+    assert!(
+        err.contains("is a regular file, not a model folder"),
+        "{err}"
+    );
 }

@@ -15,6 +15,7 @@
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
@@ -112,10 +113,29 @@ pub enum SaveError {
         to: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "the save of {model} was interrupted; nothing was saved, and its partial copy is removed"
+    )]
+    Interrupted { model: String },
 }
 
 /// Runs a conversion.
 pub fn save(req: &SaveRequest, progress: &dyn Progress) -> Result<SaveReport, SaveError> {
+    save_unless(req, progress, &AtomicBool::new(false))
+}
+
+/// Runs a conversion that stops when `cancel` is set (by a signal handler,
+/// say): between pieces of the copy, and before publishing. A cancelled
+/// save publishes nothing and removes its staging directory; once
+/// publishing has begun it completes.
+pub fn save_unless(
+    req: &SaveRequest,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<SaveReport, SaveError> {
+    let interrupted = || SaveError::Interrupted {
+        model: req.model.to_string(),
+    };
     let started = Instant::now();
     let (source_dir, mut info) = resolve_source(req)?;
     let checkpoint = SourceCheckpoint::open(&source_dir)?;
@@ -150,7 +170,6 @@ pub fn save(req: &SaveRequest, progress: &dyn Progress) -> Result<SaveReport, Sa
     if let Ok(meta) = std::fs::metadata(&req.storage_root)
         && !meta.is_dir()
     {
-        use std::os::unix::fs::MetadataExt;
         return Err(SaveError::StorageNotAFolder {
             path: req.storage_root.clone(),
             what: crate::format::small_files::describe_mode(meta.mode()),
@@ -164,12 +183,15 @@ pub fn save(req: &SaveRequest, progress: &dyn Progress) -> Result<SaveReport, Sa
 
     let mut writer = StoreWriter::new(staging.path(), req.writer)?;
     progress.begin("saving", checkpoint.tensor_bytes());
-    let copied = copy_tensors(&checkpoint.files, &mut writer, progress);
+    let copied = copy_tensors(&checkpoint.files, &mut writer, progress, cancel);
     progress.finish();
-    copied?;
+    copied?.ok_or_else(interrupted)?;
     tracing::info!("tensors copied; flushing them to disk");
     copy_extra_files(&checkpoint, staging.path())?;
     let written = writer.finish(Some(info.clone()))?;
+    if cancel.load(Ordering::Relaxed) {
+        return Err(interrupted());
+    }
     let published = staging.publish(req.force)?;
 
     let report = SaveReport {
@@ -250,11 +272,13 @@ pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
 type Piece = Result<(Vec<u8>, usize), ImportError>;
 
 /// Copies every tensor, in file order, into the writer and indexes it.
+/// Copies every tensor into `writer`; `Ok(None)` when `cancel` stopped it.
 fn copy_tensors(
     files: &[SafetensorsFile],
     writer: &mut StoreWriter,
     progress: &dyn Progress,
-) -> Result<(), SaveError> {
+    cancel: &AtomicBool,
+) -> Result<Option<()>, SaveError> {
     let (free_tx, free_rx) = bounded::<Vec<u8>>(PIECES_IN_FLIGHT);
     let (full_tx, full_rx) = bounded::<Piece>(PIECES_IN_FLIGHT);
     for _ in 0..PIECES_IN_FLIGHT {
@@ -266,7 +290,7 @@ fn copy_tensors(
         scope.spawn(move || read_pieces(files, free_rx, full_tx));
         // The writer's channel ends drop when it returns, which stops the
         // reader if the writer failed first.
-        write_pieces(files, writer, progress, free_tx, full_rx)
+        write_pieces(files, writer, progress, cancel, free_tx, full_rx)
     })
 }
 
@@ -310,14 +334,18 @@ fn write_pieces(
     files: &[SafetensorsFile],
     writer: &mut StoreWriter,
     progress: &dyn Progress,
+    cancel: &AtomicBool,
     free: Sender<Vec<u8>>,
     full: Receiver<Piece>,
-) -> Result<(), SaveError> {
+) -> Result<Option<()>, SaveError> {
     for f in files {
         for t in &f.tensors {
             let offset = writer.begin_record(t.len)?;
             let mut left = t.len;
             while left > 0 {
+                if cancel.load(Ordering::Relaxed) {
+                    return Ok(None);
+                }
                 let (buf, n) = full.recv().map_err(|_| ImportError::Io {
                     path: f.path.clone(),
                     source: std::io::Error::other("the reader thread stopped"),
@@ -340,7 +368,7 @@ fn write_pieces(
             );
         }
     }
-    Ok(())
+    Ok(Some(()))
 }
 
 /// Copies config, tokenizer and other non-weight files beside the index,

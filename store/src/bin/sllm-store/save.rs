@@ -2,11 +2,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use clap::Args;
 use sllm_convert::import::hf_cache::HfCache;
-use sllm_convert::save::{SaveReport, SaveRequest, Source, save};
+use sllm_convert::save::{SaveError, SaveReport, SaveRequest, Source, save_unless};
 use sllm_format::config::resolve_storage_path;
 use sllm_format::units::{ByteSize, gib_per_s, human_bytes};
 use sllm_format::writer::{DEFAULT_ALIGNMENT_BYTES, DEFAULT_PARTITION_LIMIT_BYTES};
@@ -84,7 +86,15 @@ pub fn run(args: SaveArgs) -> anyhow::Result<ExitCode> {
     if let Some(warning) = sllm_doctor::storage::os_disk_warning(&request.storage_root) {
         eprintln!("warning: {warning}");
     }
-    let report = save(&request, &TermProgress::new())?;
+    let cancel = cancel_on_signals()?;
+    let report = match save_unless(&request, &TermProgress::new(), &cancel) {
+        Ok(report) => report,
+        Err(e @ SaveError::Interrupted { .. }) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(130));
+        }
+        Err(e) => return Err(e.into()),
+    };
     println!("{}", summary(&model, &report));
     // vLLM could not start from the stored model's folder (for one rank of
     // the vLLM layout, the folder above): said, not a failure.
@@ -115,4 +125,21 @@ fn summary(model: &ModelId, r: &SaveReport) -> String {
             ""
         },
     )
+}
+
+/// A flag that SIGINT (Ctrl-C) and SIGTERM set, so that an interrupted save
+/// removes its partial copy (which can be as large as the model) instead of
+/// leaving it for the next save to find. A second signal exits at once, for
+/// a save stuck where it cannot look at the flag.
+fn cancel_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let cancel = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        // Registered first, so it sees the flag as it was before this
+        // signal: set only by an earlier one.
+        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&cancel))
+            .context("watching for Ctrl-C")?;
+        signal_hook::flag::register(signal, Arc::clone(&cancel)).context("watching for Ctrl-C")?;
+    }
+    Ok(cancel)
 }
