@@ -881,3 +881,27 @@ fn start_refuses_what_it_cannot_serve_from_or_listen_on_and_says_why() {
     let err = start(tmp.path(), &["--port", &port]);
     assert!(err.contains("another daemon"), "{err}");
 }
+
+#[test]
+fn a_load_that_reads_its_index_from_another_store_is_warned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let storage = tmp.path().join("models");
+    let other = tmp.path().join("other");
+    let tensors = tensors_of(1 << 20, 51);
+    save_model(tmp.path(), &storage, "o/m", &tensors, "1MiB");
+    save_model(tmp.path(), &other, "o/m", &tensors, "1MiB");
+    let daemon = Daemon::start(
+        tmp.path(),
+        &storage,
+        &["--mem-pool-size", "4MiB", "--chunk-size", "256KiB"],
+    );
+    let (out, _, stderr) = run(&mut load_cmd(tmp.path(), &other, &daemon.addr, "o/m"));
+    assert!(out.status.success(), "{stderr}");
+    for needle in ["the daemon serves models from", "--storage-path"] {
+        assert!(stderr.contains(needle), "{needle:?} in {stderr}");
+    }
+    // The daemon's own store: no warning.
+    let (out, _, stderr) = run(&mut load_cmd(tmp.path(), &storage, &daemon.addr, "o/m"));
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+}

@@ -64,10 +64,20 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
     let config = client.server_config().await?;
     let daemon_says =
         Some(std::path::Path::new(&config.storage_path)).filter(|p| !p.as_os_str().is_empty());
-    let model_dir = model.dir_in(&resolve_client_storage_path(
-        args.storage_path.as_deref(),
-        daemon_says,
-    ));
+    let storage = resolve_client_storage_path(args.storage_path.as_deref(), daemon_says);
+    if let Some(daemon_dir) = daemon_says
+        && !same_dir(&storage, daemon_dir)
+    {
+        eprintln!(
+            "warning: the daemon serves models from {}, but this load reads the tensor index \
+             from {} (--storage-path or $STORAGE_PATH); unless they hold the same models, pass \
+             --storage-path {} or leave it out",
+            daemon_dir.display(),
+            storage.display(),
+            daemon_dir.display()
+        );
+    }
+    let model_dir = model.dir_in(&storage);
     match (args.device, config.device_backend) {
         (DeviceArg::Host | DeviceArg::Auto, BackendKind::Host)
         | (DeviceArg::Cuda | DeviceArg::Auto, BackendKind::Cuda) => {}
@@ -120,4 +130,16 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Whether `a` and `b` are one folder, as far as this host can tell: the
+/// same device and inode, or (where `b` does not exist here, as for a daemon
+/// in a container) the same path.
+fn same_dir(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        (_, Err(_)) => true,
+        (Err(_), Ok(_)) => a == b,
+    }
 }
