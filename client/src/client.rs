@@ -25,8 +25,10 @@ pub enum ClientError {
         "cannot reach the store daemon at {addr}: {reason}; start it with `sllm-store start` or pass --server"
     )]
     Connect { addr: String, reason: String },
-    #[error("{op} failed: {message} ({code:?})")]
+    #[error("{op} failed: {message} ({})", code_in_words(*code))]
     Rpc {
+        /// What the call was doing, in words (e.g. "copying the model to
+        /// the devices" for LoadModelAsync to devices).
         op: &'static str,
         code: tonic::Code,
         message: String,
@@ -49,6 +51,19 @@ impl ClientError {
             _ => None,
         }
     }
+}
+
+/// A gRPC code as words: `NotFound` is "not found".
+fn code_in_words(code: tonic::Code) -> String {
+    let name = format!("{code:?}");
+    let mut words = String::with_capacity(name.len() + 4);
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            words.push(' ');
+        }
+        words.push(c.to_ascii_lowercase());
+    }
+    words
 }
 
 fn rpc(op: &'static str) -> impl FnOnce(tonic::Status) -> ClientError {
@@ -146,7 +161,7 @@ impl StoreClient {
                 model_path: model.into(),
             })
             .await
-            .map_err(rpc("RegisterModel"))?;
+            .map_err(rpc("registering the model"))?;
         Ok(r.into_inner().model_size as u64)
     }
 
@@ -159,7 +174,7 @@ impl StoreClient {
                 ..Default::default()
             })
             .await
-            .map_err(rpc("LoadModelAsync(CPU)"))?;
+            .map_err(rpc("loading the model into the daemon's pool"))?;
         Ok(())
     }
 
@@ -193,7 +208,7 @@ impl StoreClient {
                 target_device_type: DeviceType::Gpu as i32,
             })
             .await
-            .map_err(rpc("LoadModelAsync(GPU)"))?;
+            .map_err(rpc("copying the model to the devices"))?;
         Ok(())
     }
 
@@ -206,7 +221,7 @@ impl StoreClient {
                 target_device_type: DeviceType::Gpu as i32,
             })
             .await
-            .map_err(rpc("ConfirmModel"))?;
+            .map_err(rpc("waiting for the copies"))?;
         Ok(())
     }
 
@@ -219,7 +234,7 @@ impl StoreClient {
                 ..Default::default()
             })
             .await
-            .map_err(rpc("UnloadModel"))?;
+            .map_err(rpc("unloading the model"))?;
         Ok(())
     }
 
@@ -228,7 +243,7 @@ impl StoreClient {
         self.inner
             .clear_mem(ClearMemRequest {})
             .await
-            .map_err(rpc("ClearMem"))?;
+            .map_err(rpc("clearing the pool"))?;
         Ok(())
     }
 
@@ -241,7 +256,7 @@ impl StoreClient {
                 service: "storage.Storage".into(),
             })
             .await
-            .map_err(rpc("Health.Check"))?
+            .map_err(rpc("the health check"))?
             .into_inner();
         Ok(r.status == ServingStatus::Serving as i32)
     }
@@ -252,7 +267,7 @@ impl StoreClient {
             .inner
             .get_server_config(GetServerConfigRequest {})
             .await
-            .map_err(rpc("GetServerConfig"))?
+            .map_err(rpc("asking the daemon for its settings"))?
             .into_inner();
         Ok(ServerConfig {
             mem_pool_size: r.mem_pool_size as u64,
@@ -278,7 +293,7 @@ impl StoreClient {
                 model_path: model.into(),
             })
             .await
-            .map_err(rpc("GetModelStatus"))?
+            .map_err(rpc("asking for the model's status"))?
             .into_inner())
     }
 }
@@ -309,4 +324,23 @@ fn token_from_env() -> Result<Option<tonic::metadata::AsciiMetadataValue>, Clien
                 "the token holds characters gRPC metadata cannot carry; use printable ASCII".into(),
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_call_says_what_it_was_doing_and_its_code_in_words() {
+        let e = rpc("copying the model to the devices")(tonic::Status::invalid_argument(
+            "copy 0 is out of range",
+        ));
+        assert_eq!(
+            e.to_string(),
+            "copying the model to the devices failed: copy 0 is out of range (invalid argument)"
+        );
+        assert_eq!(e.code(), Some(tonic::Code::InvalidArgument));
+        assert_eq!(code_in_words(tonic::Code::DataLoss), "data loss");
+        assert_eq!(code_in_words(tonic::Code::Ok), "ok");
+    }
 }
