@@ -256,6 +256,7 @@ fn an_incomplete_snapshot_stops_offline() {
     .unwrap();
     std::os::unix::fs::symlink("../../blobs/never", snap.join("model-00002.safetensors")).unwrap();
     std::fs::write(repo.join("blobs/never.incomplete"), b"partial").unwrap();
+    std::fs::create_dir_all(tmp.path().join("models")).unwrap();
     let (code, report) = doctor(tmp.path(), &tmp.path().join("models"), |c| {
         c.args(["--model", "org/model"])
             .env("HF_HUB_CACHE", &hub)
@@ -268,6 +269,18 @@ fn an_incomplete_snapshot_stops_offline() {
         "{summary}"
     );
     assert!(fix.contains(&format!("--revision {MAIN}")), "{fix}");
+    // What a conversion would need is unknown until the snapshot is whole,
+    // and the save it suggests waits for the download.
+    let (st, summary, _) = check(&report, "storage.free");
+    assert!(
+        summary.contains("free on") && !summary.contains("needs"),
+        "{st} {summary}"
+    );
+    let (_, _, fix) = check(&report, "model.converted");
+    assert!(
+        fix.starts_with("download the snapshot's missing files first"),
+        "{fix}"
+    );
     assert_eq!(code, 1);
 }
 
@@ -301,8 +314,24 @@ fn the_converted_model_is_verified_and_a_stale_one_is_named() {
     assert_eq!(st, "PASS", "{summary}");
     assert!(summary.contains("every checksum matches"), "{summary}");
     assert_eq!(status(&report, "model.source"), "PASS");
-    let (_, summary, _) = check(&report, "model.device");
-    assert!(summary.contains("tensor.data_0 is on"), "{summary}");
+    // On the storage path's filesystem: judged once, by storage.device.
+    let (st, summary, _) = check(&report, "model.device");
+    assert_eq!(st, "PASS", "{summary}");
+    assert!(
+        summary.contains("tensor.data_0 is on the storage path's filesystem"),
+        "{summary}"
+    );
+    // A short hash pins as a whole one does.
+    let report = doctor(tmp.path(), &storage, |c| {
+        c.args(["--model", "org/model", "--revision", &MAIN[..8]])
+            .env("HF_HUB_CACHE", &hub);
+    })
+    .1;
+    let (st, summary, _) = check(&report, "hf.pinned");
+    assert_eq!(st, "PASS", "{summary}");
+    let (st, summary, _) = check(&report, "model.source");
+    assert_eq!(st, "PASS", "{summary}");
+    assert!(summary.contains("resolves to"), "{summary}");
     let (st, summary, _) = check(&report, "hf.device");
     assert_eq!(st, "PASS", "cache and storage in one directory: {summary}");
 
@@ -396,6 +425,24 @@ fn the_daemon_is_asked_for_health_and_config() {
     );
 
     // A daemon the user named but that is not there is a STOP.
+    // A server that is not HTTP/1.1 (gRPC's first bytes: an HTTP/2
+    // SETTINGS frame), as at the store daemon's port.
+    let grpc = TcpListener::bind("127.0.0.1:0").unwrap();
+    let grpc_addr = grpc.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        if let Ok((mut conn, _)) = grpc.accept() {
+            let _ = conn.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        }
+    });
+    let (_, report) = doctor(tmp.path(), &storage, |c| {
+        c.args(["--vllm-url", &format!("http://{grpc_addr}/v1")]);
+    });
+    let (st, summary, fix) = check(&report, "vllm");
+    assert_eq!(st, "STOP");
+    assert!(summary.contains("not as an HTTP server"), "{summary}");
+    assert!(fix.contains("vLLM's port"), "{fix}");
+
     let closed = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -458,6 +505,24 @@ fn vllm_is_asked_for_its_models() {
     let (st, summary, _) = check(&report, "vllm");
     assert_eq!((st.as_str(), code), ("STOP", 1), "{summary}");
     assert!(summary.contains("HTTP 503"), "{summary}");
+
+    // A server that is not HTTP/1.1 (gRPC's first bytes: an HTTP/2
+    // SETTINGS frame), as at the store daemon's port.
+    let grpc = TcpListener::bind("127.0.0.1:0").unwrap();
+    let grpc_addr = grpc.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        if let Ok((mut conn, _)) = grpc.accept() {
+            let _ = conn.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        }
+    });
+    let (_, report) = doctor(tmp.path(), &storage, |c| {
+        c.args(["--vllm-url", &format!("http://{grpc_addr}/v1")]);
+    });
+    let (st, summary, fix) = check(&report, "vllm");
+    assert_eq!(st, "STOP");
+    assert!(summary.contains("not as an HTTP server"), "{summary}");
+    assert!(fix.contains("vLLM's port"), "{fix}");
 
     let closed = TcpListener::bind("127.0.0.1:0")
         .unwrap()

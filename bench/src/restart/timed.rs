@@ -245,7 +245,7 @@ pub(super) fn caveats(
         storage_path,
         model,
         revision,
-        cached.map(hf::CachedSnapshot::commit),
+        cached,
         doctor_model::Purpose::Doctor { quick: true },
     ));
     let mut out: Vec<Caveat> = Vec::new();

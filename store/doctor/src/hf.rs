@@ -229,6 +229,12 @@ impl CachedSnapshot {
     pub fn weight_bytes(&self) -> u64 {
         self.contents.weight_bytes
     }
+
+    /// Whether every file a conversion reads is there (config, and weights
+    /// whose blobs are whole): `sllm-store save` can convert it.
+    pub fn is_whole(&self) -> bool {
+        self.contents.missing.is_empty() && !self.contents.weights.is_empty()
+    }
 }
 
 /// Resolves `revision` of `model` in the cache `env` chooses, and reads
@@ -288,7 +294,7 @@ pub fn snapshot_checks(
         ),
     )];
     out.push(files_check(snapshot, &cached.contents, model, offline));
-    out.push(if is_commit_hash(revision) {
+    out.push(if snapshot.pinned {
         Check::pass(
             "hf.pinned",
             format!("revision pinned to {}", snapshot.commit),

@@ -145,7 +145,9 @@ pub fn run(req: &DoctorRequest) -> Vec<Check> {
         .map(|m| (m, hf::find(&req.hf, m, &req.revision)));
     // Space a conversion would still need, when known.
     let needed_bytes = match &model {
-        Some((m, Ok(cached))) if !model::is_converted(&req.storage_path, m) => {
+        Some((m, Ok(cached)))
+            if cached.is_whole() && !model::is_converted(&req.storage_path, m) =>
+        {
             Some(cached.weight_bytes())
         }
         _ => None,
@@ -164,7 +166,7 @@ pub fn run(req: &DoctorRequest) -> Vec<Check> {
             &req.storage_path,
             m,
             &req.revision,
-            cached.map(hf::CachedSnapshot::commit),
+            cached,
             model::Purpose::Doctor { quick: req.quick },
         ));
     }
@@ -204,7 +206,7 @@ pub fn offline_readiness(
         storage_path,
         model,
         revision,
-        found.as_ref().ok().map(hf::CachedSnapshot::commit),
+        found.as_ref().ok(),
         model::Purpose::OfflineReadiness,
     ));
     checks

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use super::Check;
+use super::hf::CachedSnapshot;
 use super::storage::{self, Location};
 use crate::format::layout::{is_stored_model, model_dirs};
 use crate::format::verify::{Depth, verify_model_to};
@@ -30,15 +31,16 @@ pub enum Purpose {
     OfflineReadiness,
 }
 
-/// The converted-model checks, for `purpose`. `commit` is what `revision`
-/// resolves to in the Hugging Face cache, when it is there.
+/// The converted-model checks, for `purpose`. `snapshot` is what
+/// `revision` resolves to in the Hugging Face cache, when it is there.
 pub fn checks(
     storage: &Path,
     model: &str,
     revision: &str,
-    commit: Option<&str>,
+    snapshot: Option<&CachedSnapshot>,
     purpose: Purpose,
 ) -> Vec<Check> {
+    let commit = snapshot.map(CachedSnapshot::commit);
     let readiness = purpose == Purpose::OfflineReadiness;
     let quick = purpose != Purpose::Doctor { quick: false };
     let id = match ModelId::parse(model) {
@@ -59,11 +61,14 @@ pub fn checks(
              rank_<r>/ folders",
             model_dir.display()
         );
-        let fix = format!(
+        let mut fix = format!(
             "sllm-store save --model {model} --revision {} --storage-path {}",
             commit.unwrap_or(revision),
             storage.display()
         );
+        if snapshot.is_some_and(|s| !s.is_whole()) {
+            fix = format!("download the snapshot's missing files first (see hf.files), then {fix}");
+        }
         return vec![if readiness {
             Check::stop("model.converted", summary, fix)
         } else {
@@ -212,8 +217,9 @@ pub fn serving_dir(model_dir: &Path) -> &Path {
 /// Where the model's bytes really are. The daemon refuses a model whose
 /// folder leads out of the storage path or whose partitions are symlinks,
 /// so those are STOPs; a filesystem mounted inside the storage path is
-/// allowed, and named. With `judge_drive`, the drive gets the storage
-/// path's verdict (OS disk, tmpfs, not NVMe...).
+/// allowed, and named. With `judge_drive`, a drive other than the storage
+/// path's gets its own verdict (OS disk, tmpfs, not NVMe...); the storage
+/// path's own is storage.device's, not said twice.
 fn device_check(storage: &Path, dir: &Path, judge_drive: bool) -> Option<Check> {
     let name = "model.device";
     let root = std::fs::canonicalize(storage).ok()?;
@@ -242,21 +248,31 @@ fn device_check(storage: &Path, dir: &Path, judge_drive: bool) -> Option<Check> 
         return None;
     }
     let loc = Location::of(&data).ok()?;
+    let outer = Location::of(&root).ok();
+    if outer.as_ref().is_some_and(|outer| outer.dev == loc.dev) {
+        // storage.device has judged this filesystem: said once.
+        return Some(Check::pass(
+            name,
+            format!(
+                "{} is on the storage path's filesystem ({}; judged under storage.device)",
+                data.display(),
+                loc.describe_disks()
+            ),
+        ));
+    }
     let check = storage::device_check(name, &data, &loc);
-    match Location::of(&root) {
-        Ok(outer) if outer.dev != loc.dev && check.status == super::Status::Pass => {
-            Some(Check::warn(
-                name,
-                format!(
-                    "{}; another filesystem than the storage path's ({} on {})",
-                    check.summary,
-                    outer.fstype,
-                    outer.describe_disks()
-                ),
-                "a filesystem is mounted inside the storage path: make sure it is the drive you \
+    match outer {
+        Some(outer) if check.status == super::Status::Pass => Some(Check::warn(
+            name,
+            format!(
+                "{}; another filesystem than the storage path's ({} on {})",
+                check.summary,
+                outer.fstype,
+                outer.describe_disks()
+            ),
+            "a filesystem is mounted inside the storage path: make sure it is the drive you \
                  meant",
-            ))
-        }
+        )),
         _ => Some(check),
     }
 }
@@ -344,7 +360,7 @@ fn stale_check(
     if converted_from == commit {
         return Some(Check::pass(
             "model.source",
-            format!("converted from {commit}, the snapshot that {revision} points at"),
+            format!("converted from {commit}, the snapshot that revision {revision} resolves to"),
         ));
     }
     let summary = format!(

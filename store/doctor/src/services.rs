@@ -147,6 +147,18 @@ pub fn vllm(url: &str, model: Option<&str>) -> Check {
     let agent = local_agent(ANSWER_WITHIN);
     let mut response = match agent.get(&endpoint).call() {
         Ok(r) => r,
+        // Something answered, but not in HTTP/1.1: a gRPC server (the
+        // store daemon's port, say) or another protocol.
+        Err(e @ ureq::Error::Protocol(_)) => {
+            return Check::stop(
+                name,
+                format!(
+                    "something answers at {endpoint}, but not as an HTTP server ({e}): not \
+                     vLLM's OpenAI server (the store daemon's gRPC port answers this way)"
+                ),
+                "point --vllm-url at vLLM's port (vllm serve --port, 8000 by default)",
+            );
+        }
         Err(e) => {
             return Check::stop(
                 name,

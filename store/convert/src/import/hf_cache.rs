@@ -24,6 +24,9 @@ pub struct Snapshot {
     pub commit: String,
     /// The revision asked for.
     pub revision: String,
+    /// The revision was a commit hash (whole or a unique prefix), not a
+    /// ref that can move.
+    pub pinned: bool,
 }
 
 /// The snapshot is not in the cache.
@@ -147,9 +150,11 @@ impl HfCache {
             });
         }
         let snapshots = repo.join("snapshots");
+        let pinned = is_commit_hash(revision)
+            || (is_short_hash(revision) && !repo.join("refs").join(revision).exists());
         let commit = if is_commit_hash(revision) {
             revision.to_owned()
-        } else if is_short_hash(revision) && !repo.join("refs").join(revision).exists() {
+        } else if pinned {
             let present = known_snapshots(&snapshots);
             let matches: Vec<String> = present
                 .iter()
@@ -188,6 +193,7 @@ impl HfCache {
             dir,
             commit,
             revision: revision.into(),
+            pinned,
         })
     }
 }
