@@ -905,3 +905,47 @@ fn a_load_that_reads_its_index_from_another_store_is_warned() {
     assert!(out.status.success(), "{stderr}");
     assert!(!stderr.contains("warning"), "{stderr}");
 }
+
+#[test]
+fn a_failure_asked_for_in_json_is_answered_in_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let storage = tmp.path().join("models");
+    std::fs::create_dir_all(&storage).unwrap();
+    let daemon = Daemon::start(
+        tmp.path(),
+        &storage,
+        &["--mem-pool-size", "1MiB", "--chunk-size", "64KiB"],
+    );
+    let failed_json = |cmd: &mut std::process::Command| {
+        let (out, stdout, stderr) = run(cmd);
+        assert!(!out.status.success(), "{stdout}");
+        let v: serde_json::Value = serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("{e}: stdout {stdout:?}, stderr {stderr}"));
+        assert_eq!(v["ok"], false, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("o/absent"), "{v}");
+    };
+    failed_json(load_cmd(tmp.path(), &storage, &daemon.addr, "o/absent").arg("--json"));
+    failed_json(
+        sllm_store(tmp.path())
+            .args(["verify", "--model", "o/absent", "--json", "--storage-path"])
+            .arg(&storage),
+    );
+    // A daemon that cannot start, logging JSON: its last word is JSON too.
+    let port = daemon.addr.rsplit(':').next().unwrap().to_owned();
+    let (out, _, stderr) = run(sllm_store(tmp.path())
+        .args([
+            "--log-format",
+            "json",
+            "start",
+            "--port",
+            &port,
+            "--storage-path",
+        ])
+        .arg(&storage));
+    assert!(!out.status.success());
+    let last = stderr.trim().lines().last().unwrap_or_default();
+    let v: serde_json::Value =
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert_eq!(v["level"], "ERROR", "{v}");
+    assert!(last.contains("cannot listen"), "{last}");
+}

@@ -46,7 +46,7 @@ pub struct DoctorArgs {
     quick: bool,
     /// Print the checks as JSON.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {

@@ -47,7 +47,7 @@ pub struct LoadArgs {
     verify: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 pub fn run_load(args: LoadArgs) -> anyhow::Result<ExitCode> {

@@ -102,6 +102,14 @@ fn main() -> ExitCode {
         _ => "warn",
     };
     init_logging(cli.log_format, default_level);
+    // A command asked for JSON answers its failure in JSON too, so that a
+    // script reading stdout is never left with nothing.
+    let json_out = match &cli.command {
+        Command::Verify(a) => a.json,
+        Command::Load(a) => a.json,
+        Command::Doctor(a) => a.json,
+        _ => false,
+    };
     let outcome = match cli.command {
         Command::Save(args) => save::run(args),
         Command::Verify(args) => verify::run(args),
@@ -114,10 +122,15 @@ fn main() -> ExitCode {
     match outcome {
         Ok(code) => code,
         Err(err) => {
-            eprintln!(
-                "error: {}",
-                sllm_format::error_text::error_text(err.as_ref())
-            );
+            let text = sllm_format::error_text::error_text(err.as_ref());
+            if json_out {
+                println!("{}", serde_json::json!({ "ok": false, "error": text }));
+            }
+            match cli.log_format {
+                // One JSON line, like the log lines before it.
+                LogFormat::Json => tracing::error!("{text}"),
+                LogFormat::Text => eprintln!("error: {text}"),
+            }
             ExitCode::FAILURE
         }
     }

@@ -26,7 +26,7 @@ pub struct VerifyArgs {
     storage_path: Option<PathBuf>,
     /// Print one JSON object instead of lines.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
