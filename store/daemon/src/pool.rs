@@ -37,23 +37,36 @@ const HUGE_PAGE_BITS: u8 = 21;
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
     #[error(
-        "chunk size {0} must be a multiple of 4096 bytes between 4KiB and 1GiB; set \
-         --chunk-size (or $SLLM_CHUNK_SIZE), e.g. 32MB"
+        "chunk size {} must be a multiple of 4096 bytes between 4KiB and 1GiB; set \
+         --chunk-size (or $SLLM_CHUNK_SIZE), e.g. 32MB",
+        shown(*.0)
     )]
     BadChunkSize(usize),
     #[error(
-        "pool size {pool} is smaller than one chunk ({chunk}); raise --mem-pool-size \
-         (or $MEM_POOL_SIZE) or lower --chunk-size"
+        "pool size {} is smaller than one chunk ({}); raise --mem-pool-size \
+         (or $MEM_POOL_SIZE) or lower --chunk-size",
+        shown(*pool), shown(*chunk)
     )]
     TooSmall { pool: usize, chunk: usize },
     #[error(
-        "cannot reserve {bytes} bytes of host memory for the pool: {source}; lower \
-         --mem-pool-size (or $MEM_POOL_SIZE) to fit the machine's free memory"
+        "cannot reserve {} of host memory for the pool: {source}; lower \
+         --mem-pool-size (or $MEM_POOL_SIZE) to fit the machine's free memory",
+        shown(*bytes)
     )]
     Map {
         bytes: usize,
         source: std::io::Error,
     },
+}
+
+/// A size in words, with the byte count where the unit rounds it.
+fn shown(bytes: usize) -> String {
+    let words = sllm_format::units::human_bytes(bytes as u64);
+    if bytes.is_multiple_of(1 << 10) {
+        words
+    } else {
+        format!("{words} ({bytes} bytes)")
+    }
 }
 
 /// How the pool's memory was obtained, for the start-up log and metrics.

@@ -375,7 +375,10 @@ fn tensors_in(index: &TensorIndex, start: u64, end: u64) -> String {
 /// One line for people: what was checked.
 pub fn summary_line(model: &str, report: &VerifyReport, seconds: f64) -> String {
     let checksums = if report.has_manifest {
-        format!("{} checksum blocks", report.blocks_checked)
+        match report.blocks_checked {
+            1 => "1 checksum block".into(),
+            n => format!("{n} checksum blocks"),
+        }
     } else {
         "no manifest, checksums not checked".into()
     };

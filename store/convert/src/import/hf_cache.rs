@@ -125,7 +125,7 @@ impl HfCache {
         let home = set("HOME").unwrap_or_else(|| PathBuf::from("/root"));
         Self {
             root: home.join(".cache").join("huggingface").join("hub"),
-            chosen_by: "the default (~/.cache/huggingface/hub)".into(),
+            chosen_by: "the default, ~/.cache/huggingface/hub".into(),
         }
     }
 

@@ -20,10 +20,11 @@ use sllm_daemon::io::EngineKind;
 /// `--device`: which device backend (the daemon's, or the one a client expects).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum DeviceArg {
-    /// CUDA when a driver and a device are present, else host.
+    /// The daemon's choice: CUDA when a driver and a GPU are present, else host.
     Auto,
-    /// Shared-memory pseudo-devices.
+    /// Shared-memory pseudo-devices (no GPU needed).
     Host,
+    /// NVIDIA GPUs through the CUDA driver (an error without one).
     Cuda,
 }
 

@@ -17,9 +17,10 @@ use sllm_format::units::ByteSize;
 /// Flags of `start`, as ServerlessLLM's CLI spells them, plus ours.
 #[derive(Args, Debug)]
 pub struct StartArgs {
-    /// Address to listen on. Loopback by default: ServerlessLLM listens on 0.0.0.0, but the
-    /// service has no authentication, so pass --host 0.0.0.0 only on a trusted network.
-    #[arg(long, default_value = "127.0.0.1")]
+    /// Address to listen on (an IP address, or localhost). Loopback by default: ServerlessLLM
+    /// listens on 0.0.0.0, but without --auth-token-file anyone who reaches the port may load
+    /// models, so pass --host 0.0.0.0 only on a trusted network or with a token.
+    #[arg(long, default_value = "127.0.0.1", value_parser = parse_host)]
     host: IpAddr,
     /// Port to listen on (0 picks a free one; the ready line says which).
     #[arg(long, default_value_t = 8073)]
@@ -181,6 +182,19 @@ pub fn run_start(args: StartArgs) -> anyhow::Result<ExitCode> {
         .context("starting the async runtime")?;
     runtime.block_on(run(cfg))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--host`: an IP address, or `localhost` (the IPv4 loopback).
+fn parse_host(text: &str) -> Result<IpAddr, String> {
+    if text.eq_ignore_ascii_case("localhost") {
+        return Ok(IpAddr::from([127, 0, 0, 1]));
+    }
+    text.parse().map_err(|_| {
+        format!(
+            "{text:?} is not an IP address; --host takes one (127.0.0.1 for this host only, \
+             0.0.0.0 for every interface); host names other than localhost are not resolved"
+        )
+    })
 }
 
 /// An octal file mode, e.g. `600`, of permission bits only.
