@@ -102,7 +102,9 @@ class StoreClient:
     def __exit__(self, *exc):
         self.close()
 
-    def _call(self, name: str, request, timeout: "float | None" = None):
+    def _call(self, name: str, request, timeout: "float | None" = None, doing: "str | None" = None):
+        """Calls RPC `name`; a failure says what the call was `doing` (in
+        words; the RPC's name when not given) and the status code in words."""
         try:
             return getattr(self._stub, name)(request, timeout=timeout or self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
@@ -112,10 +114,13 @@ class StoreClient:
                     f"cannot reach the store daemon at {self.server}: {e.details()}; "
                     "start it with `sllm-store start`, or set SLLM_STORE_ADDR"
                 ) from None
-            raise SllmStoreError(f"{name} failed ({code.name}): {e.details()}") from None
+            words = code.name.lower().replace("_", " ")
+            raise SllmStoreError(f"{doing or name} failed: {e.details()} ({words})") from None
 
     def server_config(self) -> ServerConfig:
-        r = self._call("GetServerConfig", messages["GetServerConfigRequest"]())
+        r = self._call(
+            "GetServerConfig", messages["GetServerConfigRequest"](), doing="asking the daemon for its settings"
+        )
         return ServerConfig(
             mem_pool_size=r.mem_pool_size,
             chunk_size=r.chunk_size,
@@ -128,12 +133,14 @@ class StoreClient:
         )
 
     def register(self, model_path: str) -> int:
-        return self._call("RegisterModel", messages["RegisterModelRequest"](model_path=model_path)).model_size
+        request = messages["RegisterModelRequest"](model_path=model_path)
+        return self._call("RegisterModel", request, doing="registering the model").model_size
 
     def load_to_host(self, model_path: str) -> None:
         self._call(
             "LoadModelAsync",
             messages["LoadModelRequest"](model_path=model_path, target_device_type=DEVICE_TYPE_CPU),
+            doing="loading the model into the daemon's pool",
         )
 
     def load_to_devices(
@@ -155,7 +162,7 @@ class StoreClient:
             )
         for uuid, hs in handles.items():
             request.handles[uuid].handles.extend(messages["MemCopyHandle"](cuda_ipc_handle=h) for h in hs)
-        self._call("LoadModelAsync", request)
+        self._call("LoadModelAsync", request, doing="copying the model to the devices")
 
     def load_replica(
         self,
@@ -180,19 +187,22 @@ class StoreClient:
                 model_path=model_path, replica_uuid=replica_uuid, target_device_type=DEVICE_TYPE_GPU
             ),
             timeout=timeout_s,
+            doing="waiting for the copies",
         )
 
     def unload(self, model_path: str) -> None:
         self._call(
             "UnloadModel",
             messages["UnloadModelRequest"](model_path=model_path, target_device_type=DEVICE_TYPE_CPU),
+            doing="unloading the model",
         )
 
     def clear(self) -> None:
-        self._call("ClearMem", messages["ClearMemRequest"]())
+        self._call("ClearMem", messages["ClearMemRequest"](), doing="clearing the pool")
 
     def model_status(self, model_path: str) -> dict:
-        r = self._call("GetModelStatus", messages["GetModelStatusRequest"](model_path=model_path))
+        request = messages["GetModelStatusRequest"](model_path=model_path)
+        r = self._call("GetModelStatus", request, doing="asking for the model's status")
         return {
             "model_size": r.model_size,
             "host_state": HOST_STATES.get(r.host_state, str(r.host_state)),
