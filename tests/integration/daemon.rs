@@ -939,6 +939,10 @@ fn a_failure_asked_for_in_json_is_answered_in_json() {
             "start",
             "--port",
             &port,
+            "--mem-pool-size",
+            "1MiB",
+            "--chunk-size",
+            "64KiB",
             "--storage-path",
         ])
         .arg(&storage));

@@ -425,24 +425,6 @@ fn the_daemon_is_asked_for_health_and_config() {
     );
 
     // A daemon the user named but that is not there is a STOP.
-    // A server that is not HTTP/1.1 (gRPC's first bytes: an HTTP/2
-    // SETTINGS frame), as at the store daemon's port.
-    let grpc = TcpListener::bind("127.0.0.1:0").unwrap();
-    let grpc_addr = grpc.local_addr().unwrap();
-    std::thread::spawn(move || {
-        use std::io::Write;
-        if let Ok((mut conn, _)) = grpc.accept() {
-            let _ = conn.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
-        }
-    });
-    let (_, report) = doctor(tmp.path(), &storage, |c| {
-        c.args(["--vllm-url", &format!("http://{grpc_addr}/v1")]);
-    });
-    let (st, summary, fix) = check(&report, "vllm");
-    assert_eq!(st, "STOP");
-    assert!(summary.contains("not as an HTTP server"), "{summary}");
-    assert!(fix.contains("vLLM's port"), "{fix}");
-
     let closed = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -100,38 +100,44 @@ fn an_interrupted_save_removes_its_partial_copy_and_says_so() {
     )
     .unwrap();
     let storage = tmp.path().join("models");
-    let mut child = sllm_store(tmp.path())
-        .args(["save", "--model", "org/stopped", "--local-model-path"])
-        .arg(&src)
-        .arg("--storage-path")
-        .arg(&storage)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while staged_bytes(&storage) == 0 {
-        assert!(Instant::now() < deadline, "the save never started writing");
+    // 128 + the signal's number, as a shell reports it.
+    for (signal, code) in [
+        (rustix::process::Signal::INT, 130),
+        (rustix::process::Signal::TERM, 143),
+    ] {
+        let mut child = sllm_store(tmp.path())
+            .args(["save", "--model", "org/stopped", "--local-model-path"])
+            .arg(&src)
+            .arg("--storage-path")
+            .arg(&storage)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while staged_bytes(&storage) == 0 {
+            assert!(Instant::now() < deadline, "the save never started writing");
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the save ended before it could be interrupted"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let pid = rustix::process::Pid::from_child(&child);
+        rustix::process::kill_process(pid, signal).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{signal:?}: {stderr}");
         assert!(
-            child.try_wait().unwrap().is_none(),
-            "the save ended before it could be interrupted"
+            stderr.contains("interrupted; nothing was saved"),
+            "{stderr}"
         );
-        std::thread::sleep(Duration::from_millis(1));
+        assert!(!storage.join("org/stopped").exists(), "nothing published");
+        let left: Vec<_> = std::fs::read_dir(storage.join(".sllm-staging"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "the partial copy is gone: {left:?}");
     }
-    let pid = rustix::process::Pid::from_child(&child);
-    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{stderr}");
-    assert!(
-        stderr.contains("interrupted; nothing was saved"),
-        "{stderr}"
-    );
-    assert!(!storage.join("org/stopped").exists(), "nothing published");
-    let left: Vec<_> = std::fs::read_dir(storage.join(".sllm-staging"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
-    assert!(left.is_empty(), "the partial copy is gone: {left:?}");
 }

@@ -176,6 +176,11 @@ impl DaemonError {
             (Listen::Tcp(_), ErrorKind::AddrInUse) => {
                 "is another daemon running there? pick another --port or --listen".into()
             }
+            (Listen::Tcp(addr), ErrorKind::AddrNotAvailable) => format!(
+                "{} is not an address of this machine; pass a --host it has (127.0.0.1 for this \
+                 host only, 0.0.0.0 for every interface)",
+                addr.ip()
+            ),
             (_, ErrorKind::PermissionDenied) => {
                 "this user may not listen there; pick another --port (1024 or above) or a \
                  --listen socket in a folder it may write"

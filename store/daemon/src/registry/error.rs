@@ -54,7 +54,7 @@ pub enum RegistryError {
         human_bytes(*ring as u64 * *chunk),
         ring_reason(*size, *ring, *chunk, *block),
         human_bytes(*pool),
-        smaller_chunks(*chunk, *block)
+        smaller_chunks(*chunk, *block, *pool)
     )]
     PoolTooSmall {
         model: String,
@@ -87,7 +87,9 @@ pub enum RegistryError {
     InvalidCopy { model: String, source: PlanError },
     #[error(transparent)]
     Device(#[from] DeviceError),
-    #[error("replica {uuid} of model {model} is already in use; use a fresh replica_uuid per load")]
+    #[error(
+        "replica {uuid:?} of model {model} is already in use; use a fresh replica_uuid per load"
+    )]
     ReplicaExists { uuid: String, model: String },
     #[error(
         "no replica {uuid} of model {model} was requested; send LoadModelAsync to the GPU first"
@@ -159,17 +161,33 @@ fn ring_reason(size: u64, ring: usize, chunk: u64, block: Option<u64>) -> String
     }
 }
 
-/// The other fix, where smaller chunks would need less: the ring then
-/// approaches one checksum block.
-fn smaller_chunks(chunk: u64, block: Option<u64>) -> String {
-    match block {
-        Some(block) if chunk > 1 << 20 => format!(
-            ", or a smaller --chunk-size (with chunks of {} it needs {})",
-            human_bytes(chunk / 4),
-            human_bytes((block.div_ceil(chunk / 4) + 2) * (chunk / 4))
-        ),
-        _ => String::new(),
-    }
+/// The other fix, where smaller chunks would need less: with a manifest the
+/// ring then approaches one checksum block; without one it is two chunks,
+/// so chunks of half the pool fit. Sizes offered are whole 4 KiB pages, as
+/// `--chunk-size` needs.
+fn smaller_chunks(chunk: u64, block: Option<u64>, pool: u64) -> String {
+    const PAGE: u64 = 4096;
+    let (smaller, needs) = match block {
+        Some(block) => {
+            let smaller = (chunk / 4) / PAGE * PAGE;
+            if smaller < 1 << 20 {
+                return String::new();
+            }
+            (smaller, (block.div_ceil(smaller) + 2) * smaller)
+        }
+        None => {
+            let smaller = (pool / 2) / PAGE * PAGE;
+            if smaller < PAGE {
+                return String::new();
+            }
+            (smaller, 2 * smaller)
+        }
+    };
+    format!(
+        ", or a smaller --chunk-size (with chunks of {} it needs {})",
+        human_bytes(smaller),
+        human_bytes(needs)
+    )
 }
 
 #[cfg(test)]
@@ -194,5 +212,20 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle:?} in {text}");
         }
+        // Without a manifest the ring is two chunks: half the pool each
+        // fits. Offered sizes are whole pages.
+        let e = RegistryError::PoolTooSmall {
+            model: "o/m".into(),
+            size: 1 << 30,
+            ring: 2,
+            chunk: 32 << 20,
+            block: None,
+            pool: (48 << 20) + 4096,
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("with chunks of 24.00 MiB it needs 48.00 MiB"),
+            "{text}"
+        );
     }
 }

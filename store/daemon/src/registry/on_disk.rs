@@ -182,6 +182,10 @@ fn read_once(
 /// what happened instead of the client's copies failing as out of range.
 /// A missing index is left to the client (it cannot plan without one).
 fn check_index_reach(real_dir: &Path, partitions: &Partitions) -> Result<(), OnDiskError> {
+    if partitions.is_empty() {
+        // No tensor.data_0: not a model here (NOT_FOUND), not a damaged one.
+        return Ok(());
+    }
     let path = real_dir.join(INDEX_FILE);
     let bytes = match sllm_format::small_files::read_regular_file(&path) {
         Ok(bytes) => bytes,
@@ -433,5 +437,9 @@ mod tests {
         std::fs::write(dir.join(INDEX_FILE), "{").unwrap();
         let text = OnDisk::read(&dir, true).unwrap_err().to_string();
         assert!(text.contains("is not a tensor index"), "{text}");
+        // No partition at all is no model (the registry's NOT_FOUND), not
+        // a damaged one.
+        std::fs::remove_file(&part).unwrap();
+        assert!(OnDisk::read(&dir, true).unwrap().partitions.is_empty());
     }
 }

@@ -128,11 +128,16 @@ fn main() -> ExitCode {
                 println!("{}", serde_json::json!({ "ok": false, "error": text }));
             }
             match cli.log_format {
-                // One JSON line, like the log lines before it.
-                LogFormat::Json => tracing::error!("{text}"),
+                // One JSON line, like the log lines before it; written
+                // directly, so that no RUST_LOG filter can hide it.
+                LogFormat::Json => eprintln!(
+                    "{}",
+                    serde_json::json!({ "level": "ERROR", "fields": { "message": text } })
+                ),
                 LogFormat::Text => eprintln!("error: {text}"),
             }
-            ExitCode::FAILURE
+            err.downcast_ref::<save::Interrupted>()
+                .map_or(ExitCode::FAILURE, |i| ExitCode::from(i.exit_code))
         }
     }
 }

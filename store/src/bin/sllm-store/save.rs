@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -86,12 +86,15 @@ pub fn run(args: SaveArgs) -> anyhow::Result<ExitCode> {
     if let Some(warning) = sllm_doctor::storage::os_disk_warning(&request.storage_root) {
         eprintln!("warning: {warning}");
     }
-    let cancel = cancel_on_signals()?;
-    let report = match save_unless(&request, &TermProgress::new(), &cancel) {
+    let signals = Signals::watch()?;
+    let report = match save_unless(&request, &TermProgress::new(), &signals.cancel) {
         Ok(report) => report,
-        Err(e @ SaveError::Interrupted { .. }) => {
-            eprintln!("error: {e}");
-            return Ok(ExitCode::from(130));
+        Err(error @ SaveError::Interrupted { .. }) => {
+            return Err(Interrupted {
+                error,
+                exit_code: signals.exit_code(),
+            }
+            .into());
         }
         Err(e) => return Err(e.into()),
     };
@@ -127,19 +130,54 @@ fn summary(model: &ModelId, r: &SaveReport) -> String {
     )
 }
 
-/// A flag that SIGINT (Ctrl-C) and SIGTERM set, so that an interrupted save
-/// removes its partial copy (which can be as large as the model) instead of
-/// leaving it for the next save to find. A second signal exits at once, for
-/// a save stuck where it cannot look at the flag.
-fn cancel_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let cancel = Arc::new(AtomicBool::new(false));
-    for signal in [SIGINT, SIGTERM] {
-        // Registered first, so it sees the flag as it was before this
-        // signal: set only by an earlier one.
-        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&cancel))
-            .context("watching for Ctrl-C")?;
-        signal_hook::flag::register(signal, Arc::clone(&cancel)).context("watching for Ctrl-C")?;
+/// A save stopped by a signal: the error, and the exit code a shell expects
+/// (128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM).
+#[derive(Debug)]
+pub struct Interrupted {
+    error: SaveError,
+    pub exit_code: u8,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
     }
-    Ok(cancel)
+}
+
+impl std::error::Error for Interrupted {}
+
+/// SIGINT (Ctrl-C) and SIGTERM, watched so that an interrupted save removes
+/// its partial copy (which can be as large as the model) instead of leaving
+/// it for the next save to find. A second signal exits at once, for a save
+/// stuck where it cannot look at the flag.
+struct Signals {
+    cancel: Arc<AtomicBool>,
+    /// The number of the signal that set `cancel`.
+    which: Arc<AtomicUsize>,
+}
+
+impl Signals {
+    fn watch() -> anyhow::Result<Self> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        use signal_hook::flag;
+        let signals = Self {
+            cancel: Arc::new(AtomicBool::new(false)),
+            which: Arc::new(AtomicUsize::new(SIGINT as usize)),
+        };
+        for signal in [SIGINT, SIGTERM] {
+            // Registered first, so it sees the flag as it was before this
+            // signal: set only by an earlier one.
+            flag::register_conditional_shutdown(signal, 128 + signal, Arc::clone(&signals.cancel))
+                .context("watching for Ctrl-C")?;
+            flag::register_usize(signal, Arc::clone(&signals.which), signal as usize)
+                .context("watching for Ctrl-C")?;
+            flag::register(signal, Arc::clone(&signals.cancel)).context("watching for Ctrl-C")?;
+        }
+        Ok(signals)
+    }
+
+    /// 128 + the number of the signal that stopped the save.
+    fn exit_code(&self) -> u8 {
+        u8::try_from(128 + self.which.load(Ordering::Relaxed)).unwrap_or(u8::MAX)
+    }
 }
