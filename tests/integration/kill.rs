@@ -24,19 +24,40 @@ fn staged_bytes(storage: &Path) -> u64 {
         .sum()
 }
 
-#[test]
-fn a_killed_save_leaves_nothing_and_the_next_one_cleans_up() {
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
+/// A 96 MiB synthetic checkpoint at `home/src`: large enough that a save
+/// can be stopped part-way.
+fn big_source(home: &Path, seed: u64) -> std::path::PathBuf {
+    let src = home.join("src");
     write_synthetic(
         &src,
         &SynthSpec {
             target_bytes: 96 << 20,
             shards: 2,
-            seed: 3,
+            seed,
         },
     )
     .unwrap();
+    src
+}
+
+/// Waits until the save `child` has written into its staging directory
+/// under `storage`, and is still running (to be stopped part-way).
+fn wait_until_staging(storage: &Path, child: &mut std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while staged_bytes(storage) == 0 {
+        assert!(Instant::now() < deadline, "the save never started writing");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the save ended before it could be stopped"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn a_killed_save_leaves_nothing_and_the_next_one_cleans_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = big_source(tmp.path(), 3);
     let storage = tmp.path().join("models");
     let target = storage.join("org/killed");
     let save = || {
@@ -51,15 +72,7 @@ fn a_killed_save_leaves_nothing_and_the_next_one_cleans_up() {
     };
 
     let mut child = save().spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while staged_bytes(&storage) == 0 {
-        assert!(Instant::now() < deadline, "the save never started writing");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the save ended before it could be killed"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_until_staging(&storage, &mut child);
     child.kill().unwrap();
     let status = child.wait().unwrap();
     assert_eq!(
@@ -89,16 +102,7 @@ fn a_killed_save_leaves_nothing_and_the_next_one_cleans_up() {
 #[test]
 fn an_interrupted_save_removes_its_partial_copy_and_says_so() {
     let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    write_synthetic(
-        &src,
-        &SynthSpec {
-            target_bytes: 96 << 20,
-            shards: 2,
-            seed: 4,
-        },
-    )
-    .unwrap();
+    let src = big_source(tmp.path(), 4);
     let storage = tmp.path().join("models");
     // 128 + the signal's number, as a shell reports it.
     for (signal, code) in [
@@ -114,15 +118,7 @@ fn an_interrupted_save_removes_its_partial_copy_and_says_so() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while staged_bytes(&storage) == 0 {
-            assert!(Instant::now() < deadline, "the save never started writing");
-            assert!(
-                child.try_wait().unwrap().is_none(),
-                "the save ended before it could be interrupted"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_until_staging(&storage, &mut child);
         let pid = rustix::process::Pid::from_child(&child);
         rustix::process::kill_process(pid, signal).unwrap();
         let out = child.wait_with_output().unwrap();
