@@ -671,6 +671,15 @@ fn save_and_start_warn_when_the_storage_path_is_on_the_os_disk() {
         "warned once: {stderr}"
     );
     assert!(stderr.contains("--storage-path /nvme/models"), "{stderr}");
+    // A save refused by its checks says why, and only that.
+    let stderr = run_err(
+        sllm_store(dir.path())
+            .args(["save", "--model", "o/n", "--local-model-path"])
+            .arg(dir.path().join("absent"))
+            .arg("--storage-path")
+            .arg(&storage),
+    );
+    assert!(!stderr.contains("same filesystem as /"), "{stderr}");
     let daemon = Daemon::start(
         dir.path(),
         &storage,

@@ -83,11 +83,12 @@ pub fn run(args: SaveArgs) -> anyhow::Result<ExitCode> {
             ..WriterOptions::default()
         },
     };
-    if let Some(warning) = sllm_doctor::storage::os_disk_warning(&request.storage_root) {
-        eprintln!("warning: {warning}");
-    }
     let signals = Signals::watch()?;
-    let report = match save_unless(&request, &TermProgress::new(), &signals.cancel) {
+    // Said once the save has passed its checks and begins to copy.
+    let progress = TermProgress::warning_at_start(sllm_doctor::storage::os_disk_warning(
+        &request.storage_root,
+    ));
+    let report = match save_unless(&request, &progress, &signals.cancel) {
         Ok(report) => report,
         Err(error @ SaveError::Interrupted { .. }) => {
             return Err(Interrupted {
