@@ -422,14 +422,7 @@ async fn every_bad_request_gets_its_status_and_the_daemon_keeps_serving() {
     }
     // A FIFO as a handle fails at once instead of blocking the request.
     let fifo = Path::new(SHM).join(format!("sllm-test-fifo-{}", std::process::id()));
-    rustix::fs::mknodat(
-        rustix::fs::CWD,
-        &fifo,
-        rustix::fs::FileType::Fifo,
-        rustix::fs::Mode::from_raw_mode(0o600),
-        0,
-    )
-    .unwrap();
+    mkfifo(&fifo);
     let fifo_handle = HashMap::from([(
         dev.clone(),
         vec![fifo.to_str().unwrap().as_bytes().to_vec()],

@@ -12,7 +12,7 @@ use sllm_client::StoreClient;
 use sllm_client::plan::{DeviceMap, Layout, plan};
 use sllm_client::proto::MemCopyChunk;
 use sllm_client::shm::ShmBuffer;
-use sllm_daemon::daemon::{DaemonConfig, Listen, serve};
+use sllm_daemon::daemon::{DaemonConfig, Listen, spawn};
 use sllm_daemon::registry::Limits;
 use sllm_format::TensorIndex;
 use tonic::Code;
@@ -361,19 +361,11 @@ async fn daemon_with_limits(
             64 << 10,
         )
     };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<String>();
-    tokio::spawn(async move {
-        let stop = async {
-            let _ = stop_rx.await;
-        };
-        serve(cfg, stop, move |listen| {
-            let _ = addr_tx.send(listen.to_string());
-        })
-        .await
-        .expect("the daemon serves");
-    });
-    (addr_rx.await.unwrap(), stop_tx)
+    let daemon = spawn(cfg);
+    match daemon.ready.await {
+        Ok(listen) => (listen.to_string(), daemon.stop),
+        Err(_) => panic!("the daemon did not start: {:?}", daemon.task.await),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -167,12 +167,10 @@ pub fn save_unless(
         path: req.storage_root.clone(),
         source,
     };
-    if let Ok(meta) = std::fs::metadata(&req.storage_root)
-        && !meta.is_dir()
-    {
+    if let Some(what) = crate::format::small_files::not_a_folder(&req.storage_root) {
         return Err(SaveError::StorageNotAFolder {
             path: req.storage_root.clone(),
-            what: crate::format::small_files::describe_mode(meta.mode()),
+            what,
         });
     }
     std::fs::create_dir_all(&req.storage_root).map_err(unusable)?;

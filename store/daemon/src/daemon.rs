@@ -201,6 +201,35 @@ pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     serve(cfg, wait_for_signal(), |_| {}).await
 }
 
+/// A daemon serving on a task of a tokio runtime ([`spawn`]): the demo's,
+/// and tests' that run one in process.
+pub struct Spawned {
+    /// The bound address, once listening. Closed without one when the
+    /// daemon failed to start; `task` then says why.
+    pub ready: tokio::sync::oneshot::Receiver<Listen>,
+    /// Stops the daemon when sent to or dropped.
+    pub stop: tokio::sync::oneshot::Sender<()>,
+    /// How serving ended.
+    pub task: tokio::task::JoinHandle<Result<(), DaemonError>>,
+}
+
+/// Serves `cfg` on a new task of the current tokio runtime (call it inside
+/// one) until [`Spawned::stop`] is sent to or dropped.
+pub fn spawn(cfg: DaemonConfig) -> Spawned {
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready) = tokio::sync::oneshot::channel::<Listen>();
+    let task = tokio::spawn(serve(
+        cfg,
+        async move {
+            let _ = stop_rx.await;
+        },
+        move |listen| {
+            let _ = ready_tx.send(listen.clone());
+        },
+    ));
+    Spawned { ready, stop, task }
+}
+
 /// Builds everything, calls `on_ready` with the bound address once
 /// listening, serves until `stop` completes, then stops cleanly.
 pub async fn serve(
@@ -234,15 +263,10 @@ pub async fn serve(
                 path: cfg.storage_root.clone(),
                 source,
             })?;
-    let meta = std::fs::metadata(&storage_root).map_err(|source| DaemonError::StorageRoot {
-        path: cfg.storage_root.clone(),
-        source,
-    })?;
-    if !meta.is_dir() {
-        use std::os::unix::fs::MetadataExt;
+    if let Some(what) = sllm_format::small_files::not_a_folder(&storage_root) {
         return Err(DaemonError::StorageRootNotAFolder {
             path: cfg.storage_root.clone(),
-            what: sllm_format::small_files::describe_mode(meta.mode()),
+            what,
         });
     }
     let backend = make_backend(&cfg)?;

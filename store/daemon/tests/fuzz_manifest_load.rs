@@ -389,14 +389,7 @@ fn read_returns_with_a_fifo_as(name: &str) -> bool {
     write_model(&dir);
     let fifo = dir.join(name);
     std::fs::remove_file(&fifo).unwrap();
-    rustix::fs::mknodat(
-        rustix::fs::CWD,
-        &fifo,
-        rustix::fs::FileType::Fifo,
-        rustix::fs::Mode::from_raw_mode(0o600),
-        0,
-    )
-    .unwrap();
+    fuzz_support::mkfifo(&fifo);
     let (tx, rx) = std::sync::mpsc::channel();
     let reader = {
         let dir = dir.clone();

@@ -47,7 +47,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use prost::Message;
 use prost::bytes::BufMut;
-use sllm_daemon::daemon::{DaemonConfig, Listen, serve};
+use sllm_daemon::daemon::{DaemonConfig, Listen, spawn};
 use sllm_daemon::registry::Limits;
 use sllm_daemon::server::MAX_STATUS_MESSAGE_BYTES;
 use sllm_format::{StoreWriter, WriterOptions};
@@ -264,14 +264,7 @@ impl World {
         }
         std::os::unix::fs::symlink(outside.join("secret"), shm.join("link")).unwrap();
         std::fs::create_dir(shm.join("dir")).unwrap();
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            shm.join("fifo"),
-            rustix::fs::FileType::Fifo,
-            rustix::fs::Mode::from_raw_mode(0o600),
-            0,
-        )
-        .unwrap();
+        fuzz_support::mkfifo(&shm.join("fifo"));
         let text = |p: &Path| p.display().to_string();
         for other in [
             text(&shm.join("link")),
@@ -366,20 +359,12 @@ impl World {
                 64 << 10,
             )
         };
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<String>();
-        rt.spawn(async move {
-            let stop = async {
-                let _ = stop_rx.await;
-            };
-            serve(cfg, stop, move |listen| {
-                let _ = addr_tx.send(listen.to_string());
-            })
-            .await
-            .expect("the daemon serves");
-        });
+        let daemon = rt.block_on(async { spawn(cfg) });
         let (client, channel, devices) = rt.block_on(async {
-            let addr = addr_rx.await.unwrap();
+            let addr = match daemon.ready.await {
+                Ok(listen) => listen.to_string(),
+                Err(_) => panic!("the daemon did not start: {:?}", daemon.task.await),
+            };
             let channel = Channel::from_shared(format!("http://{addr}"))
                 .unwrap()
                 .connect()
@@ -407,7 +392,7 @@ impl World {
             paths,
             handles,
             tree,
-            _stop: stop_tx,
+            _stop: daemon.stop,
             replicas: AtomicU64::new(0),
         }
     }

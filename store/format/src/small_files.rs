@@ -56,6 +56,16 @@ pub fn describe_mode(mode: u32) -> &'static str {
     describe(FileType::from_raw_mode(mode))
 }
 
+/// What is at `path` when something is there but it is not a directory
+/// (symlinks followed), in words; `None` for a directory or for nothing.
+/// For errors that say "a regular file, not a folder" rather than "does
+/// not exist".
+pub fn not_a_folder(path: &Path) -> Option<&'static str> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    (!meta.is_dir()).then(|| describe_mode(meta.mode()))
+}
+
 /// What a file of type `kind` is, in words.
 pub fn describe(kind: FileType) -> &'static str {
     match kind {

@@ -95,20 +95,16 @@ pub fn verify_model_to(
     depth: Depth,
     progress: &dyn Progress,
 ) -> Result<VerifyReport, VerifyError> {
-    match std::fs::metadata(model_dir) {
-        Ok(meta) if meta.is_dir() => {}
-        Ok(meta) => {
-            use std::os::unix::fs::MetadataExt;
-            return Err(VerifyError::NotAFolder {
-                path: model_dir.to_owned(),
-                what: crate::small_files::describe_mode(meta.mode()),
-            });
-        }
-        Err(_) => {
-            return Err(VerifyError::NotFound {
-                path: model_dir.to_owned(),
-            });
-        }
+    if let Some(what) = crate::small_files::not_a_folder(model_dir) {
+        return Err(VerifyError::NotAFolder {
+            path: model_dir.to_owned(),
+            what,
+        });
+    }
+    if !model_dir.is_dir() {
+        return Err(VerifyError::NotFound {
+            path: model_dir.to_owned(),
+        });
     }
     let mut report = VerifyReport::default();
     let parts = Partitions::discover(model_dir).map_err(|source| VerifyError::Io {

@@ -134,20 +134,16 @@ struct ShardIndex {
 impl SourceCheckpoint {
     /// Finds and checks the checkpoint in `dir`.
     pub fn open(dir: &Path) -> Result<Self, ImportError> {
-        match std::fs::metadata(dir) {
-            Ok(meta) if meta.is_dir() => {}
-            Ok(meta) => {
-                use std::os::unix::fs::MetadataExt;
-                return Err(ImportError::SourceNotAFolder {
-                    path: dir.to_owned(),
-                    what: crate::format::small_files::describe_mode(meta.mode()),
-                });
-            }
-            Err(_) => {
-                return Err(ImportError::SourceMissing {
-                    path: dir.to_owned(),
-                });
-            }
+        if let Some(what) = crate::format::small_files::not_a_folder(dir) {
+            return Err(ImportError::SourceNotAFolder {
+                path: dir.to_owned(),
+                what,
+            });
+        }
+        if !dir.is_dir() {
+            return Err(ImportError::SourceMissing {
+                path: dir.to_owned(),
+            });
         }
         let index_path = dir.join(SHARD_INDEX_FILE);
         let files = if index_path.exists() {

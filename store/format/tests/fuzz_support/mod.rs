@@ -99,6 +99,19 @@ pub fn add_u8_tensor(w: &mut sllm_format::StoreWriter, name: String, bytes: &[u8
     );
 }
 
+/// Creates a FIFO (named pipe) at `path`: a file that must fail at once
+/// wherever a model file is expected, never block the reader.
+pub fn mkfifo(path: &std::path::Path) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+}
+
 // ---------------------------------------------------------------------------
 // The runner.
 

@@ -23,7 +23,7 @@ use crate::progress::TermProgress;
 use sllm_client::StoreClient;
 use sllm_client::load::load_model;
 use sllm_client::plan::Layout;
-use sllm_daemon::daemon::{DaemonConfig, Listen, serve};
+use sllm_daemon::daemon::{DaemonConfig, Listen, spawn};
 use sllm_daemon::device::host::DEFAULT_SHM_DIR;
 
 #[derive(Args, Debug)]
@@ -169,20 +169,11 @@ fn serve_and_load(
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<f64>();
     let started = Instant::now();
-    let daemon = runtime.spawn(serve(
-        cfg,
-        async move {
-            let _ = stop_rx.await;
-        },
-        move |_| {
-            let _ = ready_tx.send(started.elapsed().as_secs_f64());
-        },
-    ));
+    let daemon = runtime.block_on(async { spawn(cfg) });
     let outcome = runtime.block_on(async {
-        let ready_s = ready_rx.await.context("the daemon did not start")?;
+        daemon.ready.await.context("the daemon did not start")?;
+        let ready_s = started.elapsed().as_secs_f64();
         let mut client = StoreClient::connect(&format!("unix:{}", socket.display())).await?;
         let config = client.server_config().await?;
         println!(
@@ -209,7 +200,7 @@ fn serve_and_load(
         print!("{}", report.phases());
         anyhow::Ok(report.verified == Some(true))
     });
-    let _ = stop_tx.send(());
-    runtime.block_on(daemon).context("the daemon task")??;
+    let _ = daemon.stop.send(());
+    runtime.block_on(daemon.task).context("the daemon task")??;
     outcome
 }
