@@ -30,12 +30,75 @@ const MODELS: [(&str, usize); 3] = [
     ("soak/c", 2 << 20),
 ];
 
-/// One saved version of a model.
+/// A load of a few MiB takes milliseconds; one that takes this long hangs.
+const LOAD_TIME_LIMIT: Duration = Duration::from_secs(30);
+
+/// One version of a model, listed before its save starts: the save
+/// publishes it on disk a little before `save` returns, and a load may read
+/// it in that gap.
 struct Version {
     tensors: Arc<Vec<Tensor>>,
-    /// When its save began and when it was published.
+    /// When its save began, and when `save` returned (`None` while it runs).
     began: Instant,
-    published: Instant,
+    published: Option<Instant>,
+}
+
+impl Version {
+    /// Whether a load that ran from `t0` to `t1` may hold this version.
+    /// `current` is the version published when it began.
+    fn could_be_read(&self, is_current: bool, t0: Instant, t1: Instant) -> bool {
+        is_current || (self.began < t1 && self.published.is_none_or(|p| p > t0))
+    }
+
+    fn holds(&self, bytes: &HashMap<String, Vec<u8>>) -> bool {
+        self.tensors
+            .iter()
+            .all(|t| bytes.get(&t.name) == Some(&t.data))
+    }
+
+    /// How many of `bytes`' tensors equal this version's.
+    fn tensors_matching(&self, bytes: &HashMap<String, Vec<u8>>) -> usize {
+        self.tensors
+            .iter()
+            .filter(|t| bytes.get(&t.name) == Some(&t.data))
+            .count()
+    }
+}
+
+/// What a load that matched no version held, for the failure message: for
+/// each version, its tensors that match and its times relative to the load.
+fn describe_mismatch(
+    list: &[Version],
+    bytes: &HashMap<String, Vec<u8>>,
+    t0: Instant,
+    t1: Instant,
+) -> String {
+    let ms = |t: Instant| {
+        if t >= t0 {
+            format!("+{:.1} ms", (t - t0).as_secs_f64() * 1e3)
+        } else {
+            format!("-{:.1} ms", (t0 - t).as_secs_f64() * 1e3)
+        }
+    };
+    let rows: Vec<String> = list
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.tensors_matching(bytes) > 0)
+        .map(|(i, v)| {
+            format!(
+                "v{i}: {}/{} tensors, save began {}, returned {}",
+                v.tensors_matching(bytes),
+                v.tensors.len(),
+                ms(v.began),
+                v.published.map_or("not yet".to_owned(), ms),
+            )
+        })
+        .collect();
+    format!(
+        "the load ran for {:.1} ms; versions it partly holds: [{}]",
+        (t1 - t0).as_secs_f64() * 1e3,
+        rows.join("; ")
+    )
 }
 
 #[derive(Default)]
@@ -133,7 +196,7 @@ fn soak_mixed_work_keeps_bytes_right_and_the_daemon_flat() {
             vec![Version {
                 tensors,
                 began,
-                published: Instant::now(),
+                published: Some(Instant::now()),
             }],
         );
     }
@@ -176,26 +239,37 @@ fn soak_mixed_work_keeps_bytes_right_and_the_daemon_flat() {
                     n += 1;
                     let model = MODELS[(n as usize) % MODELS.len()].0;
                     let t0 = Instant::now();
-                    let got = load_once(&mut client, &storage, model, &device).await;
+                    let got = tokio::time::timeout(
+                        LOAD_TIME_LIMIT,
+                        load_once(&mut client, &storage, model, &device),
+                    )
+                    .await;
                     let t1 = Instant::now();
+                    let Ok(got) = got else {
+                        failures.lock().unwrap().push(format!(
+                            "{model}: a load took over {} s",
+                            LOAD_TIME_LIMIT.as_secs()
+                        ));
+                        client = StoreClient::connect(&addr).await.unwrap();
+                        continue;
+                    };
                     match got {
                         Ok(Some(bytes)) => {
                             let versions = versions.lock().unwrap();
                             let list = &versions[model];
-                            let current = list.iter().rposition(|v| v.published <= t0).unwrap_or(0);
-                            let candidates = list.iter().enumerate().filter(|(i, v)| {
-                                *i == current || (v.began < t1 && v.published > t0)
-                            });
-                            let matched = candidates.into_iter().any(|(_, v)| {
-                                v.tensors
-                                    .iter()
-                                    .all(|t| bytes.get(&t.name) == Some(&t.data))
+                            let current = list
+                                .iter()
+                                .rposition(|v| v.published.is_some_and(|p| p <= t0))
+                                .unwrap_or(0);
+                            let matched = list.iter().enumerate().any(|(i, v)| {
+                                v.could_be_read(i == current, t0, t1) && v.holds(&bytes)
                             });
                             if matched {
                                 counts.loads_ok.fetch_add(1, Ordering::Relaxed);
                             } else {
                                 failures.lock().unwrap().push(format!(
-                                    "{model}: a load matched no version on disk while it ran"
+                                    "{model}: a load matched no version on disk while it ran: {}",
+                                    describe_mismatch(list, &bytes, t0, t1)
                                 ));
                             }
                         }
@@ -334,18 +408,21 @@ fn soak_mixed_work_keeps_bytes_right_and_the_daemon_flat() {
                     n += 1;
                     let (model, bytes) = MODELS[(n as usize) % MODELS.len()];
                     let tensors = Arc::new(tensors_of(bytes, 1000 + n));
-                    let began = Instant::now();
-                    save_version(&home, &storage, model, &tensors, &format!("-v{n}"));
-                    versions
-                        .lock()
-                        .unwrap()
-                        .get_mut(model)
-                        .unwrap()
-                        .push(Version {
-                            tensors,
-                            began,
-                            published: Instant::now(),
+                    // Listed before the save starts: it is on disk before
+                    // `save` returns.
+                    let slot = {
+                        let mut versions = versions.lock().unwrap();
+                        let list = versions.get_mut(model).unwrap();
+                        list.push(Version {
+                            tensors: Arc::clone(&tensors),
+                            began: Instant::now(),
+                            published: None,
                         });
+                        list.len() - 1
+                    };
+                    save_version(&home, &storage, model, &tensors, &format!("-v{n}"));
+                    versions.lock().unwrap().get_mut(model).unwrap()[slot].published =
+                        Some(Instant::now());
                     counts.resaves.fetch_add(1, Ordering::Relaxed);
                     std::thread::sleep(Duration::from_millis(700));
                 }
@@ -421,6 +498,13 @@ fn soak_mixed_work_keeps_bytes_right_and_the_daemon_flat() {
         .unwrap();
     }
     let failures = failures.lock().unwrap();
+    if !failures.is_empty() {
+        let log = daemon.log.lock().unwrap();
+        println!(
+            "the daemon's last log lines:\n{}",
+            log[log.len().saturating_sub(60)..].join("\n")
+        );
+    }
     assert!(
         failures.is_empty(),
         "{} failures: {:?}",
