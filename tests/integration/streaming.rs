@@ -1,7 +1,8 @@
 //! Models larger than the pool through the real daemon: loaded byte-exactly
 //! with `sllm-store load --verify` while the daemon's memory stays at the
-//! pool's size, a client that dies before its device request, and a SIGTERM
-//! in the middle of a stream.
+//! pool's size, a client that dies before its device request (the pool is
+//! freed for others at once, and for all after the drain timeout), and a
+//! SIGTERM in the middle of a stream.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -123,6 +124,47 @@ async fn a_client_that_dies_before_its_device_request_frees_the_pool_after_the_d
     );
     let out = run_ok(
         load_cmd(tmp.path(), &storage, &daemon.addr, "org/small").args(["--verify", "--json"]),
+    );
+    assert!(out.contains("\"verified\":true"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_dies_before_its_device_request_does_not_hold_up_other_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    let storage = tmp.path().join("models");
+    save_big(tmp.path(), &storage, 96 << 20);
+    save_model(
+        tmp.path(),
+        &storage,
+        "org/small",
+        &tensors_of(3 << 20, 2),
+        "1MiB",
+    );
+    // The default drain timeout: minutes.
+    let daemon = Daemon::start(tmp.path(), &storage, POOL);
+    {
+        let mut client = daemon.client().await;
+        client.load_to_host("org/big").await.unwrap();
+    }
+    wait_status(&daemon, "the abandoned stream's ring to fill", |st| {
+        st.resident_bytes >= 56 << 20
+    })
+    .await;
+    let started = Instant::now();
+    let out = run_ok(
+        load_cmd(tmp.path(), &storage, &daemon.addr, "org/small").args(["--verify", "--json"]),
+    );
+    assert!(out.contains("\"verified\":true"), "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "waited {:?} for a stream no device reads",
+        started.elapsed()
+    );
+    let log = daemon.log_text();
+    assert!(log.contains("a stream no device reads yet"), "{log}");
+    // The abandoned model is no failure: it loads when asked.
+    let out = run_ok(
+        load_cmd(tmp.path(), &storage, &daemon.addr, "org/big").args(["--verify", "--json"]),
     );
     assert!(out.contains("\"verified\":true"), "{out}");
 }

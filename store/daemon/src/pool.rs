@@ -229,30 +229,12 @@ impl HostPool {
                 .collect(),
         )
     }
-}
 
-impl HostPool {
-    /// Leases as many chunks as are free now, at most `max` (none when
-    /// none is free).
-    pub fn lease_up_to(&self, max: usize) -> Vec<ChunkLease> {
-        let mut free = crate::lock(&self.inner.free);
-        let at = free.len().saturating_sub(max);
-        let mut indices: Vec<usize> = free.drain(at..).collect();
-        drop(free);
-        indices.reverse();
-        indices
-            .into_iter()
-            .map(|index| ChunkLease {
-                pool: Arc::clone(&self.inner),
-                index,
-            })
-            .collect()
-    }
-
-    /// Waits at most `timeout` for a chunk to return while none is free.
-    pub fn wait_for_free(&self, timeout: Duration) {
+    /// Waits at most `timeout` for chunks to return while fewer than `n`
+    /// are free.
+    pub fn wait_for_free(&self, n: usize, timeout: Duration) {
         let free = crate::lock(&self.inner.free);
-        if free.is_empty() {
+        if free.len() < n {
             drop(crate::wait(&self.inner.returned, free, Some(timeout)));
         }
     }

@@ -223,3 +223,132 @@ fn a_pool_smaller_than_one_checksum_block_is_refused_with_the_sizes() {
         assert!(e.to_string().contains(needle), "{needle:?} in {e}");
     }
 }
+
+/// `o/big` loaded to host memory by a client that never follows with a
+/// device request (it died): its stream fills the pool and waits.
+fn abandoned_stream() -> (Fixture, Vec<u8>) {
+    let (f, bytes) = fixture(3 * POOL, Limits::default());
+    f.registry.load_to_host("o/big").unwrap();
+    wait_until("the abandoned stream to fill the pool", || {
+        f.registry.pool_used_bytes() == (POOL * CHUNK) as u64
+    });
+    (f, bytes)
+}
+
+#[test]
+fn a_stream_no_device_reads_gives_way_to_a_model_that_fits() {
+    // With the default drain timeout (minutes), nothing but giving way
+    // would let the second model in before that.
+    let (f, big) = abandoned_stream();
+    let small = pattern(2 * CHUNK - 10);
+    write_bytes(&f.models().join("o/small"), &small, options());
+    let started = Instant::now();
+    let path = f.start_replica("o/small", "s", small.len()).unwrap();
+    runtime()
+        .block_on(f.registry.confirm("o/small", "s"))
+        .unwrap();
+    assert!(std::fs::read(&path).unwrap() == small, "bytes differ");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    let st = f.registry.status("o/small").unwrap();
+    assert!(!st.streamed, "it fits, so it is kept whole: {st:?}");
+    // Giving way is no failure: the model's device request reads it again.
+    assert_eq!(f.state("o/big"), HostState::NotLoaded);
+    let path = f.start_replica("o/big", "b", big.len()).unwrap();
+    runtime()
+        .block_on(f.registry.confirm("o/big", "b"))
+        .unwrap();
+    assert!(std::fs::read(&path).unwrap() == big, "bytes differ");
+}
+
+#[test]
+fn a_stream_no_device_reads_gives_way_to_another_stream() {
+    let (f, _big) = abandoned_stream();
+    let other = pattern(3 * POOL * CHUNK - 300);
+    write_bytes(&f.models().join("o/other"), &other, options());
+    let started = Instant::now();
+    let path = f.start_replica("o/other", "o", other.len()).unwrap();
+    runtime()
+        .block_on(f.registry.confirm("o/other", "o"))
+        .unwrap();
+    assert!(std::fs::read(&path).unwrap() == other, "bytes differ");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(f.state("o/big"), HostState::NotLoaded);
+}
+
+#[test]
+fn a_stream_a_device_reads_does_not_give_way() {
+    // Two replicas streaming two models at once share the pool: neither
+    // is stopped for the other.
+    let (f, big) = fixture(3 * POOL, Limits::default());
+    let other = pattern(3 * POOL * CHUNK - 300);
+    write_bytes(&f.models().join("o/other"), &other, options());
+    let a = f.start_replica("o/big", "a", big.len()).unwrap();
+    let b = f.start_replica("o/other", "b", other.len()).unwrap();
+    let rt = runtime();
+    rt.block_on(f.registry.confirm("o/big", "a")).unwrap();
+    rt.block_on(f.registry.confirm("o/other", "b")).unwrap();
+    assert!(std::fs::read(&a).unwrap() == big, "o/big differs");
+    assert!(std::fs::read(&b).unwrap() == other, "o/other differs");
+}
+
+#[test]
+fn two_streams_whose_blocks_span_several_chunks_never_wait_for_each_other() {
+    // Blocks of three chunks: each stream needs a ring of five, and two
+    // rings do not fit in the pool of eight. A stream that held part of a
+    // block while it waited for the rest could wait forever on the other
+    // (until the drain timeout, minutes); blocks are leased whole.
+    let f = Fixture::new(POOL, Limits::default());
+    let options = WriterOptions {
+        block_bytes: 3 * CHUNK as u64,
+        ..WriterOptions::default()
+    };
+    let models: Vec<(String, Vec<u8>)> = (0..2)
+        .map(|i| {
+            let bytes: Vec<u8> = pattern(3 * POOL * CHUNK - 100 * (i + 1))
+                .into_iter()
+                .map(|b| b.wrapping_add(i as u8))
+                .collect();
+            let name = format!("o/m{i}");
+            write_bytes(&f.models().join(&name), &bytes, options);
+            (name, bytes)
+        })
+        .collect();
+    // Named apart: a replica's name is its buffer's file name.
+    let replica = |model: &str, round: usize| format!("{}-r{round}", model.replace('/', "-"));
+    let rt = runtime();
+    for round in 0..5 {
+        let started = Instant::now();
+        let paths: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = models
+                .iter()
+                .map(|(name, bytes)| {
+                    let f = &f;
+                    scope.spawn(move || {
+                        f.start_replica(name, &replica(name, round), bytes.len())
+                            .unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for ((name, bytes), path) in models.iter().zip(&paths) {
+            rt.block_on(f.registry.confirm(name, &replica(name, round)))
+                .unwrap();
+            assert!(std::fs::read(path).unwrap() == *bytes, "{name} differs");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "round {round} took {:?}",
+            started.elapsed()
+        );
+        f.registry.clear();
+    }
+}

@@ -100,6 +100,14 @@ pub enum IoError {
          copies hold it; load again when they finish, or raise --mem-pool-size"
     )]
     PoolBusy { seconds: u64 },
+    /// A streamed load that no device read yet gave its chunks to another
+    /// load that needed the pool (not a failure: the device request that
+    /// follows reads the model again).
+    #[error(
+        "stopped reading ahead to let another load have the pool: no device had asked for \
+         this model yet; its LoadModelAsync(GPU) reads it again"
+    )]
+    Yielded,
     /// The ring or the kernel failed (io_uring_enter, a short submission).
     #[error("the io engine failed: {0}")]
     Engine(String),

@@ -283,6 +283,17 @@ impl LoadCheck {
         out
     }
 
+    /// The end of the chunks, from `next` on, that must all land before the
+    /// first block of chunk `next` can be hashed: a stream leases them
+    /// together, so that it never holds part of a block while it waits for
+    /// the pool (two streams doing so could wait for each other).
+    pub fn block_end(&self, next: usize) -> usize {
+        self.chunk_blocks
+            .get(next)
+            .and_then(|blocks| self.block_chunks.get(blocks.start))
+            .map_or(next + 1, |chunks| chunks.end.max(next + 1))
+    }
+
     /// The chunks before `first` that share a checksum block with chunk
     /// `first`: a copy that starts with chunks `..first` already resident
     /// lands these again, so that those blocks can be hashed whole.

@@ -10,7 +10,10 @@
 //! keeps a prefix of chunks, `keep`, and passes the rest through a ring:
 //! - at most `ring` chunks past the prefix are leased at once (being read,
 //!   or landed and not yet taken by every consumer); the io thread reads
-//!   ahead as far as the ring and the pool's free chunks allow, in batches;
+//!   ahead as far as the ring and the pool's free chunks allow. It leases
+//!   the chunks of a checksum block together, never part of one, so two
+//!   streams cannot each hold half a block and wait for the other's; while
+//!   it waits for free chunks, the registry evicts idle models for it;
 //! - each device thread of each replica reading the copy is a [`Consumer`]
 //!   and walks the chunks in order; a chunk past the prefix is released (the
 //!   copy lets go of it) once every consumer attached has moved past it
@@ -24,7 +27,14 @@
 //! - a ring that no consumer drains for `drain_timeout` fails the copy, so a
 //!   load that no device request follows does not hold the pool forever, and
 //!   a copy nobody can attach to any more (replaced in the registry) with no
-//!   consumer left stops reading.
+//!   consumer left stops reading;
+//! - a stream that no consumer reads (a LoadModelAsync(CPU) whose device
+//!   request has not come, perhaps never will: its client died) is idle: it
+//!   *gives way* rather than make other loads wait for its drain timeout
+//!   when the registry evicts it (for a new load, or for a stream waiting
+//!   for chunks). It stops reading, hands its chunks back and ends with
+//!   [`IoError::Yielded`]; no consumer attaches to it after, and a device
+//!   request that comes later reads a new copy.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -40,6 +50,9 @@ use sllm_format::partitions::Partitions;
 
 /// How often waits of the io thread look at `cancel`.
 const POLL: Duration = Duration::from_millis(20);
+/// How long a stream that evicted another stream for its chunks waits for
+/// them before it evicts anything else.
+const RECLAIM_PAUSE: Duration = Duration::from_millis(100);
 
 #[derive(Clone)]
 enum Slot {
@@ -79,6 +92,28 @@ pub struct Stream {
     pub ring: usize,
     /// How long a full ring may wait for a consumer to take a chunk.
     pub drain_timeout: Duration,
+    /// Frees chunks for the stream while it waits for the pool.
+    pub reclaim: Reclaim,
+}
+
+/// When an evicted copy's chunks return to the pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Freed {
+    Now,
+    /// Once the evicted copy's io thread has stopped: about this many.
+    Soon(usize),
+}
+
+/// Evicts one idle model (the registry's LRU choice) for a stream that
+/// waits for pool chunks: what that frees, or `None` when no model is idle.
+/// Called on the stream's io thread, holding none of the copy's locks.
+#[derive(Clone)]
+pub struct Reclaim(pub Arc<dyn Fn() -> Option<Freed> + Send + Sync>);
+
+impl std::fmt::Debug for Reclaim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reclaim")
+    }
 }
 
 struct State {
@@ -134,6 +169,18 @@ impl State {
     /// Chunks past the prefix the copy holds or is reading.
     fn ring_held(&self) -> usize {
         self.issued_past_keep - self.released
+    }
+
+    /// Gives way if no consumer reads the copy: from now on none may attach
+    /// (see [`HostCopy::give_way`]).
+    fn give_way(&mut self) -> bool {
+        if self.consumers > 0 {
+            return false;
+        }
+        if matches!(self.failed, None | Some(IoError::Cancelled)) {
+            self.failed = Some(IoError::Yielded);
+        }
+        true
     }
 }
 
@@ -304,6 +351,7 @@ impl HostCopy {
                     stream: &stream,
                     max_io_bytes,
                     next: first,
+                    leased: Default::default(),
                     error: None,
                 };
                 engine.run_source(&files, &mut source, &self.cancel, &mut landed);
@@ -324,33 +372,45 @@ impl HostCopy {
         }
     }
 
-    /// The lease for chunk `next` of a streamed copy: a prefix chunk while
-    /// the pool has one free (the prefix ends where it has none), else a ring
-    /// chunk once the ring has room and the pool a free chunk. Without
+    /// The leases for the next chunks of a streamed copy, taken together:
+    /// from `next` to the end of its first checksum block (one chunk without
+    /// a manifest), so that the copy never holds part of a block while it
+    /// waits for the pool. Prefix chunks while the pool has them free (the
+    /// prefix ends where it has not), else ring chunks once the ring has
+    /// room for them and the pool has them free; while it waits for the
+    /// pool, the registry evicts idle models for it (`reclaim`). Without
     /// `wait`, `None` when that is not now; with it, waits, giving up on
-    /// cancel, when no copy can attach any more, or when neither room nor a
-    /// chunk comes within the drain timeout.
-    fn next_lease(
+    /// cancel, when no copy can attach any more, or when neither room nor
+    /// chunks come within the drain timeout.
+    fn next_leases(
         self: &Arc<Self>,
         next: usize,
         stream: &Stream,
         wait: bool,
-    ) -> Result<Option<ChunkLease>, IoError> {
+    ) -> Result<Option<Vec<ChunkLease>>, IoError> {
         let stopped = || Err(self.error().unwrap_or(IoError::Cancelled));
         if self.cancel.load(Ordering::Relaxed) {
             // Not even a prefix chunk: the engine would only fail its read.
             return stopped();
         }
+        let end = self
+            .check
+            .as_ref()
+            .map_or(next + 1, |check| check.block_end(next))
+            .min(self.spans.len());
+        let n = end - next;
         {
             let mut state = self.state();
             if next < state.keep {
-                if let Some(lease) = stream.pool.lease_up_to(1).pop() {
-                    return Ok(Some(lease));
+                if let Some(leases) = stream.pool.try_lease(n) {
+                    state.issued_past_keep += end.saturating_sub(state.keep);
+                    return Ok(Some(leases));
                 }
-                // No free chunk to keep: the prefix ends here.
+                // Not free to keep: the prefix ends here.
                 state.keep = next;
             }
         }
+        let mut reclaim_after = Instant::now();
         loop {
             if self.cancel.load(Ordering::Relaxed) {
                 return stopped();
@@ -361,7 +421,9 @@ impl HostCopy {
                 // attach any more.
                 return Err(IoError::Cancelled);
             }
-            if state.ring_held() >= stream.ring {
+            // The ring is at least one chunk more than a block spans, or the
+            // whole rest of the model: an empty ring always has room.
+            if state.ring_held() > 0 && state.ring_held() + n > stream.ring {
                 if !wait {
                     return Ok(None);
                 }
@@ -375,19 +437,28 @@ impl HostCopy {
                 continue;
             }
             drop(state);
-            if let Some(lease) = stream.pool.lease_up_to(1).pop() {
-                self.state().issued_past_keep += 1;
-                return Ok(Some(lease));
+            if let Some(leases) = stream.pool.try_lease(n) {
+                self.state().issued_past_keep += n;
+                return Ok(Some(leases));
             }
             if !wait {
                 return Ok(None);
+            }
+            if Instant::now() >= reclaim_after {
+                match (stream.reclaim.0)() {
+                    Some(Freed::Now) => continue,
+                    // Give the evicted stream's reads time to finish
+                    // before evicting another model.
+                    Some(Freed::Soon(_)) => reclaim_after = Instant::now() + RECLAIM_PAUSE,
+                    None => {}
+                }
             }
             if self.state().last_progress.elapsed() >= stream.drain_timeout {
                 return Err(IoError::PoolBusy {
                     seconds: stream.drain_timeout.as_secs(),
                 });
             }
-            stream.pool.wait_for_free(POLL);
+            stream.pool.wait_for_free(n, POLL);
         }
     }
 
@@ -479,6 +550,7 @@ impl HostCopy {
 
     fn can_attach(state: &State, first: usize) -> bool {
         state.highest_released.is_none_or(|h| first > h)
+            && !matches!(state.failed, Some(IoError::Yielded))
     }
 
     /// Whether a replica whose first chunk is `first` can still read every
@@ -551,6 +623,29 @@ impl HostCopy {
                 }
             }
         }
+    }
+
+    /// Stops a stream that no consumer reads, so that its chunks return to
+    /// the pool (once its io thread has stopped, a moment later); no
+    /// consumer can attach to it after. False, and nothing changes, when a
+    /// consumer reads it or it is not a stream still reading.
+    pub fn give_way(&self) -> bool {
+        if !self.is_streamed() {
+            return false;
+        }
+        let mut state = self.state();
+        // `complete` is set under the state's lock.
+        if self.is_complete() || !state.give_way() {
+            return false;
+        }
+        drop(state);
+        self.cancel();
+        true
+    }
+
+    /// A stream still reading that no consumer reads.
+    pub fn is_unread_stream(&self) -> bool {
+        self.is_streamed() && !self.is_complete() && self.state().consumers == 0
     }
 
     /// Asks the io engine to stop; pending chunks fail as cancelled.
@@ -636,28 +731,35 @@ struct Ring<'a> {
     max_io_bytes: usize,
     /// The next chunk to read.
     next: usize,
+    /// Leases taken for chunks `next..`, not yet handed to the engine.
+    leased: std::collections::VecDeque<ChunkLease>,
     /// Why the ring stopped handing out reads, if it did.
     error: Option<IoError>,
 }
 
 impl ReadSource for Ring<'_> {
     fn next_read(&mut self, wait: bool) -> Next {
-        if self.next >= self.copy.spans.len() || self.error.is_some() {
+        if self.leased.is_empty() {
+            if self.next >= self.copy.spans.len() || self.error.is_some() {
+                return Next::Done;
+            }
+            match self.copy.next_leases(self.next, self.stream, wait) {
+                Ok(Some(leases)) => self.leased = leases.into(),
+                Ok(None) => return Next::NotYet,
+                Err(e) => {
+                    self.error = Some(e);
+                    return Next::Done;
+                }
+            }
+        }
+        let Some(lease) = self.leased.pop_front() else {
+            self.error = Some(IoError::Invariant("the pool leased no chunk".into()));
             return Next::Done;
-        }
-        match self.copy.next_lease(self.next, self.stream, wait) {
-            Ok(Some(lease)) => {
-                let span = &self.copy.spans[self.next];
-                let read = ChunkRead::plan(self.files, span, self.next, lease, self.max_io_bytes);
-                self.next += 1;
-                Next::Read(read)
-            }
-            Ok(None) => Next::NotYet,
-            Err(e) => {
-                self.error = Some(e);
-                Next::Done
-            }
-        }
+        };
+        let span = &self.copy.spans[self.next];
+        let read = ChunkRead::plan(self.files, span, self.next, lease, self.max_io_bytes);
+        self.next += 1;
+        Next::Read(read)
     }
 }
 

@@ -41,7 +41,7 @@ use sllm_format::units::{gib_per_s, human_bytes};
 
 use self::checksums::{HashPool, LoadCheck};
 use self::copy_plan::{RequestedCopy, plan_copies};
-use self::host_copy::{HostCopy, LoadOutcome, Source, Stream};
+use self::host_copy::{Freed, HostCopy, LoadOutcome, Reclaim, Source, Stream};
 use self::on_disk::{ModelStamp, OnDisk, OnDiskError};
 pub use self::replica::ReplicaError;
 use self::replica::{DeviceCopy, Replica, ReplicaStatus};
@@ -428,7 +428,9 @@ impl Registry {
     /// when the missing ones fit in what is free plus what idle models
     /// hold (evicting those least recently used), else through a ring.
     /// A streamed copy keeps as many chunks as are free beyond its ring; it
-    /// evicts only to make room for the ring.
+    /// evicts only to make room for the ring. Streams that no device reads
+    /// yet are idle too: evicted, they stop and hand their chunks back a
+    /// moment later, worth a short wait ([`RegistryError::PoolBusy`]).
     fn source_for(
         &self,
         table: &mut Table,
@@ -446,21 +448,38 @@ impl Registry {
             .filter_map(|(_, e)| e.host.as_ref())
             .map(|h| h.progress().0)
             .sum();
+        // Chunks of evicted streams, back once their reading has stopped.
+        let mut coming = 0;
+        let evict = |table: &mut Table, coming: &mut usize| match evict_one(
+            table,
+            model,
+            "its load begins",
+        ) {
+            Some(Freed::Now) => true,
+            Some(Freed::Soon(chunks)) => {
+                *coming += chunks;
+                true
+            }
+            None => false,
+        };
         if missing <= pool.free_chunks() + idle_chunks {
             loop {
                 if let Some(leases) = pool.try_lease(missing) {
                     return Ok(Source::Whole(leases));
                 }
-                if !evict_one(table, model) {
+                if pool.free_chunks() + coming >= missing || !evict(table, &mut coming) {
                     break;
                 }
             }
         }
         // Chunks of copies that are done but still held for a moment: worth
         // a short wait when the model would fit whole.
-        let soon_free = table.models.iter().any(|(name, e)| {
-            name.as_str() != model && !e.busy() && e.host.as_ref().is_some_and(|h| h.is_complete())
-        });
+        let soon_free = coming > 0
+            || table.models.iter().any(|(name, e)| {
+                name.as_str() != model
+                    && !e.busy()
+                    && e.host.as_ref().is_some_and(|h| h.is_complete())
+            });
         if patient && soon_free && missing <= pool.total_chunks() {
             return Err(RegistryError::PoolBusy {
                 model: model.into(),
@@ -494,15 +513,22 @@ impl Registry {
                 pool: pool.total_bytes() as u64,
             });
         }
-        while pool.free_chunks() < ring && evict_one(table, model) {}
+        while pool.free_chunks() + coming < ring && evict(table, &mut coming) {}
         // With no chunk free now, the copy waits for chunks that loads and
         // copies in progress hand back (for at most the drain timeout).
         let free = pool.free_chunks();
+        let this = self.this.clone();
+        let name = model.to_owned();
         Ok(Source::Streamed(Stream {
             pool: pool.clone(),
             keep: resident + free.saturating_sub(ring),
             ring,
             drain_timeout: limits.stream_drain_timeout,
+            reclaim: Reclaim(Arc::new(move || {
+                let registry = this.upgrade()?;
+                let mut table = registry.table();
+                evict_one(&mut table, &name, "its stream waits for free chunks")
+            })),
         }))
     }
 
@@ -529,6 +555,15 @@ impl Registry {
                     .record(outcome.seconds);
             }
             Some(IoError::Cancelled) => tracing::info!(model, "load cancelled"),
+            Some(IoError::Yielded) => {
+                tracing::info!(
+                    model,
+                    "stopped reading ahead: another load needed the pool before a device \
+                     asked for this model; its device request will read it again"
+                );
+                metrics::counter!("sllm_streams_yielded_total").increment(1);
+                self.forget_copy(model, copy, None);
+            }
             Some(e) => {
                 tracing::error!(model, error = %e, "load failed; its chunks return to the pool");
                 let kind = if matches!(e, IoError::Checksum { .. }) {
@@ -539,21 +574,31 @@ impl Registry {
                 metrics::counter!("sllm_errors_total", "kind" => kind).increment(1);
                 // Drop the failed copy so its chunks return once its last
                 // reader is gone, and the next load reads the disk again.
-                let mut table = self.table();
-                if let Some(entry) = table.models.get_mut(model)
-                    && entry.host.as_ref().is_some_and(|h| Arc::ptr_eq(h, copy))
-                {
-                    entry.host = None;
-                    entry.last_error = Some(match e {
-                        IoError::NotDrained { .. } => format!(
+                let why = match e {
+                    IoError::NotDrained { .. } => {
+                        let size = self.table().entry(model).map_or(0, |e| e.info.size);
+                        format!(
                             "model {model} is {} and the pool holds {}: {e}",
-                            human_bytes(entry.info.size),
+                            human_bytes(size),
                             human_bytes(self.pool.total_bytes() as u64)
-                        ),
-                        e => e.to_string(),
-                    });
-                }
+                        )
+                    }
+                    e => e.to_string(),
+                };
+                self.forget_copy(model, copy, Some(why));
             }
+        }
+    }
+
+    /// Drops `copy` from `model`'s entry if it is still the model's copy,
+    /// noting `error` for GetModelStatus.
+    fn forget_copy(&self, model: &str, copy: &Arc<HostCopy>, error: Option<String>) {
+        let mut table = self.table();
+        if let Some(entry) = table.models.get_mut(model)
+            && entry.host.as_ref().is_some_and(|h| Arc::ptr_eq(h, copy))
+        {
+            entry.host = None;
+            entry.last_error = error;
         }
     }
 
@@ -893,24 +938,36 @@ impl Registry {
     }
 }
 
-/// Evicts the idle model (not `model`) used least recently; false when none
-/// is idle.
-fn evict_one(table: &mut Table, model: &str) -> bool {
-    let victim = table
+/// Evicts the idle model (not `model`) used least recently, for `model`
+/// at the moment `when` says (for the log); `None` when none is idle.
+fn evict_one(table: &mut Table, model: &str, when: &str) -> Option<Freed> {
+    let (victim, entry) = table
         .models
-        .iter()
+        .iter_mut()
         .filter(|(name, e)| name.as_str() != model && e.evictable())
-        .min_by_key(|(_, e)| e.last_used)
-        .map(|(name, _)| name.clone());
-    let Some(victim) = victim else {
-        return false;
-    };
-    tracing::info!(model = %victim, "evicting from the pool (least recently used)");
+        .min_by_key(|(_, e)| e.last_used)?;
+    let host = entry.host.take()?;
     metrics::counter!("sllm_evictions_total").increment(1);
-    if let Some(e) = table.models.get_mut(&victim) {
-        e.host = None;
+    if host.give_way() {
+        tracing::info!(
+            model = %victim,
+            to_load = model,
+            when,
+            "evicting from the pool a stream no device reads yet: another load needs the pool"
+        );
+        return Some(Freed::Soon(host.progress().0));
     }
-    true
+    tracing::info!(
+        model = %victim,
+        to_load = model,
+        when,
+        "evicting from the pool (least recently used)"
+    );
+    Some(if Arc::strong_count(&host) == 1 {
+        Freed::Now
+    } else {
+        Freed::Soon(host.progress().0)
+    })
 }
 
 /// A LoadModelAsync(GPU) that passed every check: the model's layout it was

@@ -63,12 +63,14 @@ impl ModelEntry {
         self.replicas.values().any(|r| r.status().is_copying())
     }
 
-    /// Resident, fully loaded (or failed), no replica copying from it, and
-    /// nothing but the registry holding it: evicting it frees its chunks now.
+    /// No replica copying from it, and either resident, fully loaded (or
+    /// failed) and held by nothing but the registry (evicting it frees its
+    /// chunks now), or a stream still reading that no device reads yet
+    /// (evicted, it stops and frees them a moment later).
     pub(super) fn evictable(&self) -> bool {
         self.host
             .as_ref()
-            .is_some_and(|h| h.is_complete() && Arc::strong_count(h) == 1)
+            .is_some_and(|h| (h.is_complete() && Arc::strong_count(h) == 1) || h.is_unread_stream())
             && !self.busy()
     }
 }
