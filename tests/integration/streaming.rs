@@ -39,6 +39,17 @@ fn save_big(home: &Path, storage: &Path, bytes: u64) {
     std::fs::remove_dir_all(&src).unwrap();
 }
 
+/// Saves `org/small`, 3 MiB: it fits in the pool.
+fn save_small(home: &Path, storage: &Path) {
+    save_model(home, storage, "org/small", &tensors_of(3 << 20, 2), "1MiB");
+}
+
+/// `sllm-store load --verify` of `model` succeeds.
+fn load_verified(daemon: &Daemon, home: &Path, storage: &Path, model: &str) {
+    let out = run_ok(load_cmd(home, storage, &daemon.addr, model).args(["--verify", "--json"]));
+    assert!(out.contains("\"verified\":true"), "{out}");
+}
+
 async fn wait_status(
     daemon: &Daemon,
     what: &str,
@@ -115,17 +126,8 @@ async fn a_client_that_dies_before_its_device_request_frees_the_pool_after_the_d
         assert!(st.error.contains(needle), "{needle:?} in {}", st.error);
     }
     // The pool is whole again: a model that fits loads whole.
-    save_model(
-        tmp.path(),
-        &storage,
-        "org/small",
-        &tensors_of(3 << 20, 2),
-        "1MiB",
-    );
-    let out = run_ok(
-        load_cmd(tmp.path(), &storage, &daemon.addr, "org/small").args(["--verify", "--json"]),
-    );
-    assert!(out.contains("\"verified\":true"), "{out}");
+    save_small(tmp.path(), &storage);
+    load_verified(&daemon, tmp.path(), &storage, "org/small");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -133,13 +135,7 @@ async fn a_client_that_dies_before_its_device_request_does_not_hold_up_other_mod
     let tmp = tempfile::tempdir().unwrap();
     let storage = tmp.path().join("models");
     save_big(tmp.path(), &storage, 96 << 20);
-    save_model(
-        tmp.path(),
-        &storage,
-        "org/small",
-        &tensors_of(3 << 20, 2),
-        "1MiB",
-    );
+    save_small(tmp.path(), &storage);
     // The default drain timeout: minutes.
     let daemon = Daemon::start(tmp.path(), &storage, POOL);
     {
@@ -151,10 +147,7 @@ async fn a_client_that_dies_before_its_device_request_does_not_hold_up_other_mod
     })
     .await;
     let started = Instant::now();
-    let out = run_ok(
-        load_cmd(tmp.path(), &storage, &daemon.addr, "org/small").args(["--verify", "--json"]),
-    );
-    assert!(out.contains("\"verified\":true"), "{out}");
+    load_verified(&daemon, tmp.path(), &storage, "org/small");
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "waited {:?} for a stream no device reads",
@@ -163,10 +156,7 @@ async fn a_client_that_dies_before_its_device_request_does_not_hold_up_other_mod
     let log = daemon.log_text();
     assert!(log.contains("a stream no device reads yet"), "{log}");
     // The abandoned model is no failure: it loads when asked.
-    let out = run_ok(
-        load_cmd(tmp.path(), &storage, &daemon.addr, "org/big").args(["--verify", "--json"]),
-    );
-    assert!(out.contains("\"verified\":true"), "{out}");
+    load_verified(&daemon, tmp.path(), &storage, "org/big");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -235,33 +235,36 @@ fn abandoned_stream() -> (Fixture, Vec<u8>) {
     (f, bytes)
 }
 
+/// Copies all of `model` (`bytes`) as `replica` and checks every byte, and
+/// that it took seconds, not the default drain timeout (minutes).
+fn load_without_waiting(f: &Fixture, model: &str, replica: &str, bytes: &[u8]) {
+    let started = Instant::now();
+    let path = f.start_replica(model, replica, bytes.len()).unwrap();
+    runtime()
+        .block_on(f.registry.confirm(model, replica))
+        .unwrap();
+    assert!(
+        std::fs::read(&path).unwrap() == bytes,
+        "{model}: bytes differ"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{model} took {:?}",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn a_stream_no_device_reads_gives_way_to_a_model_that_fits() {
-    // With the default drain timeout (minutes), nothing but giving way
-    // would let the second model in before that.
     let (f, big) = abandoned_stream();
     let small = pattern(2 * CHUNK - 10);
     write_bytes(&f.models().join("o/small"), &small, options());
-    let started = Instant::now();
-    let path = f.start_replica("o/small", "s", small.len()).unwrap();
-    runtime()
-        .block_on(f.registry.confirm("o/small", "s"))
-        .unwrap();
-    assert!(std::fs::read(&path).unwrap() == small, "bytes differ");
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "took {:?}",
-        started.elapsed()
-    );
+    load_without_waiting(&f, "o/small", "s", &small);
     let st = f.registry.status("o/small").unwrap();
     assert!(!st.streamed, "it fits, so it is kept whole: {st:?}");
     // Giving way is no failure: the model's device request reads it again.
     assert_eq!(f.state("o/big"), HostState::NotLoaded);
-    let path = f.start_replica("o/big", "b", big.len()).unwrap();
-    runtime()
-        .block_on(f.registry.confirm("o/big", "b"))
-        .unwrap();
-    assert!(std::fs::read(&path).unwrap() == big, "bytes differ");
+    load_without_waiting(&f, "o/big", "b", &big);
 }
 
 #[test]
@@ -269,17 +272,7 @@ fn a_stream_no_device_reads_gives_way_to_another_stream() {
     let (f, _big) = abandoned_stream();
     let other = pattern(3 * POOL * CHUNK - 300);
     write_bytes(&f.models().join("o/other"), &other, options());
-    let started = Instant::now();
-    let path = f.start_replica("o/other", "o", other.len()).unwrap();
-    runtime()
-        .block_on(f.registry.confirm("o/other", "o"))
-        .unwrap();
-    assert!(std::fs::read(&path).unwrap() == other, "bytes differ");
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "took {:?}",
-        started.elapsed()
-    );
+    load_without_waiting(&f, "o/other", "o", &other);
     assert_eq!(f.state("o/big"), HostState::NotLoaded);
 }
 
