@@ -5,9 +5,11 @@
 //! - every load that succeeds holds, byte for byte, a version of the model
 //!   that was on disk while it ran (one whole version, never a mix);
 //! - the daemon answers its health check throughout;
-//! - its RSS, open descriptors and threads stay flat.
+//! - its RSS, open descriptors and threads stay flat;
+//! - the killed clients' buffers in /dev/shm are gone once a new one is made.
 //!
-//! With `SLLM_SOAK_REPORT=<file>` the figures are written there as JSON.
+//! With `SLLM_SOAK_REPORT=<file>` the figures are written there as JSON (a
+//! relative path is taken from the workspace's root).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -213,6 +215,8 @@ fn soak_mixed_work_keeps_bytes_right_and_the_daemon_flat() {
     let counts = Arc::new(Counts::default());
     let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
     let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+    // Pids of the `sllm-store load` clients killed mid-load.
+    let killed: Arc<Mutex<Vec<u32>>> = Arc::default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -429,11 +433,12 @@ fn soak_mixed_work_keeps_bytes_right_and_the_daemon_flat() {
             }));
         }
         {
-            let (home, storage, addr, counts, stop) = (
+            let (home, storage, addr, counts, killed, stop) = (
                 home.clone(),
                 storage.clone(),
                 addr.clone(),
                 Arc::clone(&counts),
+                Arc::clone(&killed),
                 Arc::clone(&stop),
             );
             tasks.push(tokio::task::spawn_blocking(move || {
@@ -449,6 +454,7 @@ fn soak_mixed_work_keeps_bytes_right_and_the_daemon_flat() {
                     std::thread::sleep(Duration::from_millis(5 + (n * 7) % 60));
                     let _ = child.kill();
                     let _ = child.wait();
+                    killed.lock().unwrap().push(child.id());
                     counts.kills.fetch_add(1, Ordering::Relaxed);
                     std::thread::sleep(Duration::from_millis(100));
                 }
@@ -491,13 +497,37 @@ fn soak_mixed_work_keeps_bytes_right_and_the_daemon_flat() {
     });
     println!("soak: {}", serde_json::to_string(&report).unwrap());
     if let Some(path) = std::env::var_os("SLLM_SOAK_REPORT") {
-        std::fs::write(
-            PathBuf::from(path),
-            serde_json::to_string_pretty(&report).unwrap(),
-        )
-        .unwrap();
+        // Cargo runs the test in the package's folder (`store/`): a
+        // relative path means one under the workspace, where it was typed.
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(PathBuf::from(path));
+        std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap())
+            .unwrap_or_else(|e| panic!("SLLM_SOAK_REPORT: cannot write {}: {e}", path.display()));
+        println!("soak: figures written to {}", path.display());
     }
-    let failures = failures.lock().unwrap();
+    // A killed client cannot remove its buffer (a tmpfs file, memory until
+    // removed); the next buffer made removes those of dead processes.
+    drop(sllm_client::shm::ShmBuffer::create(Path::new("/dev/shm"), 0).unwrap());
+    let killed = killed.lock().unwrap();
+    let left: Vec<String> = std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| {
+            killed
+                .iter()
+                .any(|pid| name.starts_with(&format!("sllm-buffer-{pid}-")))
+        })
+        .collect();
+    let mut failures = failures.lock().unwrap();
+    if !left.is_empty() {
+        failures.push(format!(
+            "{} buffers of killed clients left in /dev/shm: {:?}",
+            left.len(),
+            &left[..left.len().min(5)]
+        ));
+    }
     if !failures.is_empty() {
         let log = daemon.log.lock().unwrap();
         println!(

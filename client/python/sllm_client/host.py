@@ -1,6 +1,11 @@
 """load_dict_host: a model through the daemon's host backend into numpy
 arrays, for machines without a GPU and for tests. The "device memory" is a
-shared-memory file the daemon writes into (its path is the handle)."""
+shared-memory file the daemon writes into (its path is the handle).
+
+A killed process cannot remove its buffers, and a tmpfs file holds its
+memory until someone does. So a buffer's name carries its process
+(`sllm-buffer-<pid>-<start time>-<uuid>`, as the Rust client names them), and
+making one first removes this user's buffers whose process is gone."""
 
 import json
 import os
@@ -90,6 +95,47 @@ def load_dict_host(
     )
 
 
+_BUFFER_PREFIX = "sllm-buffer-"
+
+
+def _start_time(pid: int) -> "int | None":
+    """When process `pid` started (/proc/<pid>/stat's 22nd field): with the
+    pid, it names one process even after pids wrap."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+        # The command name, in parentheses, may hold spaces: count after it.
+        return int(stat[stat.rindex(")") + 1 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def remove_orphan_buffers(directory: str) -> None:
+    """Removes the buffers in `directory` that this user owns and whose process
+    is gone (or whose pid now names another process)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    uid = os.geteuid()
+    for name in names:
+        parts = name[len(_BUFFER_PREFIX) :].split("-", 2) if name.startswith(_BUFFER_PREFIX) else []
+        if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if os.stat(path).st_uid == uid and _start_time(int(parts[0])) != int(parts[1]):
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+def new_buffer_path(directory: str) -> str:
+    """A path in `directory` for a new buffer of this process."""
+    pid = os.getpid()
+    return os.path.join(directory, f"{_BUFFER_PREFIX}{pid}-{_start_time(pid) or 0}-{uuidlib.uuid4()}")
+
+
 def _load_dict_host(model_path: str, index: dict, server: "str | None", layout: str) -> Dict[str, np.ndarray]:
     with StoreClient(server) as client:
         config = client.server_config()
@@ -101,9 +147,10 @@ def _load_dict_host(model_path: str, index: dict, server: "str | None", layout: 
         client.load_to_host(model_path)
         p = plan(index, {"": config.device_uuids[0]}, layout)
         buffers = {}  # device -> (path, fd)
+        remove_orphan_buffers(config.host_shm_dir)
         try:
             for b in p.buffers:
-                path = os.path.join(config.host_shm_dir, f"sllm-buffer-{uuidlib.uuid4()}")
+                path = new_buffer_path(config.host_shm_dir)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                 buffers[b.device] = (path, fd)
                 # Allocate now, as cudaMalloc would: the daemon's copies only copy.

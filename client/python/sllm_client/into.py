@@ -31,6 +31,7 @@ from . import cuda_driver
 from .client import CopyChunk, ServerConfig, StoreClient, storage_path_for
 from .dtypes import torch_dtype
 from .errors import SllmStoreError
+from .host import new_buffer_path, remove_orphan_buffers
 
 GIB = 1 << 30
 # Staging offsets are aligned as ServerlessLLM aligns packed tensors.
@@ -109,7 +110,10 @@ class _HostStaging:
                 f"the daemon keeps host-backend buffers in {shm_dir}, which this machine lacks: the host "
                 "backend needs the daemon on this machine (does SLLM_STORE_ADDR name another host?)"
             )
-        self.path = os.path.join(shm_dir, f"sllm-staging-{uuidlib.uuid4()}")
+        # Named for this process, so that a later load removes it if this
+        # process is killed before it can.
+        remove_orphan_buffers(shm_dir)
+        self.path = new_buffer_path(shm_dir)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.posix_fallocate(fd, 0, max(size, 1))
