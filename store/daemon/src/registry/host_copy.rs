@@ -13,7 +13,8 @@
 //!   ahead as far as the ring and the pool's free chunks allow. It leases
 //!   the chunks of a checksum block together, never part of one, so two
 //!   streams cannot each hold half a block and wait for the other's; while
-//!   it waits for free chunks, the registry evicts idle models for it;
+//!   it waits for free chunks, the registry evicts idle models for it, and
+//!   with nothing idle it lets its own kept prefix go after a second;
 //! - each device thread of each replica reading the copy is a [`Consumer`]
 //!   and walks the chunks in order; a chunk past the prefix is released (the
 //!   copy lets go of it) once every consumer attached has moved past it
@@ -53,6 +54,9 @@ const POLL: Duration = Duration::from_millis(20);
 /// How long a stream that evicted another stream for its chunks waits for
 /// them before it evicts anything else.
 const RECLAIM_PAUSE: Duration = Duration::from_millis(100);
+/// How long a stream waits for the pool, with nothing idle to evict and its
+/// consumers stalled, before it lets its kept prefix go.
+const GIVE_UP_PREFIX_AFTER: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 enum Slot {
@@ -169,6 +173,23 @@ impl State {
     /// Chunks past the prefix the copy holds or is reading.
     fn ring_held(&self) -> usize {
         self.issued_past_keep - self.released
+    }
+
+    /// Lets the chunks kept so far (those of `..issued` below `keep`) go as
+    /// ring chunks do, released once every consumer has moved past them;
+    /// the prefix then ends at 0. False when there is none.
+    fn give_up_prefix(&mut self, issued: usize) -> bool {
+        if self.keep == 0 {
+            return false;
+        }
+        let kept = self.keep.min(issued);
+        // They count as past the prefix now.
+        self.issued_past_keep += kept;
+        self.keep = 0;
+        for i in 0..kept {
+            self.maybe_release(i);
+        }
+        true
     }
 
     /// Gives way if no consumer reads the copy: from now on none may attach
@@ -453,7 +474,19 @@ impl HostCopy {
                     None => {}
                 }
             }
-            if self.state().last_progress.elapsed() >= stream.drain_timeout {
+            let mut state = self.state();
+            let stalled = state.last_progress.elapsed();
+            if stalled >= GIVE_UP_PREFIX_AFTER && state.give_up_prefix(next) {
+                // Two streams that each kept a prefix could otherwise wait
+                // for each other's chunks with nothing idle to evict.
+                tracing::debug!(
+                    next,
+                    "a stream waiting for the pool lets its kept prefix go"
+                );
+                continue;
+            }
+            drop(state);
+            if stalled >= stream.drain_timeout {
                 return Err(IoError::PoolBusy {
                     seconds: stream.drain_timeout.as_secs(),
                 });
