@@ -429,6 +429,15 @@ impl Daemon {
         }
     }
 
+    /// Starts a daemon (with `extra`) over an empty store, `<home>/models`,
+    /// for tests that need no model; returns the store's path too.
+    pub fn over_empty_store(home: &Path, extra: &[&str]) -> (std::path::PathBuf, Self) {
+        let storage = home.join("models");
+        std::fs::create_dir_all(&storage).unwrap();
+        let daemon = Self::start(home, &storage, extra);
+        (storage, daemon)
+    }
+
     /// A client connected to this daemon.
     pub async fn client(&self) -> sllm_client::StoreClient {
         sllm_client::StoreClient::connect(&self.addr)

@@ -902,11 +902,8 @@ fn a_load_that_reads_its_index_from_another_store_is_warned() {
 #[test]
 fn a_failure_asked_for_in_json_is_answered_in_json() {
     let tmp = tempfile::tempdir().unwrap();
-    let storage = tmp.path().join("models");
-    std::fs::create_dir_all(&storage).unwrap();
-    let daemon = Daemon::start(
+    let (storage, daemon) = Daemon::over_empty_store(
         tmp.path(),
-        &storage,
         &["--mem-pool-size", "1MiB", "--chunk-size", "64KiB"],
     );
     let failed_json = |cmd: &mut std::process::Command| {

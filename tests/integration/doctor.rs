@@ -381,11 +381,8 @@ fn the_converted_model_is_verified_and_a_stale_one_is_named() {
 #[test]
 fn the_daemon_is_asked_for_health_and_config() {
     let tmp = tempfile::tempdir().unwrap();
-    let storage = tmp.path().join("models");
-    std::fs::create_dir_all(&storage).unwrap();
-    let daemon = Daemon::start(
+    let (storage, daemon) = Daemon::over_empty_store(
         tmp.path(),
-        &storage,
         &[
             "--mem-pool-size",
             "8MiB",

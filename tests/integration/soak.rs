@@ -52,10 +52,9 @@ impl Version {
         is_current || (self.began < t1 && self.published.is_none_or(|p| p > t0))
     }
 
+    /// Every tensor of this version is in `bytes`, byte for byte.
     fn holds(&self, bytes: &HashMap<String, Vec<u8>>) -> bool {
-        self.tensors
-            .iter()
-            .all(|t| bytes.get(&t.name) == Some(&t.data))
+        self.tensors_matching(bytes) == self.tensors.len()
     }
 
     /// How many of `bytes`' tensors equal this version's.
@@ -85,11 +84,13 @@ fn describe_mismatch(
     let rows: Vec<String> = list
         .iter()
         .enumerate()
-        .filter(|(_, v)| v.tensors_matching(bytes) > 0)
-        .map(|(i, v)| {
+        .filter_map(|(i, v)| {
+            let n = v.tensors_matching(bytes);
+            (n > 0).then_some((i, v, n))
+        })
+        .map(|(i, v, n)| {
             format!(
-                "v{i}: {}/{} tensors, save began {}, returned {}",
-                v.tensors_matching(bytes),
+                "v{i}: {n}/{} tensors, save began {}, returned {}",
                 v.tensors.len(),
                 ms(v.began),
                 v.published.map_or("not yet".to_owned(), ms),

@@ -461,11 +461,8 @@ async fn the_work_of_all_replicas_is_bounded_and_none_copies_past_its_deadline()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_fields_get_short_errors_not_transport_failures() {
     let tmp = tempfile::tempdir().unwrap();
-    let storage = tmp.path().join("models");
-    std::fs::create_dir_all(&storage).unwrap();
-    let daemon = Daemon::start(
+    let (_storage, daemon) = Daemon::over_empty_store(
         tmp.path(),
-        &storage,
         &["--mem-pool-size", "1MiB", "--chunk-size", "64KiB"],
     );
     let mut client = daemon.client().await;

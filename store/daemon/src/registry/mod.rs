@@ -562,7 +562,7 @@ impl Registry {
                      asked for this model; its device request will read it again"
                 );
                 metrics::counter!("sllm_streams_yielded_total").increment(1);
-                self.forget_copy(model, copy, None);
+                self.forget_copy(model, copy, |_| None);
             }
             Some(e) => {
                 tracing::error!(model, error = %e, "load failed; its chunks return to the pool");
@@ -574,31 +574,34 @@ impl Registry {
                 metrics::counter!("sllm_errors_total", "kind" => kind).increment(1);
                 // Drop the failed copy so its chunks return once its last
                 // reader is gone, and the next load reads the disk again.
-                let why = match e {
-                    IoError::NotDrained { .. } => {
-                        let size = self.table().entry(model).map_or(0, |e| e.info.size);
-                        format!(
+                self.forget_copy(model, copy, |entry| {
+                    Some(match e {
+                        IoError::NotDrained { .. } => format!(
                             "model {model} is {} and the pool holds {}: {e}",
-                            human_bytes(size),
+                            human_bytes(entry.info.size),
                             human_bytes(self.pool.total_bytes() as u64)
-                        )
-                    }
-                    e => e.to_string(),
-                };
-                self.forget_copy(model, copy, Some(why));
+                        ),
+                        e => e.to_string(),
+                    })
+                });
             }
         }
     }
 
     /// Drops `copy` from `model`'s entry if it is still the model's copy,
-    /// noting `error` for GetModelStatus.
-    fn forget_copy(&self, model: &str, copy: &Arc<HostCopy>, error: Option<String>) {
+    /// noting the error `why` gives for GetModelStatus.
+    fn forget_copy(
+        &self,
+        model: &str,
+        copy: &Arc<HostCopy>,
+        why: impl FnOnce(&ModelEntry) -> Option<String>,
+    ) {
         let mut table = self.table();
         if let Some(entry) = table.models.get_mut(model)
             && entry.host.as_ref().is_some_and(|h| Arc::ptr_eq(h, copy))
         {
             entry.host = None;
-            entry.last_error = error;
+            entry.last_error = why(entry);
         }
     }
 
